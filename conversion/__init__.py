@@ -1,0 +1,1 @@
+"""Turn RefineDet checkpoints into deployable artifacts: ONNX, TensorRT engines, Triton repositories."""

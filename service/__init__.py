@@ -1,0 +1,1 @@
+"""The RefineDet detection HTTP service (FastAPI) and its inference backends."""
