@@ -1,0 +1,127 @@
+"""Self-describing checkpoints, written atomically.
+
+A checkpoint is one ``torch.save`` dict: ``format`` / ``format_version``, the full model ``config``
+(class names, input size, normalisation, anchors, thresholds), the ``state_dict`` (optionally stored
+as float16) and free-form ``metadata`` (provenance, training summary). The trainer adds a ``training``
+entry (optimizer, scheduler, iteration, RNG states) that ``load_model`` ignores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from model.config import RefineDetConfig
+from model.errors import UserError
+from model.network import RefineDet, build_model
+
+FORMAT = "refinedet-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(UserError, ValueError):
+    """A file that is missing, unreadable or not a RefineDet checkpoint."""
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file via a temporary sibling, fsync and ``os.replace``: readers see the old file or the
+    complete new one, never a partial write (a crash leaves at most a stray ``.tmp`` file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_dict(
+    model: RefineDet, metadata: dict[str, Any] | None = None, half: bool = False
+) -> dict[str, Any]:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "state_dict": state,
+        "metadata": dict(metadata or {}),
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: RefineDet,
+    metadata: dict[str, Any] | None = None,
+    half: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``model`` with its config; ``extra`` entries (e.g. ``training``) are stored alongside."""
+    ckpt = checkpoint_dict(unwrap(model), metadata, half)
+    ckpt.update(extra or {})
+    return atomic_torch_save(ckpt, path)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate the raw checkpoint dict; clear errors for wrong or damaged files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = path.read_bytes()
+        ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a RefineDet checkpoint (no '{FORMAT}' format marker)")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {ckpt['format_version']}; this version reads up to {FORMAT_VERSION}"
+        )
+    return ckpt
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RefineDet, dict[str, Any]]:
+    """Rebuild the model from the file alone. Returns (model in eval mode, float32; raw checkpoint)."""
+    ckpt = read_checkpoint(path, map_location)
+    config = RefineDetConfig.from_dict(ckpt["config"])
+    model = build_model(config)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.to(map_location).eval(), ckpt
+
+
+def unwrap(model: torch.nn.Module) -> RefineDet:
+    """The RefineDet inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    assert isinstance(model, RefineDet)
+    return model

@@ -1,0 +1,96 @@
+import torch
+from torchvision.ops import nms
+
+from model.anchors import generate_anchors
+from model.box_coding import BoxCoder, xyxy_to_cxcywh
+from model.config import PostprocessConfig, preset
+from model.postprocess import (
+    Detections,
+    PostProcessor,
+    batched_greedy_nms,
+    decode_predictions,
+    select_detections,
+    to_pixels,
+)
+
+
+def random_boxes(n: int, g: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=g) * 0.7
+    wh = torch.rand(n, 2, generator=g) * 0.3 + 0.02
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def test_batched_nms_equals_torchvision_greedy_nms():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        boxes = random_boxes(60, g)
+        scores = torch.rand(60, generator=g)
+        order = scores.argsort(descending=True)
+        keep = batched_greedy_nms(boxes[order][None], torch.ones(1, 60, dtype=torch.bool), 0.45)[0]
+        ours = set(order[keep].tolist())
+        assert ours == set(nms(boxes, scores, 0.45).tolist())
+
+
+def test_nms_never_keeps_overlapping_same_class_boxes():
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.11, 0.1, 0.51, 0.5], [0.6, 0.6, 0.9, 0.9]])
+    scores = torch.zeros(1, 3, 2)
+    scores[0, :, 0] = torch.tensor([0.9, 0.8, 0.7])  # class 1: first two overlap (IoU ~0.95)
+    scores[0, :, 1] = torch.tensor([0.0, 0.85, 0.0])  # class 2: the second box alone survives
+    dets = select_detections(boxes[None], scores, PostprocessConfig())
+    b, s, lab = dets.image(0)
+    assert sorted(zip(lab.tolist(), [round(x, 2) for x in s.tolist()])) == [(1, 0.7), (1, 0.9), (2, 0.85)]
+
+
+def test_score_threshold_top_k_and_keep_top_k():
+    g = torch.Generator().manual_seed(1)
+    boxes = random_boxes(500, g)[None]
+    scores = torch.rand(1, 500, 3, generator=g) * 0.02  # about half under 0.01
+    dets = select_detections(boxes, scores, PostprocessConfig(nms_threshold=1.0, top_k=50, keep_top_k=120))
+    _, s, lab = dets.image(0)
+    assert (s > 0.01).all()
+    assert len(s) == 120  # 3 classes x top_k 50 = 150 candidates, cut to keep_top_k
+    assert torch.all(s[:-1] >= s[1:])
+    assert max((lab == c).sum().item() for c in (1, 2, 3)) <= 50
+    assert dets.scores.shape == (1, 120)
+
+
+def test_output_is_padded_to_keep_top_k():
+    dets = select_detections(torch.zeros(2, 10, 4), torch.zeros(2, 10, 3), PostprocessConfig(keep_top_k=7))
+    assert dets.boxes_xyxy.shape == (2, 7, 4) and not dets.valid.any()
+
+
+def test_decode_inverts_two_step_encoding_and_filters_easy_negatives():
+    config = preset("refinedet320_vgg16", input_size=64, class_names=("a", "b"))
+    anchors = generate_anchors(config)
+    coder = BoxCoder(config.anchors.variances)
+    a = anchors.shape[0]
+    refined = anchors.clone()
+    refined[:, 2:] *= 1.3
+    target_xyxy = torch.tensor([0.2, 0.3, 0.6, 0.7]).expand(a, 4)
+    arm_loc = coder.encode(refined, anchors)[None]
+    odm_loc = coder.encode(xyxy_to_cxcywh(target_xyxy), refined)[None]
+    arm_conf = torch.zeros(1, a, 2)
+    arm_conf[0, :5, 0] = 10.0  # background prob > 0.99 on the first five anchors
+    odm_conf = torch.zeros(1, a, 3)
+    odm_conf[0, :, 1] = 5.0
+    boxes, scores = decode_predictions(arm_loc, arm_conf, odm_loc, odm_conf, anchors, config)
+    assert torch.allclose(boxes[0], target_xyxy, atol=1e-5)
+    assert (scores[0, :5] == 0).all() and (scores[0, 5:, 0] > 0.9).all()
+
+
+def test_postprocessor_on_network_outputs_runs_end_to_end():
+    from model.network import build_model
+
+    config = preset("refinedet320_vgg16", input_size=64, class_names=("a", "b"))
+    model = build_model(config).eval()
+    with torch.no_grad():
+        dets = PostProcessor(config)(model(torch.randn(2, 3, 64, 64)), model.anchors)
+    assert isinstance(dets, Detections)
+    assert dets.boxes_xyxy.shape == (2, config.postprocess.keep_top_k, 4)
+    assert ((dets.labels >= 0) & (dets.labels <= 2)).all()
+
+
+def test_to_pixels_scales_and_clips():
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 1.2]])
+    px = to_pixels(boxes, width=640, height=480)
+    assert torch.allclose(px, torch.tensor([[64.0, 96.0, 320.0, 480.0]]))
