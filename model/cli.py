@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.handler(args) or 0)
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -99,7 +99,9 @@ class RefineDetLoss(nn.Module):
         self.config = config
         self.coder = BoxCoder(config.anchors.variances)
 
-    def forward(self, outputs: RefineDetOutput, anchors_cxcywh: Tensor, targets: list[Target]) -> dict[str, Tensor]:
+    def forward(
+        self, outputs: RefineDetOutput, anchors_cxcywh: Tensor, targets: list[Target]
+    ) -> dict[str, Tensor]:
         arm_loc, arm_conf, odm_loc, odm_conf = (t.float() for t in outputs)
         if len(targets) != arm_loc.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {arm_loc.shape[0]} images")
@@ -107,7 +109,9 @@ class RefineDetLoss(nn.Module):
         anchors = anchors_cxcywh.float()
         with torch.no_grad():
             arm_loc_t, labels = match_batch(targets, anchors, self.coder, cfg.match_threshold)
-            odm_priors = self.coder.decode(arm_loc.detach(), anchors) if self.config.ablation.cascade else anchors
+            odm_priors = (
+                self.coder.decode(arm_loc.detach(), anchors) if self.config.ablation.cascade else anchors
+            )
             odm_loc_t, odm_labels = match_batch(targets, odm_priors, self.coder, cfg.match_threshold)
             keep, eligible = self.negative_filter(arm_conf.detach())
         arm = multibox_loss(arm_loc, arm_conf, arm_loc_t, (labels > 0).long(), cfg.negative_ratio)

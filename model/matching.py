@@ -5,6 +5,10 @@
 2. Every other anchor takes its best ground truth if IoU >= ``threshold`` (0.5), else it is
    background. There is no ignore band.
 
+Step 1 is the original Caffe code's bipartite matching. The well-known PyTorch ports instead give each
+gt its argmax anchor and let a later gt overwrite an earlier one on a shared anchor, which can leave a
+gt with no anchor at all; the greedy assignment here cannot.
+
 Targets, one dict per image: ``{"boxes": Tensor[G, 4] xyxy normalised to [0, 1] (float),
 "labels": Tensor[G] int64 in 1..C-1}``; label 0 is background and never appears in a target. G may be 0.
 """
@@ -98,7 +102,8 @@ def match_batch(
     targets: B dicts {"boxes": Tensor[G, 4] xyxy normalised, "labels": Tensor[G] int64 in 1..C-1}.
     priors_cxcywh: Tensor[A, 4] shared by the batch (tiled anchors, for the ARM) or Tensor[B, A, 4]
     per image (the ODM's refined anchors). Returns (loc_targets Tensor[B, A, 4], labels Tensor[B, A]
-    int64, 0 = background); loc targets of background anchors are 0. Not differentiable.
+    int64, 0 = background); loc targets of background anchors are 0. Targets are constants: call it
+    under ``torch.no_grad()`` (the loss does).
     """
     num_images = len(targets)
     if priors_cxcywh.dim() == 2:

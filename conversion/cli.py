@@ -1,0 +1,217 @@
+"""``refinedet export onnx|engine|triton`` and ``refinedet verify``.
+
+Only argparse at import time; every handler imports its heavy modules (torch, onnx, TensorRT) itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser(
+        "export", help="export a checkpoint to ONNX, a TensorRT engine or a Triton repository"
+    )
+    targets = export.add_subparsers(dest="target", metavar="TARGET", required=True)
+    _register_onnx(targets)
+    _register_engine(targets)
+    _register_triton(targets)
+    _register_verify(subparsers)
+
+
+def _register_onnx(targets: argparse._SubParsersAction) -> None:
+    p = targets.add_parser("onnx", help="checkpoint -> ONNX model + manifest (<output>.json)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="RefineDet checkpoint (.pt)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="ONNX file to write, e.g. model.onnx")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 11-20 (default 17)")
+    p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size K")
+    p.add_argument(
+        "--outputs",
+        choices=("raw", "decoded"),
+        default="raw",
+        help="raw: the four head tensors (default); decoded: boxes_xyxy + scores, only NMS left to the runtime",
+    )
+    p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
+    p.set_defaults(handler=cmd_export_onnx)
+
+
+def _register_engine(targets: argparse._SubParsersAction) -> None:
+    p = targets.add_parser(
+        "engine", help="ONNX -> TensorRT 10 engine (.plan) + manifest; needs TensorRT and an NVIDIA GPU"
+    )
+    p.add_argument("--onnx", required=True, type=Path, help="ONNX model from `refinedet export onnx`")
+    p.add_argument("-o", "--output", required=True, type=Path, help="engine file to write, e.g. model.plan")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
+    p.add_argument("--calibration-images", type=Path, help="INT8: directory of representative images")
+    p.add_argument(
+        "--calibration-cache",
+        type=Path,
+        help="INT8: calibration cache to read/write (default <output>.calib)",
+    )
+    p.add_argument("--calibration-batch-size", type=int, default=8)
+    p.add_argument("--calibration-max-images", type=int, default=512)
+    p.add_argument("--min-batch", type=int, help="optimization profile minimum batch (default 1)")
+    p.add_argument("--opt-batch", type=int, help="batch the kernels are tuned for (default: max batch)")
+    p.add_argument("--max-batch", type=int, help="largest batch the engine accepts (default 16)")
+    p.add_argument("--workspace", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
+    p.add_argument(
+        "--timing-cache", type=Path, help="timing cache file, read if present and updated after the build"
+    )
+    p.set_defaults(handler=cmd_export_engine)
+
+
+def _register_triton(targets: argparse._SubParsersAction) -> None:
+    p = targets.add_parser("triton", help="Triton Inference Server model repository (config.pbtxt + model)")
+    p.add_argument(
+        "--onnx", required=True, type=Path, help="ONNX model from `refinedet export onnx` (dynamic batch)"
+    )
+    p.add_argument(
+        "--plan", type=Path, help="serve this TensorRT engine (built from --onnx) instead of the ONNX model"
+    )
+    p.add_argument("-o", "--output", required=True, type=Path, help="model repository directory")
+    p.add_argument("--name", default="refinedet", help="model name in the repository (default refinedet)")
+    p.add_argument(
+        "--max-batch", type=int, help="max_batch_size (default: the engine's profile max, else 16)"
+    )
+    p.add_argument(
+        "--max-queue-delay-us", type=int, default=2000, help="dynamic batching queue delay (default 2000)"
+    )
+    p.add_argument(
+        "--instance-kind", choices=("cpu", "gpu"), help="instance_group kind (default: Triton decides)"
+    )
+    p.set_defaults(handler=cmd_export_triton)
+
+
+def _register_verify(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("verify", help="compare an ONNX model or engine with its checkpoint on images")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument(
+        "--artifact", required=True, type=Path, help="model.onnx or model.plan (with its .json manifest)"
+    )
+    p.add_argument("--images", required=True, type=Path, help="directory of images")
+    p.add_argument("--device", help="cpu or cuda (default: cpu for ONNX, cuda for engines)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-images", type=int, default=32)
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.set_defaults(handler=cmd_verify)
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from conversion.onnx_export import export_checkpoint, parse_batch
+
+    batch = parse_batch(args.batch)
+    manifest = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        opset=args.opset,
+        batch=batch,
+        outputs=args.outputs,
+        simplify=args.simplify,
+    )
+    c = manifest.config
+    print(
+        f"wrote {args.output} and {args.output}.json: {c.name}, input {c.input_size}, {len(c.class_names)} classes, "
+        f"opset {manifest.onnx_opset}, batch {batch or 'dynamic'}, outputs {manifest.outputs}"
+    )
+    for warning in manifest.extra.get("tracer_warnings", []):
+        print(f"tracer warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def engine_options(args: argparse.Namespace):
+    """Validate the engine arguments without TensorRT (pure; tested)."""
+    from conversion.tensorrt_build import EngineOptions, read_onnx_manifest, resolve_profile
+    from conversion.verify import image_files
+
+    onnx = read_onnx_manifest(args.onnx)
+    profile = resolve_profile(onnx.batch, args.min_batch, args.opt_batch, args.max_batch)
+    files: tuple[Path, ...] = ()
+    if args.calibration_images is not None:
+        if args.precision != "int8":
+            raise ValueError("--calibration-images only applies to --precision int8")
+        files = tuple(image_files(args.calibration_images, args.calibration_max_images))
+    cache = args.calibration_cache
+    if args.precision == "int8" and cache is None:
+        cache = args.output.with_name(args.output.name + ".calib")
+    return EngineOptions(
+        precision=args.precision,
+        profile=profile,
+        workspace_gib=args.workspace,
+        timing_cache=args.timing_cache,
+        calibration_files=files,
+        calibration_cache=cache,
+        calibration_batch_size=args.calibration_batch_size,
+    )
+
+
+def cmd_export_engine(args: argparse.Namespace) -> int:
+    from conversion.tensorrt_build import build_engine
+
+    options = engine_options(args)
+    manifest = build_engine(args.onnx, args.output, options)
+    t = manifest.tensorrt
+    assert t is not None
+    print(
+        f"wrote {args.output} and {args.output}.json: {manifest.precision}, batch {t.min_batch}/{t.opt_batch}/{t.max_batch}, "
+        f"{t.gpu_name} (sm {t.compute_capability}), TensorRT {t.tensorrt_version}"
+    )
+    return 0
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from conversion.triton import export_triton
+
+    path = export_triton(
+        args.onnx,
+        args.output,
+        args.plan,
+        args.name,
+        args.max_batch,
+        args.max_queue_delay_us,
+        args.instance_kind,
+    )
+    print(f"wrote Triton model {path} (config.pbtxt, 1/{'model.plan' if args.plan else 'model.onnx'})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from conversion.verify import image_batches, image_files, verify_artifact
+    from model.artifacts import read_manifest
+    from model.checkpoint import file_sha256, load_model
+    from model.errors import UserError
+    from model.runtime import load_runner
+
+    manifest = read_manifest(args.artifact)
+    device = args.device or ("cuda" if manifest.kind == "tensorrt" else "cpu")
+    model, _ = load_model(args.checkpoint)
+    if model.config != manifest.config:
+        raise UserError(f"{args.checkpoint} and {args.artifact} describe different models (configs differ)")
+    if manifest.source_checkpoint_sha256 not in (None, file_sha256(args.checkpoint)):
+        print(
+            f"note: {args.artifact} was exported from another checkpoint file (hash differs)", file=sys.stderr
+        )
+    runner = load_runner(args.artifact, device=device)
+    files = image_files(args.images, args.max_images)
+    if manifest.batch is not None:  # a fixed-batch artifact takes exactly that many images per call
+        args.batch_size = manifest.batch
+        files = files[: len(files) // manifest.batch * manifest.batch]
+        if not files:
+            raise UserError(
+                f"{args.artifact} has a fixed batch of {manifest.batch}: give at least that many images"
+            )
+    batches = image_batches(files, runner.config.input_size, runner.config.normalization, args.batch_size)
+    total = (len(files) + args.batch_size - 1) // args.batch_size
+    report = verify_artifact(
+        model, runner, tqdm(batches, total=total, desc="verify", unit="batch"), str(args.artifact)
+    )
+    print(report.format())
+    if args.json:
+        from model.artifacts import atomic_write_bytes
+
+        atomic_write_bytes(args.json, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    return 0 if report.passed else 1

@@ -1,0 +1,170 @@
+"""What the deploy entrypoint needs from the host: GPU / TensorRT / ONNX Runtime probes, the
+``refinedet export`` subprocesses (bundled as the injectable ``Probes`` and ``Builders``) and the
+readiness check used by the container HEALTHCHECK.
+
+Every probe returns None (or False) when the thing is absent instead of raising, so ``conversion.deploy``
+can decide and log one clear fallback line. Nothing heavy is imported at module import time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.errors import UserError
+
+BUILD_TIMEOUT_S = 3600
+REFINEDET_CLI = (sys.executable, "-m", "model.cli")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str  # e.g. "NVIDIA H100 80GB HBM3"
+    compute_capability: str  # e.g. "9.0"
+
+
+def _first_visible_device(env: Mapping[str, str]) -> str | None:
+    """The first CUDA_VISIBLE_DEVICES entry (an index or a GPU UUID), which is the device the server uses."""
+    first = env.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return first or None
+
+
+def parse_nvidia_smi(output: str) -> GpuInfo | None:
+    """First row of ``nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader``."""
+    for line in output.splitlines():
+        name, _, capability = line.rpartition(",")
+        if name.strip() and capability.strip():
+            return GpuInfo(name.strip(), capability.strip())
+    return None
+
+
+def probe_gpu(env: Mapping[str, str] = os.environ) -> GpuInfo | None:
+    """Name and compute capability of the GPU the server will use: nvidia-smi (present when the container
+    runs with the NVIDIA runtime), else torch.cuda; None when no GPU is visible."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        cmd = [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"]
+        device = _first_visible_device(env)
+        if device is not None:
+            cmd.append(f"--id={device}")
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+            if done.returncode == 0 and (info := parse_nvidia_smi(done.stdout)):
+                return info
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return GpuInfo(torch.cuda.get_device_name(0), f"{major}.{minor}")
+    except Exception:  # a broken CUDA install is "no GPU" here
+        pass
+    return None
+
+
+def probe_tensorrt() -> str | None:
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except Exception:  # ImportError, or OSError for a missing libnvinfer
+        return None
+
+
+def probe_onnxruntime() -> list[str] | None:
+    try:
+        import onnxruntime
+
+        return list(onnxruntime.get_available_providers())
+    except Exception:
+        return None
+
+
+def probe_torch_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def default_checkpoint() -> Path | None:
+    """The checkpoint shipped in the package (``model.zoo``), or None."""
+    try:
+        from model.zoo import default_checkpoint as shipped
+    except ImportError:
+        return None
+    path = shipped()
+    return Path(path) if path else None
+
+
+def _run_cli(args: Sequence[str]) -> None:
+    """Run ``refinedet ARGS`` with its output going to ours (the container log); raise on failure."""
+    cmd = [*REFINEDET_CLI, *args]
+    try:
+        done = subprocess.run(cmd, timeout=BUILD_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"`refinedet {' '.join(args[:2])}` ran longer than {BUILD_TIMEOUT_S}s") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"`refinedet {' '.join(args[:2])}` exited with status {done.returncode}")
+
+
+def run_export_onnx(checkpoint: Path, onnx_out: Path) -> None:
+    _run_cli(["export", "onnx", "--checkpoint", str(checkpoint), "-o", str(onnx_out)])
+
+
+def run_build_engine(onnx: Path, plan_out: Path, precision: str, max_batch: int, timing_cache: Path) -> None:
+    _run_cli([
+        "export", "engine", "--onnx", str(onnx), "-o", str(plan_out), "--precision", precision,
+        "--max-batch", str(max_batch), "--timing-cache", str(timing_cache),
+    ])  # fmt: skip
+
+
+def run_export_triton(deployment: Any, repo: Path) -> None:
+    """``refinedet export triton`` for a ``conversion.deploy.Deployment`` (the engine, when there is one)."""
+    if deployment.onnx is None:
+        raise UserError("a Triton repository needs an ONNX model or a checkpoint, not only an engine")
+    args = ["export", "triton", "--onnx", str(deployment.onnx), "-o", str(repo)]
+    if deployment.backend == "tensorrt":
+        args += ["--plan", str(deployment.artifact)]
+    _run_cli(args)
+
+
+@dataclass(frozen=True)
+class Probes:
+    """What this machine has; each returns None (or False) when the thing is absent."""
+
+    gpu: Callable[[], GpuInfo | None] = probe_gpu
+    tensorrt_version: Callable[[], str | None] = probe_tensorrt
+    onnxruntime_providers: Callable[[], list[str] | None] = probe_onnxruntime
+    torch_cuda: Callable[[], bool] = probe_torch_cuda
+
+
+@dataclass(frozen=True)
+class Builders:
+    """``export_onnx(checkpoint, onnx_out)``; ``build_engine(onnx, plan_out, precision, max_batch, timing_cache)``.
+    Each writes its output (and the manifest beside it) or raises."""
+
+    export_onnx: Callable[[Path, Path], None] = run_export_onnx
+    build_engine: Callable[[Path, Path, str, int, Path], None] = run_build_engine
+
+
+def check_ready(env: Mapping[str, str] = os.environ, timeout_s: float = 4.0) -> int:
+    """Exit status for a container HEALTHCHECK: 0 when GET /readyz on this container answers 200."""
+    url = f"http://127.0.0.1:{env.get('REFINEDET_PORT', '8000')}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return 0 if response.status == 200 else 1
+    except (urllib.error.URLError, OSError, ValueError):
+        return 1

@@ -1,0 +1,196 @@
+"""``refinedet eval`` and ``refinedet predict``. Only argparse at import time; work happens in handlers."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS = ("voc07", "voc12", "coco")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint: VOC07/VOC12 AP or COCO AP, per class")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `refinedet train`")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="ROOT",
+        help="PASCAL VOC-layout root (Annotations/, JPEGImages/, ImageSets/Main/); repeatable",
+    )
+    p.add_argument("--split", default="test", help="image set in ImageSets/Main (default: test)")
+    p.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="voc07",
+        help="voc07: 11-point AP; voc12: area AP; coco: COCOeval AP@[.5:.95] (default: voc07)",
+    )
+    p.add_argument("--coco-images", help="COCO image folder (with --coco-ann, instead of --data)")
+    p.add_argument("--coco-ann", help="COCO instances JSON (with --coco-images)")
+    p.add_argument(
+        "--multiscale", action="store_true", help="the paper's multi-scale + flip test with box voting"
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--output", help="folder for results.json and PR plots (default: runs/eval/<checkpoint>-<split>)"
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="detection score threshold (default: the checkpoint's, 0.01 unless changed)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_eval)
+
+    q = subparsers.add_parser(
+        "predict", help="detect objects on image files; writes JSON and annotated images"
+    )
+    q.add_argument("images", nargs="+", metavar="IMAGES", help="image files")
+    q.add_argument("--checkpoint", required=True, help="checkpoint written by `refinedet train`")
+    q.add_argument("--output", default="predictions", help="output folder (default: predictions)")
+    q.add_argument(
+        "--score-threshold", type=float, default=0.5, help="keep detections above this (default 0.5)"
+    )
+    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(handler=cmd_predict)
+
+
+def resolve_device(name: str) -> Any:
+    """ "auto" -> cuda when available, else cpu; a clear error for unknown or unavailable devices."""
+    import torch
+
+    from model.errors import UserError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    from model.errors import UserError
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.score_threshold is not None and not 0.0 <= args.score_threshold < 1.0:
+        raise UserError(f"--score-threshold must lie in [0, 1), got {args.score_threshold}")
+
+
+def open_dataset(args: argparse.Namespace, class_names: tuple[str, ...]) -> Any:
+    """The evaluation data set named by the options (VOC roots or a COCO folder + JSON)."""
+    from model.errors import UserError
+
+    coco = args.coco_images or args.coco_ann
+    if coco and args.data:
+        raise UserError("give either --data or --coco-images/--coco-ann, not both")
+    if coco:
+        if not (args.coco_images and args.coco_ann):
+            raise UserError("--coco-images and --coco-ann go together")
+        from model.data.coco import COCODetection
+
+        dataset = COCODetection(args.coco_images, args.coco_ann)
+    elif args.data:
+        for root in args.data:
+            if not Path(root).is_dir():
+                raise UserError(f"--data {root}: not a folder (expected a PASCAL VOC-layout root)")
+        from model.data.voc import VOCDetection
+
+        dataset = VOCDetection(args.data, args.split, class_names=class_names, keep_difficult=True)
+    else:
+        raise UserError("give --data ROOT (VOC layout) or --coco-images DIR --coco-ann FILE")
+    if len(dataset) == 0:
+        raise UserError("the evaluation data set has no images")
+    if tuple(dataset.class_names) != tuple(class_names):
+        raise UserError(
+            f"the data set's classes {tuple(dataset.class_names)} differ from the checkpoint's {class_names}"
+        )
+    return dataset
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from model.checkpoint import file_sha256, load_model
+    from model.evaluation.report import format_table, plot_pr_curves, write_json
+    from model.evaluation.runner import evaluate_coco, evaluate_voc
+
+    _check_options(args)
+    model, _ = load_model(args.checkpoint)
+    config = model.config
+    dataset = open_dataset(args, config.class_names)
+    device = resolve_device(args.device)
+    postprocess = config.postprocess
+    if args.score_threshold is not None:
+        postprocess = dataclasses.replace(postprocess, score_threshold=args.score_threshold)
+    options = {
+        "device": device,
+        "batch_size": args.batch_size,
+        "postprocess": postprocess,
+        "multiscale": args.multiscale,
+        "progress": not args.no_progress,
+    }
+    start = time.perf_counter()
+    if args.metric == "coco":
+        result = evaluate_coco(model, dataset, **options)
+    else:
+        result = evaluate_voc(model, dataset, use_07_metric=args.metric == "voc07", **options)
+    seconds = time.perf_counter() - start
+    output = Path(
+        args.output or Path("runs/eval") / f"{Path(args.checkpoint).stem}-{args.split}-{args.metric}"
+    )
+    result.update(
+        {
+            "checkpoint": str(args.checkpoint),
+            "checkpoint_sha256": file_sha256(args.checkpoint),
+            "model": config.name,
+            "input_size": config.input_size,
+            "data": args.data or [args.coco_images, args.coco_ann],
+            "split": args.split,
+            "multiscale": args.multiscale,
+            "score_threshold": postprocess.score_threshold,
+            "device": str(device),
+            "seconds": round(seconds, 3),
+            "images_per_second": round(len(dataset) / seconds, 3),
+        }
+    )
+    if result.get("summary"):
+        print(result["summary"])
+    print(format_table(result))
+    json_path = write_json(output / "results.json", result)
+    plots = plot_pr_curves(result, output)
+    print(f"{len(dataset)} images in {seconds:.1f} s ({len(dataset) / seconds:.2f} images/s) on {device}")
+    print(f"results: {json_path}; precision-recall plots: {len(plots)} PNG in {output}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_model
+    from model.evaluation.predict import predict_files
+
+    _check_options(args)
+    model, _ = load_model(args.checkpoint)
+    device = resolve_device(args.device)
+    document = predict_files(
+        model,
+        args.images,
+        args.output,
+        device,
+        args.score_threshold,
+        args.batch_size,
+        progress=not args.no_progress,
+    )
+    for image in document["images"]:
+        print(f"{image['file']}: {len(image['detections'])} detections")
+    print(f"wrote {Path(args.output) / 'detections.json'} and {len(document['images'])} annotated images")
+    return 0

@@ -1,0 +1,18 @@
+"""The project's default weights: where the shipped checkpoint lives and whether it exists yet.
+
+``refinedet serve`` without ``--model`` serves ``default_checkpoint()``. Until a trained default is
+committed to ``model/checkpoints/``, it returns None and the service builds an untrained model (and says so).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "refinedet320_vgg16_bccd.pth"
+DEFAULT_PRESET = "refinedet320_vgg16"
+DEFAULT_CLASSES = ("RBC", "WBC", "Platelets")
+
+
+def default_checkpoint() -> Path | None:
+    """The shipped default checkpoint (RefineDet320 VGG-16 trained on BCCD), or None when absent."""
+    return DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None

@@ -1,0 +1,84 @@
+"""``create_app(settings)``: the FastAPI application, wired from its parts.
+
+Nothing is read at import time. ``create_app_from_env`` is the factory uvicorn workers call (``refinedet
+serve --workers N``): each worker process reads ``REFINEDET_*`` from its environment and loads its own
+copy of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.routes import benchmark, detect, health
+from service.settings import Settings
+from service.state import Loader, ServiceState
+
+DESCRIPTION = """RefineDet object detection over HTTP.
+
+POST an image (JPEG, PNG, WebP or BMP) to `/detect` as multipart field `file` or as the raw body with an
+image content type; get detections in original-image pixels, or the annotated image with `?format=image`.
+"""
+
+
+def default_loader(settings: Settings):
+    from service.backends import load_backend
+
+    return load_backend(settings)
+
+
+def create_app(settings: Settings | None = None, loader: Loader | None = None) -> FastAPI:
+    """The service app. ``loader(settings) -> Backend`` (loaded and warmed up) defaults to the backend the
+    settings describe; tests pass their own."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = ServiceState(settings, metrics, loader or default_loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.start_loading()
+        yield
+        await state.shutdown()
+
+    app = FastAPI(
+        title="RefineDet detection service",
+        version=_package_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    install_error_handlers(app)
+    app.include_router(detect.router(settings))
+    app.include_router(health.router(settings))
+    app.include_router(benchmark.router(settings))
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Server-Timing"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory``: settings from the REFINEDET_* environment."""
+    return create_app(Settings())
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("refinedet")
+    except PackageNotFoundError:
+        return "0.0.0"

@@ -1,0 +1,111 @@
+"""Choosing and building the inference backend from the settings.
+
+``auto`` follows the artifact: ``.plan``/``.engine`` -> tensorrt (CUDA), ``.onnx`` -> onnxruntime (its
+CUDA provider where installed and a GPU is visible, else CPU), anything else is a checkpoint -> torch
+(CUDA with fp16 + CUDA graphs where a GPU is visible, else CPU). No model given: the project's default
+checkpoint, or an untrained default model until one ships (``model.zoo``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.errors import UserError
+from service.backends.base import Backend, ModelInfo
+from service.settings import Settings
+
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+ONNX_SUFFIXES = (".onnx",)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str  # "torch" | "onnxruntime" | "tensorrt"
+    artifact: Path | None  # None: the untrained default model
+    device: str  # "cpu" | "cuda"
+
+
+def artifact_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in ENGINE_SUFFIXES:
+        return "tensorrt"
+    if suffix in ONNX_SUFFIXES:
+        return "onnxruntime"
+    return "torch"
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def ort_has_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def resolve_backend(settings: Settings) -> BackendChoice:
+    """Pick backend, artifact and device; raises UserError naming the problem and the fix."""
+    from model.zoo import default_checkpoint
+
+    path = settings.model if settings.model is not None else default_checkpoint()
+    if path is not None and not path.is_file():
+        raise UserError(
+            f"model file not found: {path} (pass --model with a .pth checkpoint, .onnx model or .plan engine)"
+        )
+    kind = artifact_kind(path) if path is not None else "torch"
+    backend = kind if settings.backend == "auto" else settings.backend
+    if backend != kind:
+        raise UserError(
+            f"--backend {backend} cannot serve {path} (a {kind} artifact); use --backend auto or {kind}"
+        )
+    if settings.device == "cuda" and not cuda_available():
+        raise UserError("--device cuda but no CUDA GPU is visible to PyTorch; use --device cpu")
+    if backend == "tensorrt":
+        if settings.device == "cpu":
+            raise UserError(
+                "TensorRT engines run on a GPU only; use --device cuda (or serve the .onnx on cpu)"
+            )
+        return BackendChoice(backend, path, "cuda")
+    if backend == "onnxruntime":
+        use_cuda = settings.device == "cuda" or (
+            settings.device == "auto" and cuda_available() and ort_has_cuda()
+        )
+        return BackendChoice(backend, path, "cuda" if use_cuda else "cpu")
+    return BackendChoice(backend, path, settings.resolved_device())
+
+
+def create_backend(settings: Settings, choice: BackendChoice | None = None) -> Backend:
+    """An unloaded backend for ``settings`` (call ``load()`` then ``warmup()``)."""
+    import torch
+
+    choice = choice or resolve_backend(settings)
+    device = torch.device(choice.device)
+    if choice.backend == "torch":
+        from service.backends.torch import TorchBackend
+
+        return TorchBackend(
+            choice.artifact, device, settings.max_batch_size, settings.fp16, settings.channels_last,
+            settings.cuda_graphs, settings.model_name,
+        )  # fmt: skip
+    from service.backends.artifact import OnnxRuntimeBackend, TensorRTBackend
+
+    cls = OnnxRuntimeBackend if choice.backend == "onnxruntime" else TensorRTBackend
+    assert choice.artifact is not None
+    return cls(choice.artifact, device, settings.max_batch_size, settings.model_name)
+
+
+def load_backend(settings: Settings) -> Backend:
+    """Resolve, build, load and warm up the backend the settings describe (blocking)."""
+    backend = create_backend(settings)
+    backend.load()
+    backend.warmup(settings.warmup_iterations)
+    return backend
+
+
+__all__ = ["Backend", "BackendChoice", "ModelInfo", "create_backend", "load_backend", "resolve_backend"]

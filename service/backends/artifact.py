@@ -1,0 +1,92 @@
+"""Backends over exported artifacts: they wrap a ``model.runtime`` runner built from the file and its
+manifest (``model.onnx`` + ``model.onnx.json``), adding batch padding and what the service reports."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.runtime.base import ArtifactRunner, RunnerOutput
+from service.backends.base import Backend, ModelInfo, pad_batch, slice_outputs
+
+log = logging.getLogger("refinedet.service")
+
+
+class RunnerBackend(Backend):
+    """Base for artifact backends; subclasses implement ``make_runner``."""
+
+    def __init__(
+        self, artifact: Path, device: torch.device, max_batch: int, model_name: str | None = None
+    ) -> None:
+        super().__init__(device, max_batch)
+        self.artifact = artifact
+        self.model_name = model_name
+        self.runner: ArtifactRunner | None = None
+
+    def make_runner(self) -> ArtifactRunner:
+        raise NotImplementedError
+
+    @property
+    def precision(self) -> str:
+        return self.runner.precision if self.runner is not None else "unknown"
+
+    @property
+    def max_batch(self) -> int:
+        limit = self.runner.max_batch if self.runner is not None else None
+        return min(self.requested_max_batch, limit) if limit else self.requested_max_batch
+
+    @property
+    def min_batch(self) -> int:
+        """Smallest batch the artifact runs: its fixed batch, or the engine profile's minimum."""
+        if self.runner is None:
+            return 1
+        fixed = self.runner.manifest.batch
+        return fixed or int(getattr(self.runner, "min_batch", 1))
+
+    def load(self) -> None:
+        runner = self.make_runner()
+        self.runner, self.config, self.anchors = runner, runner.config, runner.anchors
+        manifest = runner.manifest
+        trained = bool(manifest.extra.get("trained", True))
+        name = self.model_name or runner.config.name
+        self.info = ModelInfo(
+            name, self.artifact, manifest.artifact_sha256, trained, f"{manifest.kind} {self.artifact}"
+        )
+        for warning in getattr(runner, "warnings", []):
+            log.warning("%s", warning)
+        log.info(
+            "serving %s %s (%s, sha256 %s)",
+            manifest.kind,
+            self.artifact,
+            manifest.precision,
+            manifest.artifact_sha256[:12],
+        )
+
+    def infer(self, images: Tensor) -> RunnerOutput:
+        if self.runner is None:
+            raise RuntimeError(f"{self.name} backend used before load()")
+        b = images.shape[0]
+        target = max(b, self.min_batch)
+        outputs = self.runner(pad_batch(images, target))
+        return slice_outputs(outputs, b) if target != b else outputs
+
+
+class OnnxRuntimeBackend(RunnerBackend):
+    name = "onnxruntime"
+
+    def make_runner(self) -> ArtifactRunner:
+        from model.runtime.onnxruntime import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(self.artifact, device=self.device)
+
+
+class TensorRTBackend(RunnerBackend):
+    name = "tensorrt"
+
+    def make_runner(self) -> ArtifactRunner:
+        from model.runtime.tensorrt import TensorRTRunner
+
+        return TensorRTRunner(self.artifact, device=self.device)

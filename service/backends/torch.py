@@ -1,0 +1,130 @@
+"""PyTorch backend: a RefineDet checkpoint (or the untrained default) on CPU or CUDA.
+
+On CUDA it runs in float16 (``fp16``), channels-last (``channels_last``) and replays one CUDA graph
+per batch bucket (``cuda_graphs``: buckets 1, 2, 4, ..., max_batch; a batch is padded up to its
+bucket). Graphs share one memory pool and are captured largest first; they are replayed one at a time
+from the engine thread, and their static outputs are copied before the next replay.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.network import RefineDet, RefineDetOutput
+from service.backends.base import Backend, ModelInfo, batch_buckets, bucket_for
+
+log = logging.getLogger("refinedet.service")
+
+UNTRAINED_WARNING = (
+    "NO TRAINED WEIGHTS: serving an UNTRAINED %s (random initialisation, classes %s). Its detections "
+    "are meaningless. Pass --model PATH (or REFINEDET_MODEL) with a trained checkpoint, ONNX model or engine."
+)
+
+
+def build_untrained_default() -> RefineDet:
+    """The default architecture with random weights, used until a trained default checkpoint ships."""
+    from model.config import preset
+    from model.network import build_model
+    from model.zoo import DEFAULT_CLASSES, DEFAULT_PRESET
+
+    return build_model(preset(DEFAULT_PRESET, class_names=DEFAULT_CLASSES)).eval()
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(
+        self,
+        checkpoint: Path | None,
+        device: torch.device,
+        max_batch: int,
+        fp16: bool = True,
+        channels_last: bool = True,
+        cuda_graphs: bool = True,
+        model_name: str | None = None,
+    ) -> None:
+        super().__init__(device, max_batch)
+        cuda = device.type == "cuda"
+        self.checkpoint = checkpoint
+        self.dtype = torch.float16 if (cuda and fp16) else torch.float32
+        self.memory_format = torch.channels_last if (cuda and channels_last) else torch.contiguous_format
+        self.use_graphs = cuda and cuda_graphs
+        self.model_name = model_name
+        self.model: RefineDet | None = None
+        self.buckets = batch_buckets(max_batch)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, RefineDetOutput]] = {}
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.dtype == torch.float16 else "fp32"
+
+    def load(self) -> None:
+        from model.checkpoint import file_sha256, load_model
+
+        if self.checkpoint is None:
+            model = build_untrained_default()
+            log.warning(UNTRAINED_WARNING, model.config.name, ", ".join(model.config.class_names))
+            sha, trained, weights = (
+                None,
+                False,
+                "untrained (random initialisation): no trained default checkpoint exists yet",
+            )
+        else:
+            model, ckpt = load_model(self.checkpoint, map_location="cpu")
+            sha = file_sha256(self.checkpoint)
+            trained = bool(ckpt.get("metadata", {}).get("trained", True))
+            weights = f"checkpoint {self.checkpoint}"
+            log.info("serving checkpoint %s (sha256 %s)", self.checkpoint, sha[:12])
+        model = model.to(self.device, self.dtype).to(memory_format=self.memory_format).eval()
+        model.requires_grad_(False)
+        self.model, self.config = model, model.config
+        self.anchors = model.anchors.float()
+        name = self.model_name or model.config.name
+        self.info = ModelInfo(name, self.checkpoint, sha, trained, weights)
+
+    def warmup_batch_sizes(self) -> list[int]:
+        return list(self.buckets) if self.use_graphs else super().warmup_batch_sizes()
+
+    def warmup(self, iterations: int = 1) -> None:
+        if self.use_graphs and not self._graphs:
+            self._capture_graphs()
+        super().warmup(iterations)
+
+    @torch.inference_mode()
+    def infer(self, images: Tensor) -> RefineDetOutput:
+        if self.model is None:
+            raise RuntimeError("torch backend used before load()")
+        b = images.shape[0]
+        if self._graphs:
+            graph, static_in, static_out = self._graphs[bucket_for(b, self.buckets)]
+            static_in[:b].copy_(images)
+            static_in[b:].zero_()
+            graph.replay()
+            return RefineDetOutput(*(t[:b].clone() for t in static_out))
+        x = images.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+        return self.model(x)
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        """One graph per bucket, largest first, all in one memory pool."""
+        assert self.model is not None and self.config is not None
+        s = self.config.input_size
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for b in sorted(self.buckets, reverse=True):
+            static_in = torch.zeros(b, 3, s, s, device=self.device, dtype=self.dtype)
+            static_in = static_in.contiguous(memory_format=self.memory_format)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm-up iterations off the default stream, as capture requires
+                for _ in range(2):
+                    self.model(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                static_out = self.model(static_in)
+            self._graphs[b] = (graph, static_in, static_out)
+        log.info("captured CUDA graphs for batch sizes %s", sorted(self._graphs))

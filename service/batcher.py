@@ -1,0 +1,188 @@
+"""Dynamic batching: group concurrent requests into one engine call.
+
+A batch starts with the oldest queued request and is cut when it holds ``max_batch_size`` items or when
+``max_delay_s`` has passed since that first request arrived (a monotonic deadline). Before the batch
+runs, requests whose caller already gave up (timed out, so their future is cancelled) or whose client
+disconnected are dropped. The engine call runs on a single worker thread, never on the event loop, and
+every submitted future is resolved exactly once: with its own result (results are matched to requests
+by position), with the batch's exception, or with ``ClientGone`` / ``ShuttingDown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger("refinedet.service")
+
+
+class QueueFull(Exception):
+    """The bounded queue is full: answer 503 with Retry-After."""
+
+
+class ShuttingDown(Exception):
+    """The batcher is stopping and takes no new work."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request reached the engine; it was not run."""
+
+
+@dataclass
+class _Pending(Generic[T]):
+    item: T
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    is_disconnected: Callable[[], Awaitable[bool]] | None = None
+
+
+_STOP: Any = object()
+
+
+class BatchObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def on_batch(self, size: int) -> None: ...
+
+    def on_drop(self, reason: str) -> None: ...
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        process: Callable[[Sequence[T]], Sequence[R]],
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.process = process
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_size = max_queue_size
+        self.observer = observer or BatchObserver()
+        self._queue: asyncio.Queue[_Pending[T]] = (
+            asyncio.Queue()
+        )  # bounded by hand: the stop marker always fits
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinedet-engine")
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return self._queue.qsize()
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The engine thread; other engine work (the benchmark) runs here too, never concurrently."""
+        return self._executor
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="refinedet-batcher")
+
+    def submit(self, item: T, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> asyncio.Future:
+        """Queue one item; the future resolves to (result, queue seconds). Raises QueueFull / ShuttingDown."""
+        if self._closing or self._task is None:
+            raise ShuttingDown("the service is shutting down")
+        if self._queue.qsize() >= self.max_queue_size:
+            self.observer.on_drop("queue_full")
+            raise QueueFull(f"{self.max_queue_size} requests are already queued")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(item, future, is_disconnected=is_disconnected))
+        return future
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop taking work, finish everything already queued (up to ``timeout_s``), then stop."""
+        self._closing = True
+        if self._task is not None:
+            self._queue.put_nowait(_STOP)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("batcher did not drain in %.1f s; cancelling the rest", timeout_s)
+                self._task.cancel()
+        self._fail_queued(ShuttingDown("the service shut down before this request ran"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is _STOP:
+                break
+            batch, stopping = await self._collect(first)
+            live = await self._drop_abandoned(batch)
+            if live:
+                await self._execute(live)
+
+    async def _collect(self, first: _Pending[T]) -> tuple[list[_Pending[T]], bool]:
+        """Fill a batch until it is full or the first item's deadline passes. Returns (batch, stop seen)."""
+        batch = [first]
+        deadline = first.enqueued + self.max_delay_s
+        while len(batch) < self.max_batch_size:
+            if self._queue.empty():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    pending = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            else:
+                pending = self._queue.get_nowait()
+            if pending is _STOP:
+                return batch, True
+            batch.append(pending)
+        return batch, False
+
+    async def _drop_abandoned(self, batch: list[_Pending[T]]) -> list[_Pending[T]]:
+        live = []
+        for pending in batch:
+            if pending.future.done():  # the caller timed out and cancelled it
+                self.observer.on_drop("timeout")
+            elif pending.is_disconnected is not None and await pending.is_disconnected():
+                pending.future.set_exception(ClientGone("client disconnected before inference"))
+                self.observer.on_drop("client_gone")
+            else:
+                live.append(pending)
+        return live
+
+    async def _execute(self, batch: list[_Pending[T]]) -> None:
+        started = time.monotonic()
+        self.observer.on_batch(len(batch))
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self.process, [p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} inputs")
+        except asyncio.CancelledError:
+            _fail(batch, ShuttingDown("the service shut down while this request ran"))
+            raise
+        except Exception as exc:
+            log.exception("batch of %d failed", len(batch))
+            _fail(batch, exc)
+            return
+        for pending, result in zip(batch, results, strict=True):
+            if not pending.future.done():
+                pending.future.set_result((result, started - pending.enqueued))
+
+    def _fail_queued(self, exc: Exception) -> None:
+        queued = []
+        while not self._queue.empty():
+            queued.append(self._queue.get_nowait())
+        _fail([p for p in queued if p is not _STOP], exc)
+
+
+def _fail(batch: list[_Pending[Any]], exc: BaseException) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(exc)

@@ -1,0 +1,144 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware, so streaming and disconnect detection keep working).
+
+- ``RequestContextMiddleware``: request id (the client's ``X-Request-ID`` if sane, else a new one; echoed
+  back), in-flight gauge, request count by route/method/status, latency histogram, one JSON access log
+  line per request.
+- ``BodyLimitMiddleware``: 413 for bodies over the limit, from Content-Length when given and by counting
+  streamed chunks otherwise, before the body is buffered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ServiceError
+from service.metrics import Metrics
+
+access_log = logging.getLogger("refinedet.access")
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def request_id_from(headers: Headers) -> str:
+    given = headers.get(REQUEST_ID_HEADER)
+    return given if given and _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_requests: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_requests = log_requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(Headers(scope=scope))
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.perf_counter()
+        status, sent = 500, 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.request_latency.labels(route).observe(elapsed)
+            if self.log_requests:
+                self._log(scope, request_id, status, elapsed, sent)
+
+    @staticmethod
+    def _log(scope: Scope, request_id: str, status: int, elapsed: float, sent: int) -> None:
+        client = scope.get("client")
+        fields = {
+            "event": "access",
+            "request_id": request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "query": scope.get("query_string", b"").decode("latin-1")[:512],
+            "status": status,
+            "duration_ms": round(elapsed * 1e3, 2),
+            "response_bytes": sent,
+            "client": f"{client[0]}:{client[1]}" if client else None,
+        }
+        access_log.info(
+            "%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1e3, extra={"fields": fields}
+        )
+
+
+def too_large(limit: int) -> ServiceError:
+    return ServiceError(413, "payload_too_large", f"request body is larger than the {limit}-byte limit")
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            error = (
+                too_large(self.max_bytes)
+                if declared.isdigit()
+                else ServiceError(400, "bad_request", "invalid Content-Length")
+            )
+            await _send_error(send, error)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except ServiceError as exc:  # raised past the app's handlers (e.g. while a response streamed)
+            if started:
+                raise
+            await _send_error(send, exc)
+
+
+async def _send_error(send: Send, error: ServiceError) -> None:
+    body = json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

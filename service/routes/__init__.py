@@ -1,0 +1,1 @@
+"""HTTP routes, one module per concern; each exposes ``router(settings) -> APIRouter``."""

@@ -1,0 +1,216 @@
+"""POST /detect (one image) and POST /detect/batch (several): decode -> batcher -> response.
+
+Per-request options are applied to the shared post-processing's output: ``score_threshold`` (strictly
+greater, as ``Detections.image``), ``classes`` and ``max_detections``; boxes are mapped to the original
+image's pixels with ``model.postprocess.to_pixels``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from model.postprocess import to_pixels
+from service.batcher import ClientGone, QueueFull, ShuttingDown
+from service.detector import ImageDetections
+from service.errors import ServiceError
+from service.imaging import DecodedImage, annotate
+from service.routes.deps import api_key_dependencies, get_state
+from service.routes.uploads import BATCH_FIELDS, SINGLE_FIELDS, decode_uploads, read_uploads, upload_body
+from service.schemas import BatchResponse, DetectResponse, ErrorResponse
+from service.settings import Settings
+from service.state import ServiceState
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503, 504)
+}
+
+
+def router(settings: Settings) -> APIRouter:
+    api = APIRouter(tags=["detection"], dependencies=api_key_dependencies(settings))
+    max_det = settings.max_detections
+
+    @api.post(
+        "/detect",
+        response_model=DetectResponse,
+        responses={
+            **ERRORS,
+            200: {"content": {"image/jpeg": {}}, "description": "detections, or the annotated image"},
+        },
+        openapi_extra=upload_body(SINGLE_FIELDS, many=False),
+        summary="Detect objects in one image",
+    )
+    async def detect(
+        request: Request,
+        score_threshold: float = Query(settings.default_score_threshold, ge=0.0, le=1.0),
+        max_detections: int = Query(max_det, ge=1, le=max_det),
+        classes: list[str] | None = Query(None, description="class names to keep (repeat or comma-separate)"),
+        response_format: Literal["json", "image"] = Query(
+            "json", alias="format", description="image: annotated JPEG"
+        ),
+    ) -> Response:
+        """An image as multipart field `file` (or `image`), or as the raw body with an image content type.
+        With `format=image` (or `Accept: image/jpeg`) the answer is the image with the boxes drawn."""
+        start = time.perf_counter()
+        state = get_state(request)
+        state.require_ready()
+        class_ids = parse_classes(classes, state)
+        uploads = await read_uploads(request, SINGLE_FIELDS, max_files=2)
+        if len(uploads) != 1:
+            raise ServiceError(
+                422, "too_many_files", "send one image to /detect; use /detect/batch for several"
+            )
+        [(image, decode_ms)] = await decode_uploads(uploads, state.settings)
+        [(result, queue_ms)] = await run_detection(state, request, [image])
+        body = build_response(
+            state, image, result, decode_ms, queue_ms, start, score_threshold, class_ids, max_detections
+        )
+        headers = {"Server-Timing": server_timing(body["timings_ms"])}
+        if response_format == "image" or wants_jpeg(request.headers.get("accept", "")):
+            jpeg = await asyncio.to_thread(annotate, image.pixels, body["detections"])
+            return Response(
+                jpeg,
+                media_type="image/jpeg",
+                headers={**headers, "X-Detections": str(len(body["detections"]))},
+            )
+        return JSONResponse(body, headers=headers)
+
+    @api.post(
+        "/detect/batch",
+        response_model=BatchResponse,
+        responses=ERRORS,
+        openapi_extra=upload_body(BATCH_FIELDS, many=True),
+        summary="Detect objects in several images",
+    )
+    async def detect_batch(
+        request: Request,
+        score_threshold: float = Query(settings.default_score_threshold, ge=0.0, le=1.0),
+        max_detections: int = Query(max_det, ge=1, le=max_det),
+        classes: list[str] | None = Query(None, description="class names to keep (repeat or comma-separate)"),
+    ) -> JSONResponse:
+        """Several images as repeated multipart fields `files` (or `file`, `images`, `image`); results come
+        back in upload order. Any undecodable file fails the whole request with a 4xx naming it."""
+        start = time.perf_counter()
+        state = get_state(request)
+        state.require_ready()
+        class_ids = parse_classes(classes, state)
+        uploads = await read_uploads(request, BATCH_FIELDS, max_files=state.settings.max_images_per_request)
+        decoded = await decode_uploads(uploads, state.settings)
+        results = await run_detection(state, request, [image for image, _ in decoded])
+        bodies = [
+            build_response(
+                state, image, result, decode_ms, queue_ms, start, score_threshold, class_ids, max_detections
+            )
+            for (image, decode_ms), (result, queue_ms) in zip(decoded, results, strict=True)
+        ]
+        return JSONResponse(
+            {"results": bodies}, headers={"Server-Timing": server_timing(bodies[0]["timings_ms"])}
+        )
+
+    return api
+
+
+def parse_classes(classes: list[str] | None, state: ServiceState) -> set[int] | None:
+    """Class names (repeated and/or comma-separated, case-insensitive) -> network labels; 422 if unknown."""
+    if not classes:
+        return None
+    names = state.detector.config.class_names if state.detector else ()
+    lookup = {n.casefold(): i + 1 for i, n in enumerate(names)}
+    wanted = [c.strip() for value in classes for c in value.split(",") if c.strip()]
+    unknown = [c for c in wanted if c.casefold() not in lookup]
+    if unknown:
+        raise ServiceError(
+            422, "unknown_class", f"unknown class(es) {unknown}; this model detects {list(names)}"
+        )
+    return {lookup[c.casefold()] for c in wanted} or None
+
+
+async def run_detection(
+    state: ServiceState, request: Request, images: list[DecodedImage]
+) -> list[tuple[ImageDetections, float]]:
+    """Queue every image, wait (bounded by the request timeout); returns (detections, queue ms) each."""
+    _, batcher = state.require_ready()
+    futures: list[asyncio.Future] = []
+    try:
+        for image in images:
+            futures.append(batcher.submit(image.pixels, request.is_disconnected))
+    except QueueFull as exc:
+        for future in futures:
+            future.cancel()
+        raise ServiceError(
+            503, "overloaded", f"the service is at capacity ({exc}); retry shortly", {"Retry-After": "1"}
+        ) from None
+    except ShuttingDown as exc:
+        raise ServiceError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
+    timeout = state.settings.request_timeout_s
+    try:
+        done = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+    except asyncio.TimeoutError:
+        raise ServiceError(
+            504, "timeout", f"no answer within {timeout:g} s; the service is overloaded"
+        ) from None
+    except ClientGone:
+        raise ServiceError(499, "client_closed_request", "client disconnected before inference") from None
+    except ShuttingDown as exc:
+        raise ServiceError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
+    return [(result, queue_s * 1e3) for result, queue_s in done]
+
+
+def build_response(
+    state: ServiceState,
+    image: DecodedImage,
+    result: ImageDetections,
+    decode_ms: float,
+    queue_ms: float,
+    start: float,
+    score_threshold: float,
+    class_ids: set[int] | None,
+    max_detections: int,
+) -> dict[str, Any]:
+    names = state.detector.config.class_names if state.detector else ()
+    keep = result.scores > score_threshold
+    if class_ids is not None:
+        keep &= sum((result.labels == c) for c in class_ids).bool()
+    boxes = to_pixels(result.boxes_xyxy[keep], image.width, image.height)[:max_detections].tolist()
+    scores = result.scores[keep][:max_detections].tolist()
+    labels = result.labels[keep][:max_detections].tolist()
+    detections = [
+        {
+            "label": names[label - 1],
+            "class_id": label - 1,
+            "score": round(score, 5),
+            "box": {"x1": round(b[0], 2), "y1": round(b[1], 2), "x2": round(b[2], 2), "y2": round(b[3], 2)},
+        }
+        for b, score, label in zip(boxes, scores, labels, strict=True)
+    ]
+    times = result.times
+    timings = {
+        "decode": decode_ms,
+        "preprocess": times.preprocess_ms,
+        "queue": queue_ms,
+        "inference": times.inference_ms,
+        "postprocess": times.postprocess_ms,
+        "total": (time.perf_counter() - start) * 1e3,
+    }
+    state.metrics.observe_stages(timings)
+    state.metrics.detections.inc(len(detections))
+    return {
+        "detections": detections,
+        "image": {"width": image.width, "height": image.height},
+        "model": state.summary(),
+        "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def server_timing(timings_ms: dict[str, float]) -> str:
+    return ", ".join(f"{stage};dur={ms:.3f}" for stage, ms in timings_ms.items())
+
+
+def wants_jpeg(accept: str) -> bool:
+    """``Accept: image/jpeg`` (without also accepting JSON) asks for the annotated image."""
+    accept = accept.lower()
+    return "image/jpeg" in accept and "application/json" not in accept

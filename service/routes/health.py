@@ -1,0 +1,121 @@
+"""Operations routes: liveness, readiness, model metadata, Prometheus metrics, KServe v2 health/metadata.
+
+/healthz, /readyz, /v2/health/* and /metrics never need the API key (orchestrators and scrapers call
+them); model metadata does when a key is configured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.errors import ServiceError
+from service.metrics import CONTENT_TYPE
+from service.routes.deps import api_key_dependencies, get_state
+from service.schemas import ErrorResponse, ModelInfoResponse, Status
+from service.settings import Settings
+from service.state import ServiceState
+
+PLATFORMS = {"torch": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorResponse, "description": "model not loaded yet"}
+}
+
+
+def router(settings: Settings) -> APIRouter:
+    api = APIRouter()
+    open_routes = APIRouter(tags=["operations"])
+    keyed = APIRouter(tags=["model"], dependencies=api_key_dependencies(settings))
+
+    @open_routes.get("/healthz", response_model=Status, responses={503: {"model": Status}})
+    async def healthz(request: Request) -> JSONResponse:
+        """Liveness: the process serves requests (503 only if the model failed to load)."""
+        state = get_state(request)
+        if state.status == "failed":
+            return JSONResponse({"status": "failed", "detail": state.error}, status_code=503)
+        return JSONResponse({"status": "ok", "detail": None})
+
+    @open_routes.get("/readyz", response_model=Status, responses={503: {"model": Status}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: 200 once the model is loaded and warmed up; 503 before, after a failure, while stopping."""
+        state = get_state(request)
+        return JSONResponse(
+            {"status": state.status, "detail": state.error}, status_code=200 if state.ready else 503
+        )
+
+    @open_routes.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics in the text exposition format."""
+        return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+    @open_routes.get("/v2/health/live", tags=["kserve-v2"])
+    async def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @open_routes.get("/v2/health/ready", tags=["kserve-v2"], responses={503: {"description": "not ready"}})
+    async def v2_ready(request: Request) -> JSONResponse:
+        ready = get_state(request).ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @open_routes.get("/v2", tags=["kserve-v2"])
+    async def v2_server(request: Request) -> dict[str, Any]:
+        return {"name": "refinedet", "version": request.app.version, "extensions": []}
+
+    @keyed.get("/v1/model", response_model=ModelInfoResponse, responses=NOT_READY)
+    async def model_info(request: Request) -> dict[str, Any]:
+        """The served model: name, classes, input size, backend, precision, artifact hash, trained or not."""
+        return describe_model(get_state(request))
+
+    @keyed.get(
+        "/v2/models/{name}", tags=["kserve-v2"], responses={**NOT_READY, 404: {"model": ErrorResponse}}
+    )
+    async def v2_model(request: Request, name: str) -> dict[str, Any]:
+        """KServe v2 model metadata: the network's input and raw output tensors."""
+        state = get_state(request)
+        info = describe_model(state, name)
+        detector, _ = state.require_ready()
+        cfg = detector.config
+        a, s = cfg.num_anchors, cfg.input_size
+        outputs = {"arm_loc": 4, "arm_conf": 2, "odm_loc": 4, "odm_conf": cfg.num_classes}
+        return {
+            "name": info["name"],
+            "versions": ["1"],
+            "platform": PLATFORMS.get(info["backend"], info["backend"]),
+            "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 3, s, s]}],
+            "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, a, k]} for n, k in outputs.items()],
+        }
+
+    @keyed.get(
+        "/v2/models/{name}/ready", tags=["kserve-v2"], responses={**NOT_READY, 404: {"model": ErrorResponse}}
+    )
+    async def v2_model_ready(request: Request, name: str) -> dict[str, Any]:
+        info = describe_model(get_state(request), name)
+        return {"name": info["name"], "ready": True}
+
+    api.include_router(open_routes)
+    api.include_router(keyed)
+    return api
+
+
+def describe_model(state: ServiceState, name: str | None = None) -> dict[str, Any]:
+    """/v1/model's body; 503 before the model is loaded, 404 if ``name`` is not the served model."""
+    detector, batcher = state.require_ready()
+    summary = state.summary()
+    if name is not None and name != summary["name"]:
+        raise ServiceError(
+            404, "model_not_found", f"no model named {name!r}; this service serves {summary['name']!r}"
+        )
+    info = detector.backend.info
+    cfg = detector.config
+    return {
+        **summary,
+        "classes": list(cfg.class_names),
+        "input_size": cfg.input_size,
+        "max_batch_size": batcher.max_batch_size,
+        "artifact": str(info.artifact) if info and info.artifact else None,
+        "artifact_sha256": info.artifact_sha256 if info else None,
+        "trained": info.trained if info else False,
+        "weights": info.weights if info else "unknown",
+    }

@@ -1,0 +1,109 @@
+"""Service settings, parsed once: every field is also an environment variable ``REFINEDET_<NAME>``.
+
+``Settings()`` reads the environment (and a ``.env`` file if one is given); the CLI passes its options
+as keyword arguments, which win over the environment. Nothing reads settings at import time: they are
+passed into ``service.app.create_app(settings)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+ENV_PREFIX = "REFINEDET_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # What to serve and where.
+    model: Path | None = Field(
+        None,
+        description="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.plan); default: the project's default checkpoint",
+    )
+    backend: BackendName = Field(
+        "auto", description="auto: .plan -> tensorrt, .onnx -> onnxruntime, checkpoint -> torch"
+    )
+    device: DeviceName = Field("auto", description="auto: cuda when available, else cpu")
+    model_name: str | None = Field(
+        None, description="name reported by /v1/model and the KServe routes (default: the config's name)"
+    )
+    fp16: bool = Field(True, description="torch backend on CUDA: half precision")
+    channels_last: bool = Field(True, description="torch backend on CUDA: channels-last memory format")
+    cuda_graphs: bool = Field(
+        True, description="torch backend on CUDA: capture one CUDA graph per batch bucket"
+    )
+    warmup_iterations: int = Field(2, ge=0, le=100)
+
+    # Server.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes, each loading the model")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+    graceful_timeout_s: float = Field(
+        30.0, gt=0, description="how long shutdown waits for in-flight requests"
+    )
+
+    # Dynamic batching.
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="longest wait for a batch to fill after its first request"
+    )
+    max_queue_size: int = Field(
+        64, ge=1, le=100_000, description="queued images beyond this are answered 503"
+    )
+    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504")
+
+    # Request limits.
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="request bodies above this are answered 413"
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=64, description="decoded width*height above this is answered 413"
+    )
+    min_image_side: int = Field(8, ge=1, description="images with a smaller width or height are answered 422")
+    max_images_per_request: int = Field(16, ge=1, le=256, description="files in one /detect/batch request")
+    default_score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_detections: int = Field(
+        100, ge=1, le=10_000, description="default and upper bound of ?max_detections"
+    )
+
+    # Security.
+    api_key: SecretStr | None = Field(
+        None, description="when set, /detect, /v1/* and /v2/models/* need it in api_key_header"
+    )
+    api_key_header: str = "X-API-Key"
+    cors_origins: list[str] = Field(default_factory=list, description="CORS allowed origins; empty: CORS off")
+
+    # Benchmark endpoint.
+    enable_benchmark: bool = Field(
+        False, description="allow POST /v1/benchmark (also allowed, key-protected, when api_key is set)"
+    )
+    benchmark_max_iterations: int = Field(500, ge=1, le=100_000)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_model_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @property
+    def max_delay_s(self) -> float:
+        return self.max_delay_ms / 1000.0
+
+    @property
+    def benchmark_allowed(self) -> bool:
+        return self.enable_benchmark or self.api_key is not None
+
+    def resolved_device(self) -> str:
+        """ "cuda" or "cpu" (``auto`` picks cuda when torch sees a GPU)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

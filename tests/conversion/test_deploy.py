@@ -1,0 +1,366 @@
+"""The container entrypoint's decisions: engine cache key, build-or-reuse, fallback and the build lock.
+GPU, TensorRT and the builders are fakes, so none of this needs either."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conversion import deploy, engine_cache
+from conversion.deploy import Deployment, DeploySettings, engine_cache_key, plan_path, prepare
+from conversion.deploy_host import Builders, GpuInfo, Probes
+from model.checkpoint import file_sha256
+from model.errors import UserError
+
+SHA = "ab" * 32
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
+
+
+class FakeBuilders:
+    """Builders that write small files (and a manifest beside each), counting calls; ``fail`` raises."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.exports: list[Path] = []
+        self.builds: list[tuple] = []
+        self.fail = fail
+
+    def export_onnx(self, checkpoint: Path, out: Path) -> None:
+        self.exports.append(checkpoint)
+        out.write_bytes(b"onnx from " + checkpoint.read_bytes())
+        Path(f"{out}.json").write_text('{"kind": "onnx"}')
+
+    def build_engine(self, onnx: Path, out: Path, precision: str, max_batch: int, timing: Path) -> None:
+        self.builds.append((onnx, precision, max_batch, timing))
+        if self.fail is not None:
+            raise self.fail
+        out.write_bytes(b"plan")
+        Path(f"{out}.json").write_text('{"kind": "tensorrt"}')
+
+    def bundle(self) -> Builders:
+        return Builders(export_onnx=self.export_onnx, build_engine=self.build_engine)
+
+
+def probes(
+    gpu=H100, trt="10.11.0.33", providers=("CUDAExecutionProvider", "CPUExecutionProvider"), torch_cuda=True
+):
+    return Probes(
+        gpu=lambda: gpu,
+        tensorrt_version=lambda: trt,
+        onnxruntime_providers=lambda: None if providers is None else list(providers),
+        torch_cuda=lambda: torch_cuda,
+    )
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "models" / "refinedet.pth"
+    path.parent.mkdir()
+    path.write_bytes(b"weights v1")
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path, checkpoint: Path) -> DeploySettings:
+    return DeploySettings(cache_dir=tmp_path / "cache", model=checkpoint, lock_timeout_s=5.0)
+
+
+@pytest.fixture(autouse=True)
+def fast_lock_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_cache, "LOCK_POLL_S", 0.02)
+
+
+def leftovers(cache: Path) -> list[Path]:
+    return [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+
+
+# --- build or reuse --------------------------------------------------------------------------------
+
+
+def test_first_start_exports_and_builds_later_starts_reuse(settings: DeploySettings, checkpoint: Path):
+    fake = FakeBuilders()
+    first = prepare(settings, probes(), fake.bundle())
+    second = prepare(settings, probes(), fake.bundle())
+    assert first == second
+    assert first.backend == "tensorrt" and first.device == "cuda"
+    assert first.artifact.parent == settings.cache_dir / "engines" and first.artifact.read_bytes() == b"plan"
+    assert Path(f"{first.artifact}.json").is_file(), "the manifest moves into place with the plan"
+    assert first.onnx.read_bytes() == b"onnx from weights v1" and Path(f"{first.onnx}.json").is_file()
+    assert len(fake.exports) == 1 and len(fake.builds) == 1
+    onnx, precision, max_batch, timing = fake.builds[0]
+    assert (onnx, precision, max_batch) == (first.onnx, "fp16", 8)
+    assert timing.parent == settings.cache_dir / "timing" and "sm90" in timing.name
+    assert leftovers(settings.cache_dir) == []
+
+
+def test_another_gpu_tensorrt_or_checkpoint_builds_a_new_engine(settings: DeploySettings, checkpoint: Path):
+    fake = FakeBuilders()
+    plans = {prepare(settings, probes(), fake.bundle()).artifact}
+    plans.add(prepare(settings, probes(trt="10.13.3.9"), fake.bundle()).artifact)
+    plans.add(prepare(settings, probes(gpu=GpuInfo("NVIDIA L4", "8.9")), fake.bundle()).artifact)
+    plans.add(prepare(replace(settings, max_batch=4), probes(), fake.bundle()).artifact)
+    checkpoint.write_bytes(b"weights v2")  # retrained: a new ONNX export and a new engine
+    plans.add(prepare(settings, probes(), fake.bundle()).artifact)
+    assert len(plans) == 5 and len(fake.builds) == 5 and len(fake.exports) == 2
+
+
+def test_onnx_model_is_used_as_is(settings: DeploySettings, tmp_path: Path):
+    onnx = tmp_path / "models" / "given.onnx"
+    onnx.write_bytes(b"onnx")
+    fake = FakeBuilders()
+    result = prepare(replace(settings, model=onnx), probes(), fake.bundle())
+    assert fake.exports == [] and fake.builds[0][0] == onnx
+    assert result.backend == "tensorrt" and result.onnx == onnx
+
+
+def test_engine_model_is_served_without_building(settings: DeploySettings, tmp_path: Path):
+    plan = tmp_path / "models" / "mine.plan"
+    plan.write_bytes(b"plan")
+    fake = FakeBuilders()
+    assert prepare(replace(settings, model=plan), probes(), fake.bundle()) == Deployment(
+        plan, "tensorrt", "cuda"
+    )
+    assert fake.builds == [] and fake.exports == []
+
+
+# --- fallback --------------------------------------------------------------------------------------
+
+
+def test_build_failure_falls_back_to_onnxruntime_with_one_clear_line(settings, caplog):
+    fake = FakeBuilders(fail=RuntimeError("Myelin out of memory"))
+    with caplog.at_level(logging.INFO, logger="refinedet.deploy"):
+        result = prepare(settings, probes(), fake.bundle())
+    assert (result.backend, result.device) == ("onnxruntime", "cuda")
+    assert result.artifact == result.onnx and result.artifact.suffix == ".onnx"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "Myelin out of memory" in warnings[0] and "falling back to onnxruntime on cuda" in warnings[0]
+    assert list((settings.cache_dir / "engines").glob("*.plan")) == []
+    assert leftovers(settings.cache_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("probe_args", "reason", "device"),
+    [
+        (dict(gpu=None), "no CUDA GPU visible", "cpu"),
+        (dict(trt=None), "TensorRT Python package is not installed", "cuda"),
+        (dict(trt=None, providers=("CPUExecutionProvider",)), "TensorRT Python package", "cpu"),
+    ],
+)
+def test_missing_gpu_or_tensorrt_falls_back_without_building(settings, caplog, probe_args, reason, device):
+    fake = FakeBuilders()
+    with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
+        result = prepare(settings, probes(**probe_args), fake.bundle())
+    assert (result.backend, result.device) == ("onnxruntime", device)
+    assert fake.builds == []
+    assert reason in caplog.text
+
+
+def test_without_onnxruntime_falls_back_to_torch_on_the_checkpoint(settings, checkpoint):
+    fake = FakeBuilders(fail=RuntimeError("boom"))
+    result = prepare(settings, probes(providers=None), fake.bundle())
+    assert (result.artifact, result.backend, result.device) == (checkpoint, "torch", "cuda")
+    cpu = prepare(settings, probes(providers=None, torch_cuda=False), fake.bundle())
+    assert (cpu.backend, cpu.device) == ("torch", "cpu")
+
+
+def test_failed_onnx_export_falls_back_to_torch(settings, checkpoint, caplog):
+    def broken_export(checkpoint: Path, out: Path) -> None:
+        raise RuntimeError("onnx is not installed")
+
+    with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
+        result = prepare(settings, probes(), Builders(export_onnx=broken_export))
+    assert (result.artifact, result.backend) == (checkpoint, "torch")
+    assert "ONNX export failed" in caplog.text and "onnx is not installed" in caplog.text
+
+
+def test_backend_tensorrt_is_strict(settings):
+    with pytest.raises(UserError, match=r"REFINEDET_BACKEND=tensorrt but no engine.*boom"):
+        prepare(replace(settings, backend="tensorrt"), probes(), FakeBuilders(RuntimeError("boom")).bundle())
+
+
+def test_cpu_device_and_onnxruntime_backend_skip_the_engine(settings):
+    fake = FakeBuilders()
+    cpu = prepare(replace(settings, device="cpu"), probes(), fake.bundle())
+    ort = prepare(replace(settings, backend="onnxruntime"), probes(), fake.bundle())
+    assert (cpu.backend, cpu.device) == ("onnxruntime", "cpu")
+    assert (ort.backend, ort.device) == ("onnxruntime", "cuda")
+    assert fake.builds == [] and len(fake.exports) == 1
+
+
+def test_backend_torch_needs_a_checkpoint(settings, tmp_path):
+    onnx = tmp_path / "models" / "m.onnx"
+    onnx.write_bytes(b"x")
+    with pytest.raises(UserError, match="needs a checkpoint"):
+        prepare(replace(settings, backend="torch", model=onnx), probes(), FakeBuilders().bundle())
+
+
+def test_model_errors_are_user_errors(settings, tmp_path):
+    with pytest.raises(UserError, match="model not found"):
+        prepare(replace(settings, model=tmp_path / "missing.pth"), probes())
+    odd = tmp_path / "model.bin"
+    odd.write_bytes(b"x")
+    with pytest.raises(UserError, match=r"must end in \.pth, \.onnx or \.plan"):
+        prepare(replace(settings, model=odd), probes())
+
+
+def test_no_model_anywhere_serves_the_untrained_network(settings, monkeypatch, caplog):
+    monkeypatch.setattr(deploy.host, "default_checkpoint", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
+        result = prepare(replace(settings, model=None), probes(), FakeBuilders().bundle())
+    assert result == Deployment(None, "torch", "cuda")
+    assert "UNTRAINED" in caplog.text
+    assert "--model" not in deploy.serve_command(result)
+
+
+# --- the build lock --------------------------------------------------------------------------------
+
+
+def hold_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")  # noqa: SIM115 -- held past return; a separate open file description conflicts even in-process
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def engine_path(settings: DeploySettings) -> Path:
+    onnx = prepare(replace(settings, backend="onnxruntime"), probes(), FakeBuilders().bundle()).onnx
+    key = engine_cache_key(file_sha256(onnx), H100.name, "9.0", "10.11.0.33", "fp16", 8)
+    return plan_path(settings.cache_dir, key)
+
+
+def test_replica_waits_for_the_builder_and_reuses_its_engine(settings):
+    plan = engine_path(settings)
+    holder = hold_lock(plan.with_suffix(".lock"))
+
+    def other_replica_finishes() -> None:
+        time.sleep(0.3)
+        engine_cache.publish(plan, lambda out: out.write_bytes(b"built elsewhere"))
+        holder.close()  # releases the lock
+
+    thread = threading.Thread(target=other_replica_finishes)
+    thread.start()
+    fake = FakeBuilders(fail=AssertionError("must not build while another replica does"))
+    start = time.monotonic()
+    result = prepare(settings, probes(), fake.bundle())
+    thread.join()
+    assert result.artifact == plan and plan.read_bytes() == b"built elsewhere"
+    assert fake.builds == [] and time.monotonic() - start >= 0.25
+
+
+def test_lock_held_too_long_falls_back(settings, caplog):
+    holder = hold_lock(engine_path(settings).with_suffix(".lock"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
+            result = prepare(replace(settings, lock_timeout_s=0.2), probes(), FakeBuilders().bundle())
+    finally:
+        holder.close()
+    assert result.backend == "onnxruntime"
+    assert "LockTimeout" in caplog.text
+
+
+# --- settings and the command line -----------------------------------------------------------------
+
+
+def test_settings_from_env():
+    env = {
+        "REFINEDET_MODEL": "/models/m.pth", "REFINEDET_BACKEND": "TensorRT", "REFINEDET_DEVICE": "auto",
+        "REFINEDET_CACHE_DIR": "/var/cache/refinedet", "REFINEDET_PRECISION": "fp32",
+        "REFINEDET_MAX_BATCH_SIZE": "16", "REFINEDET_ENGINE_LOCK_TIMEOUT_S": "60",
+    }  # fmt: skip
+    s = DeploySettings.from_env(env)
+    assert (s.model, s.backend, s.device, s.cache_dir) == (
+        Path("/models/m.pth"),
+        "tensorrt",
+        None,
+        Path("/var/cache/refinedet"),
+    )
+    assert (s.precision, s.max_batch, s.lock_timeout_s) == ("fp32", 16, 60.0)
+    defaults = DeploySettings.from_env({"XDG_CACHE_HOME": "/tmp/xdg"})
+    assert (defaults.model, defaults.backend, defaults.cache_dir, defaults.max_batch) == (
+        None,
+        "auto",
+        Path("/tmp/xdg/refinedet"),
+        8,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("REFINEDET_BACKEND", "tensorflow", "choose one of auto, tensorrt"),
+        ("REFINEDET_DEVICE", "tpu", "choose auto, cpu or cuda"),
+        ("REFINEDET_PRECISION", "int8", "choose one of fp16, fp32"),
+        ("REFINEDET_MAX_BATCH_SIZE", "eight", "is not a number"),
+        ("REFINEDET_MAX_BATCH_SIZE", "0", "must be positive"),
+    ],
+)
+def test_bad_settings_are_user_errors(name, value, message):
+    with pytest.raises(UserError, match=message):
+        DeploySettings.from_env({name: value})
+
+
+def test_main_execs_refinedet_serve(monkeypatch, tmp_path, capsys):
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    for name, value in {
+        "REFINEDET_MODEL": str(onnx),
+        "REFINEDET_DEVICE": "cpu",
+        "REFINEDET_CACHE_DIR": str(tmp_path),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(deploy, "Probes", lambda: probes(providers=["CPUExecutionProvider"]))
+    calls = []
+    monkeypatch.setattr(deploy.os, "execvp", lambda file, args: calls.append((file, args)))
+    deploy.main(["--", "--workers", "2"])
+    expected = [
+        "refinedet",
+        "serve",
+        "--model",
+        str(onnx),
+        "--backend",
+        "onnxruntime",
+        "--device",
+        "cpu",
+        "--workers",
+        "2",
+    ]
+    assert calls == [("refinedet", expected)]
+    assert deploy.main(["--dry-run"]) == 0
+    decision = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert decision["backend"] == "onnxruntime" and decision["command"][:2] == ["refinedet", "serve"]
+
+
+def test_main_reports_user_errors_without_traceback(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("REFINEDET_MODEL", str(tmp_path / "absent.pth"))
+    assert deploy.main(["--dry-run"]) == 2
+    assert "refinedet deploy: error: model not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_onnx_export_then_reuse(tmp_path):
+    """The real `refinedet export onnx` subprocess into the cache, then a restart that reuses it."""
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.network import build_model
+
+    checkpoint = tmp_path / "tiny.pth"
+    save_checkpoint(
+        checkpoint,
+        build_model(preset("refinedet320_vgg16", input_size=64, class_names=("a", "b"))),
+        half=True,
+    )
+    settings = DeploySettings(cache_dir=tmp_path / "cache", model=checkpoint, device="cpu")
+    first = prepare(settings)
+    assert (first.backend, first.device) == ("onnxruntime", "cpu") and first.artifact == first.onnx
+    manifest = json.loads(Path(f"{first.onnx}.json").read_text())
+    assert manifest["kind"] == "onnx" and manifest["artifact_sha256"] == file_sha256(first.onnx)
+    mtime = first.onnx.stat().st_mtime_ns
+    assert prepare(settings) == first and first.onnx.stat().st_mtime_ns == mtime
+    assert leftovers(settings.cache_dir) == []

@@ -1,0 +1,156 @@
+"""Host probes, the ``refinedet export`` subprocess command lines and the readiness check, with a fake
+nvidia-smi, a fake CLI and a local HTTP server instead of a GPU, TensorRT and the service."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+import threading
+import types
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from conversion import deploy_host as host
+from conversion.deploy import Deployment
+from conversion.deploy_host import GpuInfo
+from model.errors import UserError
+
+
+def test_parse_nvidia_smi():
+    assert host.parse_nvidia_smi("NVIDIA H100 80GB HBM3, 9.0\nNVIDIA L4, 8.9\n") == GpuInfo(
+        "NVIDIA H100 80GB HBM3", "9.0"
+    )
+    assert host.parse_nvidia_smi("Tesla T4, 7.5") == GpuInfo("Tesla T4", "7.5")
+    assert host.parse_nvidia_smi("") is None
+    assert host.parse_nvidia_smi("No devices were found") is None
+
+
+def fake_nvidia_smi(bin_dir: Path, output: str, status: int = 0) -> Path:
+    """An ``nvidia-smi`` on PATH that records its arguments and prints ``output``."""
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "nvidia-smi"
+    args_file = bin_dir / "args.json"
+    script.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"json.dump(sys.argv[1:], open({str(args_file)!r}, 'w'))\n"
+        f"print({output!r})\nsys.exit({status})\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return args_file
+
+
+def test_probe_gpu_asks_nvidia_smi_about_the_first_visible_device(tmp_path, monkeypatch):
+    args_file = fake_nvidia_smi(tmp_path / "bin", "NVIDIA A100-SXM4-80GB, 8.0")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    env = {"CUDA_VISIBLE_DEVICES": "GPU-1234abcd,GPU-5678"}
+    assert host.probe_gpu(env) == GpuInfo("NVIDIA A100-SXM4-80GB", "8.0")
+    assert json.loads(args_file.read_text()) == [
+        "--query-gpu=name,compute_cap",
+        "--format=csv,noheader",
+        "--id=GPU-1234abcd",
+    ]
+    assert host.probe_gpu({}) is not None
+    assert "--id" not in " ".join(json.loads(args_file.read_text()))
+
+
+def test_probe_gpu_is_none_without_a_gpu(tmp_path, monkeypatch):
+    fake_nvidia_smi(
+        tmp_path / "bin", "NVIDIA-SMI has failed because it couldn't communicate with the driver", 9
+    )
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert host.probe_gpu({}) is None
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert host.probe_gpu({}) is None
+
+
+def test_probe_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.11.0.33"))
+    assert host.probe_tensorrt() == "10.11.0.33"
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import raises ImportError
+    assert host.probe_tensorrt() is None
+
+
+def test_probe_onnxruntime_lists_providers(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    assert "CPUExecutionProvider" in host.probe_onnxruntime()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert host.probe_onnxruntime() is None
+
+
+@pytest.fixture
+def fake_cli(tmp_path, monkeypatch) -> Path:
+    """Replace ``python -m model.cli`` by a script that records its arguments; exit status from a file."""
+    record = tmp_path / "cli_args.json"
+    code = (
+        "import json, pathlib, sys; "
+        f"json.dump(sys.argv[1:], open({str(record)!r}, 'w')); "
+        f"status = pathlib.Path({str(tmp_path / 'status')!r}); "
+        "sys.exit(int(status.read_text()) if status.exists() else 0)"
+    )
+    monkeypatch.setattr(host, "REFINEDET_CLI", (sys.executable, "-c", code))
+    return record
+
+
+def test_export_commands_follow_the_cli_contract(fake_cli, tmp_path):
+    host.run_export_onnx(Path("/m/a.pth"), Path("/c/model.onnx"))
+    assert json.loads(fake_cli.read_text()) == [
+        "export",
+        "onnx",
+        "--checkpoint",
+        "/m/a.pth",
+        "-o",
+        "/c/model.onnx",
+    ]
+    host.run_build_engine(Path("/c/model.onnx"), Path("/c/k.plan"), "fp16", 8, Path("/c/t.cache"))
+    assert json.loads(fake_cli.read_text()) == [
+        "export", "engine", "--onnx", "/c/model.onnx", "-o", "/c/k.plan", "--precision", "fp16",
+        "--max-batch", "8", "--timing-cache", "/c/t.cache",
+    ]  # fmt: skip
+    host.run_export_triton(
+        Deployment(Path("/c/k.plan"), "tensorrt", "cuda", Path("/c/model.onnx")), Path("/repo")
+    )
+    assert json.loads(fake_cli.read_text()) == [
+        "export", "triton", "--onnx", "/c/model.onnx", "-o", "/repo", "--plan", "/c/k.plan",
+    ]  # fmt: skip
+    host.run_export_triton(
+        Deployment(Path("/c/model.onnx"), "onnxruntime", "cuda", Path("/c/model.onnx")), Path("/r")
+    )
+    assert "--plan" not in json.loads(fake_cli.read_text())
+    with pytest.raises(UserError, match="needs an ONNX model"):
+        host.run_export_triton(Deployment(Path("/m/x.plan"), "tensorrt", "cuda"), Path("/r"))
+
+
+def test_failed_export_raises_with_the_status(fake_cli, tmp_path):
+    (tmp_path / "status").write_text("3")
+    with pytest.raises(RuntimeError, match="`refinedet export engine` exited with status 3"):
+        host.run_build_engine(Path("a.onnx"), Path("k.plan"), "fp16", 8, Path("t.cache"))
+
+
+class ReadyHandler(BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(self.status if self.path == "/readyz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "expected"), [(200, 0), (503, 1)])
+def test_check_ready(status, expected):
+    handler = type("Handler", (ReadyHandler,), {"status": status})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert host.check_ready({"REFINEDET_PORT": str(server.server_port)}) == expected
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert host.check_ready({"REFINEDET_PORT": str(server.server_port)}, timeout_s=1.0) == 1  # nobody listens

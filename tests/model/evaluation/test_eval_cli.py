@@ -1,0 +1,208 @@
+"""`refinedet predict` and `refinedet eval` end to end on tiny synthetic files (and BCCD when slow)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import types
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.errors import UserError
+from model.evaluation import cli
+
+
+def run_cli(argv: list[str]) -> int:
+    """Parse with only this package's commands registered, as `refinedet` does, and run the handler."""
+    parser = argparse.ArgumentParser(prog="refinedet")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    a = tmp_path / "in" / "one.jpg"
+    b = tmp_path / "in" / "two.png"
+    a.parent.mkdir()
+    Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(a)
+    Image.fromarray(rng.integers(0, 256, (100, 70, 4), dtype=np.uint8), mode="RGBA").save(b)
+    return [a, b]
+
+
+def test_predict_writes_json_and_annotated_images(tiny_checkpoint, images, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "pred"
+    argv = ["predict", "--checkpoint", str(tiny_checkpoint), *map(str, images), "--output", str(out)]
+    assert run_cli([*argv, "--score-threshold", "0.0", "--device", "cpu", "--no-progress"]) == 0
+    doc = json.loads((out / "detections.json").read_text())
+    assert [Path(i["file"]).name for i in doc["images"]] == ["one.jpg", "two.png"]
+    assert [(i["width"], i["height"]) for i in doc["images"]] == [(90, 60), (70, 100)]
+    for entry, src in zip(doc["images"], images, strict=True):
+        dets = entry["detections"]
+        assert dets, "a random model with threshold 0 detects something"
+        for d in dets:
+            assert d["label"] in ("a", "b") and d["label"] == ("a", "b")[d["class_id"] - 1]
+            b = d["box"]
+            assert 0 <= b["x1"] <= b["x2"] <= entry["width"] and 0 <= b["y1"] <= b["y2"] <= entry["height"]
+        assert [d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True)
+        annotated = Image.open(out / entry["annotated"])
+        assert annotated.size == (entry["width"], entry["height"])
+        original = np.asarray(Image.open(src).convert("RGB"), dtype=np.int16)
+        assert np.abs(np.asarray(annotated, dtype=np.int16) - original).mean() > 2  # boxes were drawn
+    assert "wrote" in capsys.readouterr().out
+
+    assert run_cli([*argv, "--score-threshold", "0.4", "--no-progress"]) == 0
+    high = json.loads((out / "detections.json").read_text())
+    assert all(d["score"] > 0.4 for i in high["images"] for d in i["detections"])
+    assert sum(len(i["detections"]) for i in high["images"]) < sum(
+        len(i["detections"]) for i in doc["images"]
+    )
+
+
+def test_predict_user_errors(tiny_checkpoint, images, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(tmp_path / "nope.jpg")])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UserError, match="not a readable image"):
+        run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(bad), "--output", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="checkpoint"):
+        run_cli(["predict", "--checkpoint", str(tmp_path / "missing.pt"), str(images[0])])
+    with pytest.raises(UserError, match="score-threshold"):
+        run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(images[0]), "--score-threshold", "1.5"])
+
+
+class FakeVOCDetection:
+    """Used only while model/data/voc.py does not exist yet: the data-set contract read from a VOC tree."""
+
+    def __init__(self, roots, split, class_names=None, transform=None, keep_difficult=True):
+        self.class_names = tuple(class_names)
+        self.items = []
+        for root in map(Path, roots):
+            for image_id in (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split():
+                self.items.append((root, image_id))
+
+    def __len__(self):
+        return len(self.items)
+
+    def load_image(self, index):
+        from model.preprocess import load_image
+
+        root, image_id = self.items[index]
+        return load_image(root / "JPEGImages" / f"{image_id}.jpg")
+
+    def annotation(self, index):
+        root, image_id = self.items[index]
+        tree = ET.parse(root / "Annotations" / f"{image_id}.xml")
+        objs = tree.findall("object")
+        box = lambda o: [float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]  # noqa: E731
+        return {
+            "boxes": torch.tensor([box(o) for o in objs]).reshape(-1, 4),
+            "labels": torch.tensor([self.class_names.index(o.find("name").text) + 1 for o in objs]),
+            "difficult": torch.tensor([o.find("difficult").text == "1" for o in objs]),
+            "image_id": image_id,
+            "width": int(tree.find("size/width").text),
+            "height": int(tree.find("size/height").text),
+        }
+
+
+@pytest.fixture
+def voc_module(monkeypatch):
+    """model.data.voc if it exists, else a stand-in module with FakeVOCDetection."""
+    if importlib.util.find_spec("model.data.voc") is None:
+        fake = types.ModuleType("model.data.voc")
+        fake.VOCDetection = FakeVOCDetection
+        monkeypatch.setitem(sys.modules, "model.data.voc", fake)
+    return sys.modules.get("model.data.voc")
+
+
+@pytest.mark.parametrize("metric", ["voc07", "voc12", "coco"])
+def test_eval_end_to_end_on_a_voc_tree(tiny_checkpoint, voc_tree, voc_module, tmp_path, capsys, metric):
+    out = tmp_path / f"eval-{metric}"
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data",
+        str(voc_tree),
+        "--split",
+        "test",
+        "--metric",
+        metric,
+        "--output",
+        str(out),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    assert run_cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert "a " in printed and "b " in printed and "mAP" in printed and "images in" in printed
+    result = json.loads((out / "results.json").read_text())
+    assert result["metric"] == metric and result["split"] == "test" and result["num_images"] == 3
+    assert set(result["per_class"]) == {"a", "b"}
+    assert result["mAP"] is None or 0.0 <= result["mAP"] <= 1.0
+    assert len(result["checkpoint_sha256"]) == 64 and result["seconds"] > 0
+    if metric != "coco":
+        assert result["num_positives"] == {"a": 3, "b": 2}  # one "b" box is difficult
+    assert sorted(p.name for p in out.glob("pr_*.png")) == ["pr_a.png", "pr_b.png"]
+
+
+def test_eval_user_errors(tiny_checkpoint, voc_tree, voc_module, tmp_path):
+    base = ["eval", "--checkpoint", str(tiny_checkpoint)]
+    with pytest.raises(UserError, match="--data"):
+        run_cli(base)
+    with pytest.raises(UserError, match="not a folder"):
+        run_cli([*base, "--data", str(tmp_path / "nowhere")])
+    with pytest.raises(UserError, match="either"):
+        run_cli([*base, "--data", str(voc_tree), "--coco-images", str(tmp_path)])
+    with pytest.raises(UserError, match="go together"):
+        run_cli([*base, "--coco-images", str(tmp_path)])
+    with pytest.raises(UserError, match="batch-size"):
+        run_cli([*base, "--data", str(voc_tree), "--batch-size", "0"])
+    with pytest.raises(UserError, match="device"):
+        run_cli([*base, "--data", str(voc_tree), "--device", "potato"])
+
+
+@pytest.mark.slow
+def test_eval_on_bccd_with_a_random_refinedet320(bccd, tmp_path, capsys):
+    """The real BCCD test split (72 images) through a randomly initialised refinedet320_vgg16."""
+    pytest.importorskip("model.data.voc", reason="model/data/voc.py (VOCDetection) is not there yet")
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.network import build_model
+
+    torch.manual_seed(0)
+    model = build_model(preset("refinedet320_vgg16", class_names=("RBC", "WBC", "Platelets")))
+    ckpt = save_checkpoint(tmp_path / "bccd_random.pt", model)
+    out = tmp_path / "eval"
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(bccd),
+        "--split",
+        "test",
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
+    assert run_cli(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["num_images"] == 72 and set(result["per_class"]) == {"RBC", "WBC", "Platelets"}
+    assert all(n > 0 for n in result["num_positives"].values())
+    assert 0.0 <= result["mAP"] < 0.5  # an untrained network is far from useful

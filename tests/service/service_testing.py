@@ -1,0 +1,172 @@
+"""Helpers for the service tests (fixtures are in conftest.py).
+
+- ``StandInBackend``: a cheap network with RefineDet's output contract (~1 ms), for tests that send many
+  requests (fuzzing, shutdown) where the network's cost would only slow them down.
+- ``running(app)``: app in-process (TestClient) once ready; ``serving(app)``: the app under a real
+  uvicorn server on 127.0.0.1 and a free port, in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from model.anchors import generate_anchors
+from model.config import RefineDetConfig, preset
+from model.network import RefineDetOutput
+from model.postprocess import PostProcessor, to_pixels
+from model.preprocess import pil_to_rgb, preprocess
+from service.backends.base import Backend, ModelInfo
+from service.settings import Settings
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+CLASSES = ("a", "b")
+
+
+def tiny_config() -> RefineDetConfig:
+    return preset("refinedet320_vgg16", input_size=64, class_names=CLASSES)
+
+
+class StandIn(nn.Module):
+    """images [B, 3, S, S] -> RefineDet-shaped raw outputs from 8x8 average-pooled pixels."""
+
+    def __init__(self, config: RefineDetConfig) -> None:
+        super().__init__()
+        self.a, self.sizes = config.num_anchors, [4, 2, 4, config.num_classes]
+        self.fc = nn.Linear(3 * 64, self.a * sum(self.sizes))
+
+    def forward(self, images: torch.Tensor) -> RefineDetOutput:
+        pooled = nn.functional.adaptive_avg_pool2d(images, 8).flatten(1) / 64.0
+        y = self.fc(pooled).reshape(images.shape[0], self.a, -1)
+        return RefineDetOutput(*torch.split(y, self.sizes, dim=-1))
+
+
+class StandInBackend(Backend):
+    name = "torch"
+
+    def __init__(self, max_batch: int = 8, delay_s: float = 0.0) -> None:
+        super().__init__(torch.device("cpu"), max_batch)
+        self.delay_s = delay_s
+        self.calls: list[int] = []
+
+    @property
+    def precision(self) -> str:
+        return "fp32"
+
+    def load(self) -> None:
+        torch.manual_seed(0)
+        self.config = tiny_config()
+        self.net = StandIn(self.config).eval()
+        self.anchors = generate_anchors(self.config)
+        self.info = ModelInfo("standin", None, None, False, "stand-in network for tests")
+
+    @torch.inference_mode()
+    def infer(self, images: torch.Tensor) -> RefineDetOutput:
+        self.calls.append(images.shape[0])
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return self.net(images)
+
+
+def standin_loader(max_batch: int = 8, delay_s: float = 0.0):
+    backend = StandInBackend(max_batch, delay_s)
+    backend.load()
+    return lambda settings: backend
+
+
+def settings(**changes) -> Settings:
+    base = {"device": "cpu", "max_delay_ms": 1.0, "warmup_iterations": 0, "access_log": False}
+    return Settings(**{**base, **changes})
+
+
+def wait_ready(get, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if get("/readyz").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError("service did not become ready")
+
+
+@contextlib.contextmanager
+def running(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client.get)
+        yield client
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI) -> Iterator[tuple[str, object]]:
+    """Run ``app`` under uvicorn on 127.0.0.1:<free port> in a thread; yields (base URL, uvicorn.Server)."""
+    import httpx
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            deadline = time.monotonic() + 30
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.01)
+            wait_ready(client.get)
+        yield url, server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kwargs)
+    return out.getvalue()
+
+
+def direct_detections(model, data: bytes, score_threshold: float, max_detections: int = 100) -> list[dict]:
+    """The shared post-processing run directly on ``data``: decode, preprocess, network, PostProcessor,
+    to_pixels; the reference the service's answers must equal."""
+    with Image.open(io.BytesIO(data)) as im:
+        pixels = pil_to_rgb(im)
+    h, w = pixels.shape[1:]
+    cfg = model.config
+    with torch.inference_mode():
+        dets = PostProcessor(cfg)(model(preprocess([pixels], cfg.input_size, cfg.normalization)), model.anchors)
+    boxes, scores, labels = dets.image(0, score_threshold)
+    boxes = to_pixels(boxes, w, h)[:max_detections]
+    return [
+        {"label": cfg.class_names[int(lab) - 1], "score": float(s), "box": b.tolist()}
+        for b, s, lab in zip(boxes, scores[:max_detections], labels[:max_detections], strict=True)
+    ]
+
+
+def assert_same_detections(got: list[dict], want: list[dict], box_tol: float = 0.02, score_tol: float = 1e-4) -> None:
+    """Service JSON detections == reference detections (order, labels, scores, pixel boxes)."""
+    assert len(got) == len(want), (len(got), len(want))
+    for g, w in zip(got, want, strict=True):
+        assert g["label"] == w["label"]
+        assert abs(g["score"] - w["score"]) <= score_tol, (g, w)
+        box = [g["box"][k] for k in ("x1", "y1", "x2", "y2")]
+        assert np.allclose(box, w["box"], atol=box_tol), (box, w["box"])

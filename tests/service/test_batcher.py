@@ -1,0 +1,160 @@
+"""DynamicBatcher: batches cut at size or deadline, results matched to requests, abandoned requests
+skipped, bounded queue, one resolution per future, draining on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batcher import BatchObserver, ClientGone, DynamicBatcher, QueueFull, ShuttingDown
+
+
+class Recorder(BatchObserver):
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.drops: list[str] = []
+
+    def on_batch(self, size: int) -> None:
+        self.batches.append(size)
+
+    def on_drop(self, reason: str) -> None:
+        self.drops.append(reason)
+
+
+def doubler(calls: list[list[int]], delay_s: float = 0.0):
+    def process(items):
+        calls.append(list(items))
+        if delay_s:
+            time.sleep(delay_s)
+        return [2 * x for x in items]
+
+    return process
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_form_one_batch_and_get_their_own_results():
+    async def main():
+        calls: list[list[int]] = []
+        obs = Recorder()
+        b = DynamicBatcher(doubler(calls), max_batch_size=8, max_delay_s=0.2, max_queue_size=16, observer=obs)
+        b.start()
+        results = await asyncio.gather(*(b.submit(i) for i in range(5)))
+        await b.stop()
+        return calls, obs, results
+
+    calls, obs, results = run(main())
+    assert calls == [[0, 1, 2, 3, 4]] and obs.batches == [5]
+    assert [r for r, _ in results] == [0, 2, 4, 6, 8]
+    assert all(q >= 0 for _, q in results)
+
+
+def test_batch_is_cut_at_max_size_without_waiting_for_the_deadline():
+    async def main():
+        calls: list[list[int]] = []
+        b = DynamicBatcher(doubler(calls), max_batch_size=3, max_delay_s=5.0, max_queue_size=16)
+        b.start()
+        start = time.monotonic()
+        results = await asyncio.gather(*(b.submit(i) for i in range(6)))
+        elapsed = time.monotonic() - start
+        await b.stop()
+        return calls, results, elapsed
+
+    calls, results, elapsed = run(main())
+    assert calls == [[0, 1, 2], [3, 4, 5]]
+    assert [r for r, _ in results] == [0, 2, 4, 6, 8, 10]
+    assert elapsed < 2.0  # full batches never waited for the 5 s deadline
+
+
+def test_a_lone_request_runs_after_the_deadline():
+    async def main():
+        calls: list[list[int]] = []
+        b = DynamicBatcher(doubler(calls), max_batch_size=8, max_delay_s=0.05, max_queue_size=4)
+        b.start()
+        start = time.monotonic()
+        result, queue_s = await b.submit(21)
+        elapsed = time.monotonic() - start
+        await b.stop()
+        return calls, result, queue_s, elapsed
+
+    calls, result, queue_s, elapsed = run(main())
+    assert calls == [[21]] and result == 42
+    assert 0.04 <= queue_s and 0.04 <= elapsed < 2.0
+
+
+def test_requests_whose_client_left_or_timed_out_are_dropped_before_the_engine():
+    async def main():
+        calls: list[list[int]] = []
+        obs = Recorder()
+        b = DynamicBatcher(doubler(calls), max_batch_size=8, max_delay_s=0.1, max_queue_size=16, observer=obs)
+        b.start()
+
+        async def gone() -> bool:
+            return True
+
+        async def here() -> bool:
+            return False
+
+        kept = b.submit(1, here)
+        left = b.submit(2, gone)
+        timed_out = b.submit(3)
+        timed_out.cancel()  # what asyncio.wait_for does to a request that timed out
+        result = await kept
+        with pytest.raises(ClientGone):
+            await left
+        await b.stop()
+        return calls, obs, result, timed_out
+
+    calls, obs, result, timed_out = run(main())
+    assert calls == [[1]] and result[0] == 2
+    assert sorted(obs.drops) == ["client_gone", "timeout"] and timed_out.cancelled()
+
+
+def test_full_queue_is_refused_and_engine_errors_reach_every_request():
+    async def main():
+        release = threading.Event()
+
+        def blocked(items):
+            release.wait(5)
+            if 99 in items:
+                raise RuntimeError("engine failed")
+            return list(items)
+
+        obs = Recorder()
+        b = DynamicBatcher(blocked, max_batch_size=1, max_delay_s=0.0, max_queue_size=2, observer=obs)
+        b.start()
+        first = b.submit(0)
+        await asyncio.sleep(0.05)  # the engine holds item 0; the queue holds the next two
+        queued = [b.submit(99), b.submit(99)]
+        with pytest.raises(QueueFull):
+            b.submit(5)
+        release.set()
+        outcome = await asyncio.gather(first, *queued, return_exceptions=True)
+        await b.stop()
+        return outcome, obs
+
+    outcome, obs = run(main())
+    assert outcome[0] == (0, pytest.approx(outcome[0][1]))
+    assert all(isinstance(o, RuntimeError) for o in outcome[1:])
+    assert obs.drops == ["queue_full"]
+
+
+def test_stop_drains_queued_work_then_refuses_new_work():
+    async def main():
+        calls: list[list[int]] = []
+        b = DynamicBatcher(doubler(calls, delay_s=0.05), max_batch_size=2, max_delay_s=0.01, max_queue_size=16)
+        b.start()
+        futures = [b.submit(i) for i in range(5)]
+        await b.stop(timeout_s=10)
+        with pytest.raises(ShuttingDown):
+            b.submit(9)
+        return [f.result()[0] for f in futures], calls
+
+    results, calls = run(main())
+    assert results == [0, 2, 4, 6, 8]
+    assert sum(len(c) for c in calls) == 5 and max(len(c) for c in calls) <= 2

@@ -1,0 +1,158 @@
+"""Operations endpoints through HTTP: health/readiness (also before the model is ready), model metadata,
+KServe v2 routes, Prometheus metrics, OpenAPI docs, the benchmark endpoint, API key and CORS."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from service_testing import StandInBackend, encode, noise_image, running, settings, standin_loader
+
+from model.checkpoint import file_sha256
+from service.app import create_app
+
+IMAGE = encode(noise_image(64, 48, seed=3))
+
+
+def test_health_and_readiness_routes(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/readyz").json() == {"status": "ready", "detail": None}
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get("/v2").json()["name"] == "refinedet"
+
+
+def test_model_metadata(client, tiny_checkpoint):
+    info = client.get("/v1/model").json()
+    assert info["classes"] == ["a", "b"] and info["input_size"] == 64
+    assert (info["backend"], info["device"], info["precision"]) == ("torch", "cpu", "fp32")
+    assert info["artifact_sha256"] == file_sha256(tiny_checkpoint) and info["trained"] is True
+    assert info["max_batch_size"] == 4 and info["artifact"] == str(tiny_checkpoint)
+    v2 = client.get(f"/v2/models/{info['name']}").json()
+    assert v2["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 3, 64, 64]}]
+    assert [o["name"] for o in v2["outputs"]] == ["arm_loc", "arm_conf", "odm_loc", "odm_conf"]
+    assert v2["outputs"][3]["shape"] == [-1, 255, 3]
+    assert client.get(f"/v2/models/{info['name']}/ready").json()["ready"] is True
+    missing = client.get("/v2/models/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_metrics_count_requests_stages_and_batches(client):
+    assert client.post("/detect", content=IMAGE, headers={"content-type": "image/jpeg"}).status_code == 200
+    client.get("/nope")
+    text = client.get("/metrics").text
+    assert 'refinedet_http_requests_total{method="POST",route="/detect",status="200"}' in text
+    assert 'refinedet_http_requests_total{method="GET",route="unmatched",status="404"}' in text
+    for stage in ("decode", "preprocess", "queue", "inference", "postprocess", "total"):
+        assert f'refinedet_stage_duration_seconds_count{{stage="{stage}"}}' in text
+    for name in ("refinedet_batch_size_count", "refinedet_queue_depth", "refinedet_http_requests_in_flight", "refinedet_ready 1.0"):
+        assert name in text
+    assert 'refinedet_model_info{backend="torch",device="cpu",name="refinedet320_vgg16",precision="fp32"} 1.0' in text
+
+
+def test_openapi_and_docs(client):
+    schema = client.get("/openapi.json").json()
+    paths = set(schema["paths"])
+    assert {"/detect", "/detect/batch", "/healthz", "/readyz", "/v1/model", "/v1/benchmark", "/metrics"} <= paths
+    assert {"/v2/health/live", "/v2/health/ready", "/v2/models/{name}"} <= paths
+    body = schema["paths"]["/detect"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/jpeg", "image/png"} <= set(body)
+    assert "swagger" in client.get("/docs").text.lower()
+
+
+def test_not_ready_until_loaded_then_ready():
+    release = threading.Event()
+    backend = StandInBackend()
+    backend.load()
+
+    def slow_loader(_settings):
+        assert release.wait(30)
+        return backend
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(settings(), loader=slow_loader)) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 503 and c.get("/readyz").json()["status"] == "loading"
+        assert c.get("/v2/health/ready").status_code == 503
+        r = c.post("/detect", content=IMAGE, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and "retry-after" in r.headers
+        assert c.get("/v1/model").status_code == 503
+        release.set()
+        from service_testing import wait_ready
+
+        wait_ready(c.get)
+        assert c.post("/detect", content=IMAGE, headers={"content-type": "image/jpeg"}).status_code == 200
+
+
+def test_failed_load_is_reported_not_ready():
+    def broken(_settings):
+        raise ValueError("weights do not fit")
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(settings(), loader=broken)) as c:
+        for _ in range(200):
+            if c.get("/healthz").status_code == 503:
+                break
+            threading.Event().wait(0.01)
+        health = c.get("/healthz")
+        assert health.status_code == 503 and "weights do not fit" in health.json()["detail"]
+        assert c.get("/readyz").json()["status"] == "failed"
+
+
+def test_benchmark_is_disabled_by_default(client):
+    r = client.post("/v1/benchmark")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "benchmark_disabled"
+
+
+def test_benchmark_reports_percentiles_per_stage():
+    app = create_app(settings(enable_benchmark=True, benchmark_max_iterations=20), loader=standin_loader())
+    with running(app) as c:
+        r = c.post("/v1/benchmark", params={"iterations": 5, "batch_size": 2, "warmup": 1, "width": 100, "height": 80})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["iterations"] == 5 and body["batch_size"] == 2 and body["synthetic_image"] is True
+        assert body["image"] == {"width": 100, "height": 80} and body["throughput_images_per_s"] > 0
+        assert set(body["latency_ms"]) == {"decode", "preprocess", "inference", "postprocess", "total"}
+        for stats in body["latency_ms"].values():
+            assert set(stats) == {"p50", "p90", "p99", "mean"} and 0 <= stats["p50"] <= stats["p99"]
+        posted = c.post("/v1/benchmark", params={"iterations": 2}, files={"file": ("x.jpg", IMAGE, "image/jpeg")})
+        assert posted.json()["image"] == {"width": 64, "height": 48} and posted.json()["synthetic_image"] is False
+        assert c.post("/v1/benchmark", params={"iterations": 21}).status_code == 422
+
+
+def test_api_key_guards_detection_and_model_but_not_health():
+    app = create_app(settings(api_key="s3cret"), loader=standin_loader())
+    with running(app) as c:
+        send = {"content": IMAGE, "headers": {"content-type": "image/jpeg"}}
+        for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
+            r = c.post("/detect", content=IMAGE, headers={"content-type": "image/jpeg", **headers})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+            assert c.get("/v1/model", headers=headers).status_code == 401
+        ok = c.post("/detect", content=send["content"], headers={**send["headers"], "X-API-Key": "s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
+        # with a key configured, the benchmark is available to key holders only
+        assert c.post("/v1/benchmark", params={"iterations": 1}).status_code == 401
+        assert c.post("/v1/benchmark", params={"iterations": 1}, headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+@pytest.mark.parametrize("origins", [[], ["https://viewer.example"]])
+def test_cors_is_off_unless_configured(origins):
+    app = create_app(settings(cors_origins=origins), loader=standin_loader())
+    with running(app) as c:
+        r = c.get("/healthz", headers={"Origin": "https://viewer.example"})
+        assert ("access-control-allow-origin" in r.headers) == bool(origins)
+
+
+def test_untrained_default_model_is_served_and_labelled(monkeypatch):
+    """No --model and no shipped checkpoint: an untrained RefineDet320 with the BCCD classes, said so."""
+    import model.zoo
+
+    monkeypatch.setattr(model.zoo, "default_checkpoint", lambda: None)
+    with running(create_app(settings(model=None))) as c:
+        info = c.get("/v1/model").json()
+    assert info["trained"] is False and "untrained" in info["weights"]
+    assert info["classes"] == ["RBC", "WBC", "Platelets"] and info["input_size"] == 320
+    assert info["artifact"] is None and info["artifact_sha256"] is None
