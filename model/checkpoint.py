@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
 import tempfile
 from collections.abc import Callable
@@ -98,6 +99,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         data = path.read_bytes()
+        if path.suffix == ".xz":  # the shipped default is stored xz-compressed (see model/zoo.py)
+            data = lzma.decompress(data)
         ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None

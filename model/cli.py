@@ -18,7 +18,9 @@ COMMAND_MODULES = (
     "model.cli",
     "model.weights",
     "model.training.cli",
+    "model.evaluation.cli",
     "conversion.cli",
+    "conversion.deploy",
     "service.cli",
 )
 

@@ -11,37 +11,37 @@ gt with no anchor at all; the greedy assignment here cannot.
 
 Targets, one dict per image: ``{"boxes": Tensor[G, 4] xyxy normalised to [0, 1] (float),
 "labels": Tensor[G] int64 in 1..C-1}``; label 0 is background and never appears in a target. G may be 0.
+
+The whole batch is matched at once on padded tensors with a single host sync; only images where two
+gts share a best anchor (rare) run the greedy loop, on the host.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_iou
 
 from model.box_coding import BoxCoder, cxcywh_to_xyxy, xyxy_to_cxcywh
 
 Target = dict[str, Tensor]
+PADDING_IOU = -1.0  # IoU rows of padded (absent) gts: never > 0, never >= threshold
 
 
 def greedy_bipartite(iou: Tensor) -> tuple[Tensor, Tensor]:
     """Greedy one-to-one assignment on iou: Tensor[G, A] -> (gt_idx [K], anchor_idx [K]), K <= G.
 
-    Pairs are taken best first; pairs with IoU <= 0 are never taken. When every gt's best anchor is
-    distinct (the usual case) the result is each gt's argmax, found with one host sync; otherwise a
-    loop over G re-scores only the gts whose best anchor was just taken.
+    Pairs are taken best first; pairs with IoU <= 0 are never taken. Runs on the host and re-scores
+    only the gts whose best anchor was just taken. ``match_iou`` skips it when no two gts share a
+    best anchor, where the answer is simply each gt's argmax.
     """
-    num_gt, device = iou.shape[0], iou.device
+    device = iou.device
+    iou = iou.detach().to("cpu", copy=True)
     best_val, best_anchor = iou.max(dim=1)  # [G]
-    counts = torch.zeros(iou.shape[1], dtype=torch.int64, device=device)
-    counts.index_add_(0, best_anchor, torch.ones_like(best_anchor))
-    if bool(((best_val > 0) & (counts[best_anchor] == 1)).all()):
-        return torch.arange(num_gt, device=device), best_anchor
-    iou = iou.detach().to("cpu", copy=True)  # conflicts are rare: resolve them on the host
-    best_val, best_anchor = best_val.cpu(), best_anchor.cpu()
     gts: list[int] = []
     anchors: list[int] = []
-    for _ in range(num_gt):
+    for _ in range(iou.shape[0]):
         g = int(best_val.argmax())
         if best_val[g] <= 0:
             break
@@ -59,16 +59,48 @@ def greedy_bipartite(iou: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def match_iou(iou: Tensor, threshold: float = 0.5) -> Tensor:
-    """iou: Tensor[G, A] -> matched gt index per anchor, Tensor[A] int64, -1 for background."""
-    num_anchors = iou.shape[1]
-    if iou.shape[0] == 0:
-        return torch.full((num_anchors,), -1, dtype=torch.int64, device=iou.device)
-    iou = iou.nan_to_num(0.0)  # degenerate (inf/zero-size) refined anchors match nothing
-    best_val, best_gt = iou.max(dim=0)  # [A]
+    """iou: Tensor[B, G, A] (or [G, A]) -> matched gt index per anchor, Tensor[B, A] (or [A]) int64,
+    -1 for background. Rows filled with ``PADDING_IOU`` (-1) stand for absent gts. threshold > 0."""
+    if iou.dim() == 2:
+        return match_iou(iou.unsqueeze(0), threshold)[0]
+    num_images, num_gt, num_anchors = iou.shape
+    if num_gt == 0:
+        return torch.full((num_images, num_anchors), -1, dtype=torch.int64, device=iou.device)
+    best_val, best_gt = iou.max(dim=1)  # [B, A]
     matched = torch.where(best_val >= threshold, best_gt, -1)
-    gt_idx, anchor_idx = greedy_bipartite(iou)
-    matched[anchor_idx] = gt_idx  # the bipartite pairs win over the threshold rule
+    # Step 1, fast path: each gt's argmax anchor, valid wherever no two gts of an image share one.
+    gt_val, gt_anchor = iou.max(dim=2)  # [B, G]
+    present = gt_val > 0
+    counts = torch.zeros_like(matched).scatter_add_(1, gt_anchor, present.long())
+    easy = (~present | (counts.gather(1, gt_anchor) == 1)).all(dim=1)  # [B]; IoU-0 gts never match
+    write = present & easy[:, None]
+    column = torch.where(write, gt_anchor, num_anchors)  # column A is a scratch column
+    gt_index = torch.arange(num_gt, device=iou.device).expand(num_images, -1)
+    scratch = torch.cat([matched, matched.new_full((num_images, 1), -1)], dim=1)
+    matched = scratch.scatter_(1, column, gt_index)[:, :num_anchors]
+    for b in torch.nonzero(~easy).flatten().tolist():  # the one host sync
+        gts, anchors = greedy_bipartite(iou[b])
+        matched[b, anchors] = gts
     return matched
+
+
+def _match_padded(
+    boxes_xyxy: Tensor, labels: Tensor, num_gt: Tensor, priors_xyxy: Tensor, threshold: float
+) -> tuple[Tensor, Tensor]:
+    """boxes_xyxy: Tensor[B, G, 4] and labels: Tensor[B, G] padded past num_gt: Tensor[B];
+    priors_xyxy: Tensor[B, A, 4]. Returns (matched_boxes_xyxy [B, A, 4], matched_labels [B, A])."""
+    if boxes_xyxy.shape[1] == 0:  # no gt in the whole batch
+        shape = priors_xyxy.shape[:2]
+        return priors_xyxy.new_zeros(*shape, 4), torch.zeros(
+            shape, dtype=torch.int64, device=priors_xyxy.device
+        )
+    iou = torch.vmap(box_iou)(boxes_xyxy, priors_xyxy).nan_to_num(0.0)  # NaN: degenerate priors
+    present = torch.arange(boxes_xyxy.shape[1], device=iou.device) < num_gt[:, None]  # [B, G]
+    matched = match_iou(iou.masked_fill(~present[:, :, None], PADDING_IOU), threshold)
+    index = matched.clamp(min=0)
+    matched_labels = torch.where(matched >= 0, labels.gather(1, index), 0)
+    matched_boxes = boxes_xyxy.gather(1, index[:, :, None].expand(-1, -1, 4))
+    return matched_boxes, matched_labels
 
 
 def match(
@@ -78,17 +110,13 @@ def match(
 
     boxes_xyxy: Tensor[G, 4], labels: Tensor[G] (1..C-1), priors_xyxy: Tensor[A, 4], all normalised.
     Returns (matched_boxes_xyxy Tensor[A, 4], matched_labels Tensor[A] int64, 0 = background). A
-    background anchor's box is an arbitrary gt (zeros when G == 0) and must be masked by the caller.
+    background anchor's box is arbitrary (a gt, or zeros when G == 0) and must be masked by the caller.
     """
-    num_anchors = priors_xyxy.shape[0]
-    if boxes_xyxy.shape[0] == 0:
-        zeros = priors_xyxy.new_zeros(num_anchors, 4)
-        return zeros, torch.zeros(num_anchors, dtype=torch.int64, device=priors_xyxy.device)
-    matched = match_iou(box_iou(boxes_xyxy, priors_xyxy), threshold)
-    positive = matched >= 0
-    index = matched.clamp(min=0)
-    matched_labels = torch.where(positive, labels[index], 0)
-    return boxes_xyxy[index], matched_labels
+    num_gt = torch.tensor([boxes_xyxy.shape[0]], device=priors_xyxy.device)
+    boxes, matched = _match_padded(
+        boxes_xyxy[None].to(priors_xyxy), labels[None].long(), num_gt, priors_xyxy[None], threshold
+    )
+    return boxes[0], matched[0]
 
 
 def match_batch(
@@ -111,14 +139,14 @@ def match_batch(
     if priors_cxcywh.shape[0] != num_images:
         raise ValueError(f"{num_images} targets for {priors_cxcywh.shape[0]} images of priors")
     device, dtype = priors_cxcywh.device, priors_cxcywh.dtype
-    boxes, labels = [], []
-    for target, priors in zip(targets, priors_cxcywh, strict=True):
-        gt_boxes = target["boxes"].to(device=device, dtype=dtype)
-        gt_labels = target["labels"].to(device=device, dtype=torch.int64)
-        matched_boxes, matched_labels = match(gt_boxes, gt_labels, cxcywh_to_xyxy(priors), threshold)
-        boxes.append(matched_boxes)
-        labels.append(matched_labels)
-    labels_t = torch.stack(labels)
-    loc = coder.encode(xyxy_to_cxcywh(torch.stack(boxes)), priors_cxcywh)
-    loc = torch.where((labels_t > 0).unsqueeze(-1), loc, 0.0)
-    return loc, labels_t
+    boxes = pad_sequence([t["boxes"].to(device=device, dtype=dtype) for t in targets], batch_first=True)
+    labels = pad_sequence(
+        [t["labels"].to(device=device, dtype=torch.int64) for t in targets], batch_first=True
+    )
+    num_gt = torch.tensor([t["boxes"].shape[0] for t in targets], device=device)
+    matched_boxes, matched_labels = _match_padded(
+        boxes, labels, num_gt, cxcywh_to_xyxy(priors_cxcywh), threshold
+    )
+    loc = coder.encode(xyxy_to_cxcywh(matched_boxes), priors_cxcywh)
+    loc = torch.where((matched_labels > 0).unsqueeze(-1), loc, 0.0)
+    return loc, matched_labels

@@ -66,7 +66,12 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
             expose_headers=["X-Request-ID", "Server-Timing"],
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log)
+    docs = frozenset(
+        p for p in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p
+    )
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log, known_paths=docs
+    )
     return app
 
 

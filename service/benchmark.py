@@ -17,13 +17,17 @@ STAGES = ("decode", "preprocess", "inference", "postprocess", "total")
 
 
 def synthetic_jpeg(width: int, height: int, seed: int = 0) -> bytes:
-    """A JPEG of smooth gradients plus noise (compresses and decodes like a photo, unlike pure noise)."""
+    """A JPEG of smooth gradients plus a tiled noise texture (decodes like a photo, unlike pure noise;
+    cheap to make at any size)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([x / max(width, 1), y / max(height, 1), (x + y) / max(width + height, 1)], axis=-1) * 200
-    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    x = np.linspace(0, 200, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 200, height, dtype=np.float32)[:, None, None]
+    base = np.broadcast_to(np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], axis=-1), (height, width, 3))
+    tile = rng.integers(0, 40, (64, 64, 3), dtype=np.uint8)
+    noise = np.tile(tile, (height // 64 + 1, width // 64 + 1, 1))[:height, :width]
+    pixels = (base.astype(np.uint8) + noise).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(out, format="JPEG", quality=90)
     return out.getvalue()

@@ -26,7 +26,7 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--host", {"help": "bind address (default 127.0.0.1; 0.0.0.0 in containers)"}),
     ("--port", {"type": int, "help": "default 8000"}),
     ("--workers", {"type": int, "help": "uvicorn worker processes, each with its own model (default 1)"}),
-    ("--max-batch-size", {"type": int, "help": "largest dynamic batch (default 8)"}),
+    ("--max-batch-size", {"type": int, "help": "largest dynamic batch (default 8 on a GPU, 2 on the CPU)"}),
     ("--max-delay-ms", {"type": float, "help": "longest wait for a batch to fill (default 5)"}),
     ("--max-queue-size", {"type": int, "help": "queued images beyond this get 503 (default 64)"}),
     ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
@@ -80,7 +80,7 @@ def to_env(overrides: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def announce(choice: Any) -> None:
+def announce(choice: Any, default: bool) -> None:
     if choice.artifact is None:
         bar = "!" * 78
         print(
@@ -91,10 +91,8 @@ def announce(choice: Any) -> None:
             file=sys.stderr,
         )
     else:
-        print(
-            f"refinedet serve: serving {choice.artifact} with {choice.backend} on {choice.device}",
-            file=sys.stderr,
-        )
+        what = f"{choice.artifact} (the project's default model)" if default else str(choice.artifact)
+        print(f"refinedet serve: serving {what} with {choice.backend} on {choice.device}", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -103,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.backends import resolve_backend
 
     choice = resolve_backend(settings)  # fail fast with a clear message, before uvicorn starts
-    announce(choice)
+    announce(choice, default=settings.model is None)
     import uvicorn
 
     from service.logs import log_config

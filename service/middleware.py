@@ -32,10 +32,17 @@ def request_id_from(headers: Headers) -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, log_requests: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        log_requests: bool = True,
+        known_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.log_requests = log_requests
+        self.known_paths = known_paths  # non-API routes (docs) that may be metric labels as they are
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,7 +68,8 @@ class RequestContextMiddleware:
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = getattr(scope.get("route"), "path", None)
+            route = route or (scope["path"] if scope["path"] in self.known_paths else "unmatched")
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.request_latency.labels(route).observe(elapsed)
             if self.log_requests:

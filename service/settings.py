@@ -23,69 +23,86 @@ class Settings(BaseSettings):
 
     # What to serve and where.
     model: Path | None = Field(
-        None,
+        default=None,
         description="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.plan); default: the project's default checkpoint",
     )
     backend: BackendName = Field(
-        "auto", description="auto: .plan -> tensorrt, .onnx -> onnxruntime, checkpoint -> torch"
+        default="auto", description="auto: .plan -> tensorrt, .onnx -> onnxruntime, checkpoint -> torch"
     )
-    device: DeviceName = Field("auto", description="auto: cuda when available, else cpu")
+    device: DeviceName = Field(default="auto", description="auto: cuda when available, else cpu")
     model_name: str | None = Field(
-        None, description="name reported by /v1/model and the KServe routes (default: the config's name)"
+        default=None,
+        description="name reported by /v1/model and the KServe routes (default: the config's name)",
     )
-    fp16: bool = Field(True, description="torch backend on CUDA: half precision")
-    channels_last: bool = Field(True, description="torch backend on CUDA: channels-last memory format")
+    fp16: bool = Field(default=True, description="torch backend on CUDA: half precision")
+    channels_last: bool = Field(
+        default=True, description="torch backend on CUDA: channels-last memory format"
+    )
     cuda_graphs: bool = Field(
-        True, description="torch backend on CUDA: capture one CUDA graph per batch bucket"
+        default=True, description="torch backend on CUDA: capture one CUDA graph per batch bucket"
     )
-    warmup_iterations: int = Field(2, ge=0, le=100)
+    warmup_iterations: int = Field(default=2, ge=0, le=100)
 
     # Server.
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes, each loading the model")
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(
+        default=1, ge=1, le=64, description="uvicorn worker processes, each loading the model"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     graceful_timeout_s: float = Field(
-        30.0, gt=0, description="how long shutdown waits for in-flight requests"
+        default=30.0, gt=0, description="how long shutdown waits for in-flight requests"
     )
 
     # Dynamic batching.
-    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="largest dynamic batch; default 8 on a GPU, 2 on the CPU (where batching adds latency, not throughput)",
+    )
     max_delay_ms: float = Field(
-        5.0, ge=0, le=10_000, description="longest wait for a batch to fill after its first request"
+        default=5.0, ge=0, le=10_000, description="longest wait for a batch to fill after its first request"
     )
     max_queue_size: int = Field(
-        64, ge=1, le=100_000, description="queued images beyond this are answered 503"
+        default=64, ge=1, le=100_000, description="queued images beyond this are answered 503"
     )
-    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504")
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="a request not answered by then gets 504"
+    )
 
     # Request limits.
     max_upload_bytes: int = Field(
-        20 * 1024 * 1024, ge=1024, description="request bodies above this are answered 413"
+        default=20 * 1024 * 1024, ge=1024, description="request bodies above this are answered 413"
     )
     max_image_pixels: int = Field(
-        40_000_000, ge=64, description="decoded width*height above this is answered 413"
+        default=40_000_000, ge=64, description="decoded width*height above this is answered 413"
     )
-    min_image_side: int = Field(8, ge=1, description="images with a smaller width or height are answered 422")
-    max_images_per_request: int = Field(16, ge=1, le=256, description="files in one /detect/batch request")
-    default_score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    min_image_side: int = Field(
+        default=8, ge=1, description="images with a smaller width or height are answered 422"
+    )
+    max_images_per_request: int = Field(
+        default=16, ge=1, le=256, description="files in one /detect/batch request"
+    )
+    default_score_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     max_detections: int = Field(
-        100, ge=1, le=10_000, description="default and upper bound of ?max_detections"
+        default=100, ge=1, le=10_000, description="default and upper bound of ?max_detections"
     )
 
     # Security.
     api_key: SecretStr | None = Field(
-        None, description="when set, /detect, /v1/* and /v2/models/* need it in api_key_header"
+        default=None, description="when set, /detect, /v1/* and /v2/models/* need it in api_key_header"
     )
     api_key_header: str = "X-API-Key"
     cors_origins: list[str] = Field(default_factory=list, description="CORS allowed origins; empty: CORS off")
 
     # Benchmark endpoint.
     enable_benchmark: bool = Field(
-        False, description="allow POST /v1/benchmark (also allowed, key-protected, when api_key is set)"
+        default=False,
+        description="allow POST /v1/benchmark (also allowed, key-protected, when api_key is set)",
     )
-    benchmark_max_iterations: int = Field(500, ge=1, le=100_000)
+    benchmark_max_iterations: int = Field(default=500, ge=1, le=100_000)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -95,6 +112,10 @@ class Settings(BaseSettings):
     @property
     def max_delay_s(self) -> float:
         return self.max_delay_ms / 1000.0
+
+    def batch_limit(self, device: str) -> int:
+        """``max_batch_size``, or its default for ``device`` ("cuda" / "cpu")."""
+        return self.max_batch_size or (8 if device == "cuda" else 2)
 
     @property
     def benchmark_allowed(self) -> bool:

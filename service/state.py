@@ -53,7 +53,7 @@ class ServiceState:
         detector = Detector(backend)
         batcher: DynamicBatcher = DynamicBatcher(
             detector,
-            max_batch_size=min(self.settings.max_batch_size, backend.max_batch),
+            max_batch_size=min(self.settings.batch_limit(backend.device.type), backend.max_batch),
             max_delay_s=self.settings.max_delay_s,
             max_queue_size=self.settings.max_queue_size,
             observer=self.metrics,

@@ -231,7 +231,7 @@ def test_dockerignore_keeps_data_engines_and_caches_out():
         "cache/engines/k.plan", "timing.cache", "models/custom.pth", ".pytest_cache/v", "tests/test_x.py",
     ]  # fmt: skip
     kept = ["pyproject.toml", "README.md", "model/config.py", "conversion/deploy.py", "service/app.py",
-            "model/zoo/refinedet320_vgg16_bccd.pth", "Dockerfile", "docker/Dockerfile.cpu"]  # fmt: skip
+            "model/checkpoints/refinedet320_vgg16_bccd.pth.xz", "Dockerfile", "docker/Dockerfile.cpu"]  # fmt: skip
     assert [p for p in out if not dockerignored(p, patterns)] == []
     assert [p for p in kept if dockerignored(p, patterns)] == []
 

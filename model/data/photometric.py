@@ -33,12 +33,16 @@ def adjust_hue(image: Tensor, hue_factor: float) -> Tensor:
     red, green = r == maxc, g == maxc
     numerator = torch.where(red, g - b, torch.where(green, b - r + 2.0 * chroma, r - g + 4.0 * chroma))
     hue = numerator.div_(torch.where(chroma > 0, chroma, 1.0)).add_(6.0 * hue_factor).remainder_(6.0)
-    out = []
-    for n in (5.0, 3.0, 1.0):  # hsv -> rgb: f(n) = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + H) mod 6
+    out = torch.empty_like(image)
+    for i, n in enumerate(
+        (5.0, 3.0, 1.0)
+    ):  # hsv -> rgb: V - C * clamp(min(k, 4 - k), 0, 1), k = (n + H) mod 6
         k = hue + n
         k = torch.where(k >= 6.0, k - 6.0, k)
-        out.append(maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
-    return torch.stack(out, dim=-3)
+        torch.addcmul(
+            maxc, chroma, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0, out=out.select(-3, i)
+        )
+    return out
 
 
 def _uniform(u: Tensor, low: float, high: float) -> float:
@@ -64,4 +68,4 @@ def photometric_distort(image: Tensor, generator: torch.Generator | None = None)
         x = adjust_hue(x, _uniform(u[8], -HUE_DELTA_DEGREES, HUE_DELTA_DEGREES) / 360.0)
     if contrast is not None and not fire[4]:
         x = (x * contrast).clamp_(0.0, 1.0)
-    return x.mul_(255.0).round_().to(torch.uint8)
+    return x.mul_(255.0).add_(0.5).to(torch.uint8)  # round half up (values are in [0, 255])

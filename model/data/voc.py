@@ -56,16 +56,16 @@ class VOCDetection(DetectionDataset):
         transform: Callable | None = None,
         keep_difficult: bool = True,
     ) -> None:
-        roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
-        if not roots:
+        paths = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+        if not paths:
             raise UserError(f"no dataset root given: pass {VOC_LAYOUT}")
-        self.roots, self.split = roots, split
-        self.name = f"{'+'.join(r.name for r in roots)} ({split})"
+        self.roots, self.split = paths, split
+        self.name = f"{'+'.join(r.name for r in paths)} ({split})"
         problems = DatasetProblems()
         parsed: list[_Parsed] = []
-        for root in roots:
+        for root in paths:
             ids = split_ids(root, split)
-            prefix = f"{root.name}/" if len(roots) > 1 else ""
+            prefix = f"{root.name}/" if len(paths) > 1 else ""
             parsed += _parse_root(root, ids, prefix, problems)
         names = tuple(class_names) if class_names is not None else _found_classes(parsed, self.name)
         records = [_record(p, names, keep_difficult, problems) for p in parsed]

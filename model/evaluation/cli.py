@@ -91,6 +91,7 @@ def open_dataset(args: argparse.Namespace, class_names: tuple[str, ...]) -> Any:
     """The evaluation data set named by the options (VOC roots or a COCO folder + JSON)."""
     from model.errors import UserError
 
+    dataset: Any
     coco = args.coco_images or args.coco_ann
     if coco and args.data:
         raise UserError("give either --data or --coco-images/--coco-ann, not both")

@@ -31,7 +31,8 @@ def coco_from_annotations(annotations: Sequence[Mapping[str, Any]], class_names:
     xyxy, labels [G] 1..C-1, difficult [G], width, height). Image ids are ``index + 1``."""
     from pycocotools.coco import COCO
 
-    images, anns = [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for i, ann in enumerate(annotations):
         images.append(
             {

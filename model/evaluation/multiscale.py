@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -85,13 +86,22 @@ def flip_boxes(boxes_xyxy: Tensor) -> Tensor:
     return torch.stack([1.0 - x2, y1, 1.0 - x1, y2], dim=-1)
 
 
-def _iou_one_to_many(box_xyxy: Tensor, boxes_xyxy: Tensor) -> Tensor:
-    lt = torch.maximum(box_xyxy[:2], boxes_xyxy[:, :2])
-    rb = torch.minimum(box_xyxy[2:], boxes_xyxy[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area = (boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]).clamp(min=0).prod(dim=1)
-    area0 = (box_xyxy[2:] - box_xyxy[:2]).clamp(min=0).prod()
-    return inter / (area0 + area - inter).clamp(min=1e-12)
+def _overlaps(boxes_xyxy: np.ndarray, iou_threshold: float, block: int = 512) -> np.ndarray:
+    """Bool [N, N]: IoU >= threshold, for boxes [N, 4] (continuous coordinates), in row blocks.
+
+    N is one class's detections of one image over all runs: at most runs x keep_top_k (2,800 for the
+    320 schedule with keep_top_k 200), so the matrix stays a few megabytes.
+    """
+    x1, y1, x2, y2 = boxes_xyxy.T
+    area = (x2 - x1) * (y2 - y1)
+    rows = []
+    for i in range(0, len(boxes_xyxy), block):
+        s = slice(i, i + block)
+        w = np.minimum(x2[s, None], x2[None]) - np.maximum(x1[s, None], x1[None])
+        h = np.minimum(y2[s, None], y2[None]) - np.maximum(y1[s, None], y1[None])
+        inter = np.clip(w, 0, None, out=w) * np.clip(h, 0, None, out=h)
+        rows.append(inter >= iou_threshold * np.maximum(area[s, None] + area[None] - inter, 1e-12))
+    return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=bool)
 
 
 def box_voting(
@@ -102,23 +112,29 @@ def box_voting(
     Repeatedly take the best remaining box; every remaining box with IoU >= ``iou_threshold`` with it
     (itself included) forms its cluster and is removed. A cluster becomes one box: coordinates are
     the score-weighted mean of its members, the score is the members' maximum (the leader's). A
-    single-member cluster is kept as it is. Output is in descending score order.
+    single-member cluster is kept as it is. Output is in descending score order, on the CPU.
     """
-    order = torch.sort(scores, descending=True, stable=True).indices
-    boxes, scores = boxes_xyxy[order].double(), scores[order].double()
-    remaining = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
-    out_boxes, out_scores = [], []
-    while bool(remaining.any()):
-        lead = int(remaining.nonzero()[0])
-        members = remaining & (_iou_one_to_many(boxes[lead], boxes) >= iou_threshold)
+    order = torch.sort(scores.cpu(), descending=True, stable=True).indices
+    boxes = boxes_xyxy.detach().cpu()[order].double().numpy()
+    weights = scores.detach().cpu()[order].double().numpy()
+    overlaps = _overlaps(boxes, iou_threshold)
+    cluster = np.empty(len(weights), dtype=np.int64)
+    remaining = np.ones(len(weights), dtype=bool)
+    leaders: list[int] = []
+    for lead in range(len(weights)):  # leaders in score order; members leave the pool
+        if not remaining[lead]:
+            continue
+        members = remaining & overlaps[lead]
         members[lead] = True
-        weights = scores[members]
-        out_boxes.append((boxes[members] * weights[:, None]).sum(0) / weights.sum().clamp(min=1e-12))
-        out_scores.append(scores[lead])
+        cluster[members] = len(leaders)
+        leaders.append(lead)
         remaining &= ~members
-    if not out_boxes:
-        return boxes_xyxy.new_zeros(0, 4), scores.new_zeros(0).to(boxes_xyxy.dtype)
-    return torch.stack(out_boxes).to(boxes_xyxy.dtype), torch.stack(out_scores).to(boxes_xyxy.dtype)
+    k = len(leaders)
+    total = np.bincount(cluster, weights=weights, minlength=k)
+    sums = [np.bincount(cluster, weights=weights * boxes[:, j], minlength=k) for j in range(4)]
+    merged = np.stack(sums, axis=1).reshape(k, 4) / np.maximum(total, 1e-12)[:, None]
+    dtype = boxes_xyxy.dtype
+    return torch.from_numpy(merged).to(dtype), torch.from_numpy(weights[leaders]).to(dtype)
 
 
 def merge_by_voting(

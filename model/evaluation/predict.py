@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +84,10 @@ def draw_detections(image: Tensor, records: Sequence[dict[str, Any]]) -> Image.I
     return canvas
 
 
+def _save_jpeg(canvas: Image.Image, f: BinaryIO) -> None:
+    canvas.save(f, format="JPEG", quality=92)
+
+
 def _output_names(paths: Sequence[Path]) -> list[str]:
     """Distinct ``<stem>_pred.jpg`` names (a counter is added when two inputs share a stem)."""
     names, used = [], set()
@@ -126,7 +131,7 @@ def predict_files(
         records = detection_records(det, config.class_names)
         target = output_dir / name
         canvas = draw_detections(image, records)
-        atomic_write(target, lambda f, c=canvas: c.save(f, format="JPEG", quality=92))
+        atomic_write(target, partial(_save_jpeg, canvas))
         height, width = image.shape[-2:]
         images.append(
             {

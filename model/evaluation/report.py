@@ -7,8 +7,9 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -55,11 +56,19 @@ def json_ready(value: Any) -> Any:
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     """Write ``json_ready(data)`` atomically (indent 2, strict JSON: no NaN)."""
     text = json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode()))
+
+    def write(f: BinaryIO) -> None:
+        f.write(text.encode())
+
+    return atomic_write(path, write)
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "class"
+
+
+def _save_png(fig: Any, f: BinaryIO) -> None:
+    fig.savefig(f, format="png")
 
 
 def plot_pr_curves(result: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
@@ -81,6 +90,6 @@ def plot_pr_curves(result: Mapping[str, Any], out_dir: str | Path) -> list[Path]
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"pr_{_safe(name)}.png"
-        atomic_write(path, lambda f, fig=fig: fig.savefig(f, format="png"))
+        atomic_write(path, partial(_save_png, fig))
         paths.append(path)
     return paths

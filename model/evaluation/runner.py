@@ -9,7 +9,7 @@ from ``model.anchors.generate_anchors`` and merges the runs by box voting (``mod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +55,7 @@ class Detector:
         net = unwrap(model)
         self.config = net.config
         self.postprocessor = PostProcessor(self.config, postprocess)
-        self._anchors = {self.config.input_size: net.anchors}
+        self._anchors: dict[int, Tensor] = {self.config.input_size: cast(Tensor, net.anchors)}
 
     def anchors(self, size: int) -> Tensor:
         if size not in self._anchors:

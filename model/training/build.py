@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from model.config import Ablation, Normalization, RefineDetConfig, preset
-from model.data import COCODetection, EvalTransform, TrainAugmentation, VOCDetection, collate
+from model.data import COCODetection, EvalTransform, TrainAugmentation, VOCDetection
 from model.data.records import DetectionDataset
 from model.errors import UserError
 from model.training.distributed import DistContext
 from model.training.options import TrainOptions
-from model.training.sampler import AugmentedSamples, TrainBatchSampler
+from model.training.sampler import AugmentedSamples, TrainBatchSampler, pack_batch
 
 
 def resolve_device(name: str, ctx_local_rank: int = 0) -> torch.device:
@@ -81,7 +81,7 @@ def build_loader(
     start_iteration: int,
     device: torch.device,
 ) -> tuple[torch.utils.data.DataLoader, TrainBatchSampler]:
-    """An endless loader of (images uint8 [B, 3, S, S], targets) for this process, from ``start_iteration``."""
+    """An endless loader of this process's ``PackedBatch`` es from ``start_iteration`` on."""
     if options.batch_size % ctx.world_size:
         raise UserError(
             f"--batch-size {options.batch_size} (global) must divide evenly over {ctx.world_size} processes"
@@ -104,7 +104,7 @@ def build_loader(
         AugmentedSamples(dataset, transform),
         batch_sampler=sampler,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=pack_batch,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,

@@ -7,6 +7,10 @@ the global batch, split over the processes).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 ABLATIONS = {"no_negative_filtering": "negative_filtering", "no_cascade": "cascade", "no_tcb": "tcb"}
@@ -50,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="plain resize, no augmentation",
     )
     data.add_argument(
-        "--workers", type=int, help="data-loading processes (default: CPU cores - 1, at most 16)"
+        "--workers", type=int, help="data-loading processes (default: CPU cores - 2, at most 12)"
     )
     m = p.add_argument_group("model")
     m.add_argument("--preset", help="model preset (default refinedet320_vgg16)")
@@ -98,6 +102,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no bf16 autocast on CUDA")
     r.add_argument("--channels-last", action="store_const", const=True, help="channels-last memory format")
     r.add_argument(
+        "--deterministic",
+        action="store_const",
+        const=True,
+        help="deterministic kernels: bit-identical reruns/resumes, slower",
+    )
+    r.add_argument(
         "--no-progress", dest="progress", action="store_const", const=False, help="no progress bar"
     )
     p.set_defaults(handler=cmd_train)
@@ -118,17 +128,38 @@ def explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
+@contextlib.contextmanager
+def _plain_dataset_warnings() -> Iterator[None]:
+    """Print data set warnings as one ``refinedet train: warning: ...`` line (no source line)."""
+    from model.data import DatasetWarning
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DatasetWarning):
+            print(f"refinedet train: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from model.training.options import TrainOptions, default_workers
     from model.training.trainer import Trainer
 
     given = explicit_options(args)
-    if args.resume:
-        trainer = Trainer(None, args.resume, given)
-    else:
-        given.setdefault("workers", default_workers())
-        trainer = Trainer(TrainOptions(**given))
-    result = trainer.run()
+    with _plain_dataset_warnings():
+        if args.resume:
+            trainer = Trainer(None, args.resume, given)
+        else:
+            given.setdefault("workers", default_workers())
+            trainer = Trainer(TrainOptions(**given))
+        result = trainer.run()
     if not trainer.ctx.is_main:
         return 0
     status = "stopped" if result.interrupted else "finished"

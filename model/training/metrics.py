@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ class CsvLog:
     def append(self, row: Mapping[str, Any]) -> None:
         self._write([row], "a")
 
-    def _write(self, rows: list[Mapping[str, Any]], mode: str) -> None:
+    def _write(self, rows: Sequence[Mapping[str, Any]], mode: str) -> None:
         header = mode == "w" or not self.path.is_file() or self.path.stat().st_size == 0
         with self.path.open(mode, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")

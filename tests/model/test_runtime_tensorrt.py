@@ -43,7 +43,7 @@ def test_engine_io_must_match_the_manifest(manifest):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_current_gpu_without_cuda():
-    with pytest.raises(ArtifactError, match="no CUDA GPU|none is available"):
+    with pytest.raises(ArtifactError, match="CUDA GPU and none is available"):
         current_gpu(torch.device("cuda"))
 
 

@@ -24,7 +24,9 @@ from service.backends.torch import TorchBackend
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, build_model(tiny_config()), metadata={"note": "random weights for tests"}, half=True)
+    save_checkpoint(
+        path, build_model(tiny_config()), metadata={"note": "random weights for tests"}, half=True
+    )
     return path
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
 
@@ -27,9 +29,6 @@ from model.postprocess import PostProcessor, to_pixels
 from model.preprocess import pil_to_rgb, preprocess
 from service.backends.base import Backend, ModelInfo
 from service.settings import Settings
-
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
 CLASSES = ("a", "b")
 
@@ -80,9 +79,15 @@ class StandInBackend(Backend):
 
 
 def standin_loader(max_batch: int = 8, delay_s: float = 0.0):
+    """A loader returning one loaded StandInBackend (also reachable as ``loader.backend``)."""
     backend = StandInBackend(max_batch, delay_s)
     backend.load()
-    return lambda settings: backend
+
+    def loader(settings: Settings) -> StandInBackend:
+        return backend
+
+    loader.backend = backend  # type: ignore[attr-defined]
+    return loader
 
 
 def settings(**changes) -> Settings:
@@ -148,21 +153,36 @@ def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
 def direct_detections(model, data: bytes, score_threshold: float, max_detections: int = 100) -> list[dict]:
     """The shared post-processing run directly on ``data``: decode, preprocess, network, PostProcessor,
     to_pixels; the reference the service's answers must equal."""
-    with Image.open(io.BytesIO(data)) as im:
-        pixels = pil_to_rgb(im)
-    h, w = pixels.shape[1:]
+    return direct_detections_many(model, [data], score_threshold, max_detections)[0]
+
+
+def direct_detections_many(
+    model, datas: list[bytes], score_threshold: float, max_detections: int = 100
+) -> list[list[dict]]:
+    """``direct_detections`` for several images in one network call."""
+    pixels = []
+    for data in datas:
+        with Image.open(io.BytesIO(data)) as im:
+            pixels.append(pil_to_rgb(im))
     cfg = model.config
     with torch.inference_mode():
-        dets = PostProcessor(cfg)(model(preprocess([pixels], cfg.input_size, cfg.normalization)), model.anchors)
-    boxes, scores, labels = dets.image(0, score_threshold)
-    boxes = to_pixels(boxes, w, h)[:max_detections]
-    return [
-        {"label": cfg.class_names[int(lab) - 1], "score": float(s), "box": b.tolist()}
-        for b, s, lab in zip(boxes, scores[:max_detections], labels[:max_detections], strict=True)
-    ]
+        dets = PostProcessor(cfg)(model(preprocess(pixels, cfg.input_size, cfg.normalization)), model.anchors)
+    results = []
+    for i, p in enumerate(pixels):
+        boxes, scores, labels = dets.image(i, score_threshold)
+        boxes = to_pixels(boxes, p.shape[2], p.shape[1])[:max_detections]
+        results.append(
+            [
+                {"label": cfg.class_names[int(lab) - 1], "score": float(s), "box": b.tolist()}
+                for b, s, lab in zip(boxes, scores[:max_detections], labels[:max_detections], strict=True)
+            ]
+        )
+    return results
 
 
-def assert_same_detections(got: list[dict], want: list[dict], box_tol: float = 0.02, score_tol: float = 1e-4) -> None:
+def assert_same_detections(
+    got: list[dict], want: list[dict], box_tol: float = 0.02, score_tol: float = 1e-4
+) -> None:
     """Service JSON detections == reference detections (order, labels, scores, pixel boxes)."""
     assert len(got) == len(want), (len(got), len(want))
     for g, w in zip(got, want, strict=True):

@@ -19,7 +19,12 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def raw(data: bytes, content_type: str = "image/jpeg") -> dict:
@@ -34,22 +39,42 @@ CASES = {
     "empty raw body": (raw(b""), 400, "empty_image"),
     "empty body, no content type": ({"content": b""}, 400, "empty_image"),
     "empty file": (as_file(b""), 400, "empty_image"),
-    "text file": (as_file(b"hello, this is not an image\n" * 20, content_type="text/plain"), 400, "invalid_image"),
+    "text file": (
+        as_file(b"hello, this is not an image\n" * 20, content_type="text/plain"),
+        400,
+        "invalid_image",
+    ),
     "text body": (raw(b"just text", "text/plain"), 415, "unsupported_media_type"),
     "body without content type": ({"content": JPEG}, 415, "unsupported_media_type"),
     "truncated jpeg": (as_file(JPEG[: len(JPEG) // 2]), 400, "invalid_image"),
     "jpeg header only": (as_file(JPEG[:20]), 400, "invalid_image"),
-    "gif": (as_file(encode(noise_image(16, 16, 0), "GIF"), content_type="image/gif"), 415, "unsupported_format"),
+    "gif": (
+        as_file(encode(noise_image(16, 16, 0), "GIF"), content_type="image/gif"),
+        415,
+        "unsupported_format",
+    ),
     "tiff": (as_file(encode(noise_image(16, 16, 0), "TIFF")), 415, "unsupported_format"),
     "gif raw body": (raw(b"GIF89a....", "image/gif"), 415, "unsupported_media_type"),
     "1x1 image": (as_file(encode(noise_image(1, 1, 0), "PNG")), 422, "image_too_small"),
     "20000x20000 image": (as_file(png_header_only(20000, 20000)), 413, "image_too_large"),
     "8000x6000 image": (as_file(png_header_only(8000, 6000)), 413, "image_too_large"),
     "oversized upload": (raw(b"\xff\xd8" + b"\0" * MAX_UPLOAD), 413, "payload_too_large"),
-    "oversized chunked upload": ({"content": iter([b"\0" * (1 << 20)] * 21), "headers": {"content-type": "image/jpeg"}}, 413, "payload_too_large"),
+    "oversized chunked upload": (
+        {"content": iter([b"\0" * (1 << 20)] * 21), "headers": {"content-type": "image/jpeg"}},
+        413,
+        "payload_too_large",
+    ),
     "wrong multipart field": (as_file(JPEG, field="photo"), 422, "missing_file"),
-    "multipart text field": ({"data": {"file": "not a file"}, "files": {"other": ("x", b"x")}}, 422, "missing_file"),
-    "two files to /detect": ({"files": [("file", ("a", JPEG)), ("file", ("b", JPEG))]}, 422, "too_many_files"),
+    "multipart text field": (
+        {"data": {"file": "not a file"}, "files": {"other": ("x", b"x")}},
+        422,
+        "missing_file",
+    ),
+    "two files to /detect": (
+        {"files": [("file", ("a", JPEG)), ("file", ("b", JPEG))]},
+        422,
+        "too_many_files",
+    ),
     "broken multipart": (raw(b"--xx\r\nnot really", "multipart/form-data; boundary=xx"), 400, "bad_request"),
     "multipart without boundary": (raw(b"abc", "multipart/form-data"), 400, "bad_request"),
     "urlencoded form": (raw(b"file=abc", "application/x-www-form-urlencoded"), 415, "unsupported_media_type"),

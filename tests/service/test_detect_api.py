@@ -63,7 +63,12 @@ def test_response_shape_timings_and_headers(client):
     r = detect(client, headers={"X-Request-ID": "req-42"})
     body = r.json()
     assert set(body) == {"detections", "image", "model", "timings_ms"}
-    assert body["model"] == {"name": "refinedet320_vgg16", "backend": "torch", "device": "cpu", "precision": "fp32"}
+    assert body["model"] == {
+        "name": "refinedet320_vgg16",
+        "backend": "torch",
+        "device": "cpu",
+        "precision": "fp32",
+    }
     stages = ["decode", "preprocess", "queue", "inference", "postprocess", "total"]
     assert list(body["timings_ms"]) == stages and all(v >= 0 for v in body["timings_ms"].values())
     assert body["timings_ms"]["total"] >= body["timings_ms"]["inference"] > 0

@@ -45,15 +45,31 @@ def test_metrics_count_requests_stages_and_batches(client):
     assert 'refinedet_http_requests_total{method="GET",route="unmatched",status="404"}' in text
     for stage in ("decode", "preprocess", "queue", "inference", "postprocess", "total"):
         assert f'refinedet_stage_duration_seconds_count{{stage="{stage}"}}' in text
-    for name in ("refinedet_batch_size_count", "refinedet_queue_depth", "refinedet_http_requests_in_flight", "refinedet_ready 1.0"):
+    for name in (
+        "refinedet_batch_size_count",
+        "refinedet_queue_depth",
+        "refinedet_http_requests_in_flight",
+        "refinedet_ready 1.0",
+    ):
         assert name in text
-    assert 'refinedet_model_info{backend="torch",device="cpu",name="refinedet320_vgg16",precision="fp32"} 1.0' in text
+    assert (
+        'refinedet_model_info{backend="torch",device="cpu",name="refinedet320_vgg16",precision="fp32"} 1.0'
+        in text
+    )
 
 
 def test_openapi_and_docs(client):
     schema = client.get("/openapi.json").json()
     paths = set(schema["paths"])
-    assert {"/detect", "/detect/batch", "/healthz", "/readyz", "/v1/model", "/v1/benchmark", "/metrics"} <= paths
+    assert {
+        "/detect",
+        "/detect/batch",
+        "/healthz",
+        "/readyz",
+        "/v1/model",
+        "/v1/benchmark",
+        "/metrics",
+    } <= paths
     assert {"/v2/health/live", "/v2/health/ready", "/v2/models/{name}"} <= paths
     body = schema["paths"]["/detect"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/jpeg", "image/png"} <= set(body)
@@ -76,7 +92,9 @@ def test_not_ready_until_loaded_then_ready():
         assert c.get("/readyz").status_code == 503 and c.get("/readyz").json()["status"] == "loading"
         assert c.get("/v2/health/ready").status_code == 503
         r = c.post("/detect", content=IMAGE, headers={"content-type": "image/jpeg"})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and "retry-after" in r.headers
+        assert (
+            r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and "retry-after" in r.headers
+        )
         assert c.get("/v1/model").status_code == 503
         release.set()
         from service_testing import wait_ready
@@ -109,7 +127,10 @@ def test_benchmark_is_disabled_by_default(client):
 def test_benchmark_reports_percentiles_per_stage():
     app = create_app(settings(enable_benchmark=True, benchmark_max_iterations=20), loader=standin_loader())
     with running(app) as c:
-        r = c.post("/v1/benchmark", params={"iterations": 5, "batch_size": 2, "warmup": 1, "width": 100, "height": 80})
+        r = c.post(
+            "/v1/benchmark",
+            params={"iterations": 5, "batch_size": 2, "warmup": 1, "width": 100, "height": 80},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["iterations"] == 5 and body["batch_size"] == 2 and body["synthetic_image"] is True
@@ -117,8 +138,13 @@ def test_benchmark_reports_percentiles_per_stage():
         assert set(body["latency_ms"]) == {"decode", "preprocess", "inference", "postprocess", "total"}
         for stats in body["latency_ms"].values():
             assert set(stats) == {"p50", "p90", "p99", "mean"} and 0 <= stats["p50"] <= stats["p99"]
-        posted = c.post("/v1/benchmark", params={"iterations": 2}, files={"file": ("x.jpg", IMAGE, "image/jpeg")})
-        assert posted.json()["image"] == {"width": 64, "height": 48} and posted.json()["synthetic_image"] is False
+        posted = c.post(
+            "/v1/benchmark", params={"iterations": 2}, files={"file": ("x.jpg", IMAGE, "image/jpeg")}
+        )
+        assert (
+            posted.json()["image"] == {"width": 64, "height": 48}
+            and posted.json()["synthetic_image"] is False
+        )
         assert c.post("/v1/benchmark", params={"iterations": 21}).status_code == 422
 
 
@@ -135,7 +161,10 @@ def test_api_key_guards_detection_and_model_but_not_health():
         assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
         # with a key configured, the benchmark is available to key holders only
         assert c.post("/v1/benchmark", params={"iterations": 1}).status_code == 401
-        assert c.post("/v1/benchmark", params={"iterations": 1}, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert (
+            c.post("/v1/benchmark", params={"iterations": 1}, headers={"X-API-Key": "s3cret"}).status_code
+            == 200
+        )
 
 
 @pytest.mark.parametrize("origins", [[], ["https://viewer.example"]])
@@ -156,3 +185,36 @@ def test_untrained_default_model_is_served_and_labelled(monkeypatch):
     assert info["trained"] is False and "untrained" in info["weights"]
     assert info["classes"] == ["RBC", "WBC", "Platelets"] and info["input_size"] == 320
     assert info["artifact"] is None and info["artifact_sha256"] is None
+
+
+def test_access_log_is_structured_with_the_request_id(caplog):
+    import json
+    import logging
+
+    from service.logs import JsonFormatter
+
+    with (
+        running(create_app(settings(access_log=True), loader=standin_loader())) as c,
+        caplog.at_level(logging.INFO, "refinedet.access"),
+    ):
+        c.get("/healthz", headers={"X-Request-ID": "trace-7"})
+    [record] = [
+        r for r in caplog.records if r.name == "refinedet.access" and r.fields["request_id"] == "trace-7"
+    ]
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["path"], line["status"], line["method"], line["event"]) == ("/healthz", 200, "GET", "access")
+    assert line["request_id"] == "trace-7" and line["duration_ms"] >= 0 and line["level"] == "info"
+
+
+@pytest.mark.slow
+def test_shipped_default_model_is_served_and_trained():
+    """The trained default (xz-compressed, about 10 s to decompress and load on 2 cores)."""
+    from model.zoo import default_checkpoint
+
+    if default_checkpoint() is None:
+        pytest.skip("no default checkpoint in this checkout")
+    with running(create_app(settings(model=None))) as c:
+        info = c.get("/v1/model").json()
+    assert info["trained"] is True and info["artifact"] == str(default_checkpoint())
+    assert sorted(info["classes"]) == ["Platelets", "RBC", "WBC"] and info["input_size"] == 320
+    assert info["artifact_sha256"] == file_sha256(default_checkpoint())

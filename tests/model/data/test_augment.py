@@ -59,11 +59,19 @@ def test_centre_in_crop_rule(monkeypatch):
     monkeypatch.setattr(augment, "sample_expand", lambda w, h, g=None: (w, h, 0, 0))
     monkeypatch.setattr(augment, "sample_crop", lambda boxes, g=None: (0.25, 0.0, 0.75, 1.0))
     boxes = torch.tensor(
-        [[0.0, 0.0, 40.0, 10.0], [0.0, 0.0, 60.0, 10.0], [45.0, 0.0, 55.0, 10.0], [70.0, 5.0, 100.0, 9.0], [75.0, 0.0, 80.0, 5.0]]
+        [
+            [0.0, 0.0, 40.0, 10.0],
+            [0.0, 0.0, 60.0, 10.0],
+            [45.0, 0.0, 55.0, 10.0],
+            [70.0, 5.0, 100.0, 9.0],
+            [75.0, 0.0, 80.0, 5.0],
+        ]
     )  # centres x: 20 (out), 30 (in), 50 (in), 85 (out), 77.5 (out); crop x in [25, 75]
     g = torch.Generator().manual_seed(3)
     for _ in range(10):
-        _, b, labels = TrainAugmentation(32)(torch.zeros(3, 20, 100, dtype=torch.uint8), boxes, torch.arange(5), generator=g)
+        _, b, labels = TrainAugmentation(32)(
+            torch.zeros(3, 20, 100, dtype=torch.uint8), boxes, torch.arange(5), generator=g
+        )
         assert labels.tolist() == [1, 2]
         xs = sorted(b[:, 0::2].flatten().tolist())
         assert xs == pytest.approx(sorted([0.0, 35 / 50, 20 / 50, 30 / 50])) or xs == pytest.approx(
@@ -120,8 +128,13 @@ def test_photometric_distortion_keeps_shape_and_sometimes_changes_pixels():
 
 
 def test_collate_stacks_images_and_keeps_targets():
-    batch = [(torch.zeros(3, 8, 8, dtype=torch.uint8), {"i": 0}), (torch.ones(3, 8, 8, dtype=torch.uint8), {"i": 1})]
+    batch = [
+        (torch.zeros(3, 8, 8, dtype=torch.uint8), {"i": 0}),
+        (torch.ones(3, 8, 8, dtype=torch.uint8), {"i": 1}),
+    ]
     images, targets = collate(batch)
-    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and [t["i"] for t in targets] == [0, 1]
+    assert (
+        images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and [t["i"] for t in targets] == [0, 1]
+    )
     with pytest.raises(ValueError, match="different sizes"):
         collate([batch[0], (torch.zeros(3, 9, 8, dtype=torch.uint8), {})])

@@ -20,7 +20,9 @@ def write_coco(tmp_path, missing=("c.jpg",)):
     ]
     for im in images:
         if im["file_name"] not in missing:
-            Image.fromarray(np.zeros((im["height"], im["width"], 3), np.uint8)).save(images_dir / im["file_name"])
+            Image.fromarray(np.zeros((im["height"], im["width"], 3), np.uint8)).save(
+                images_dir / im["file_name"]
+            )
     categories = [{"id": 18, "name": "dog"}, {"id": 3, "name": "car"}, {"id": 44, "name": "bottle"}]
     annotations = [
         {"id": 1, "image_id": 11, "category_id": 18, "bbox": [4, 6, 10, 20], "iscrowd": 0, "area": 200},
@@ -61,9 +63,9 @@ def test_boxes_are_xyxy_pixels_clipped_and_crowds_left_out(tmp_path):
 
 def test_missing_files_are_clear_errors(tmp_path):
     images_dir, ann = write_coco(tmp_path)
-    with pytest.raises(UserError, match="COCO annotation file .*nope.json does not exist"):
+    with pytest.raises(UserError, match=r"COCO annotation file .*nope\.json does not exist"):
         COCODetection(images_dir, tmp_path / "nope.json")
-    with pytest.raises(UserError, match="COCO images folder .*nope does not exist"):
+    with pytest.raises(UserError, match=r"COCO images folder .*nope does not exist"):
         COCODetection(tmp_path / "nope", ann)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="is not a COCO instances file"):

@@ -45,7 +45,9 @@ def test_missing_image_file_is_skipped_with_one_summary_warning(tmp_path):
 
 def test_boxes_outside_the_image_are_clipped(tmp_path):
     one_image(tmp_path, [("cat", (-5, 3, 100, 40), False), ("cat", (2, 2, 20, 20), False)])
-    with pytest.warns(DatasetWarning, match=r"1 boxes reaching outside their image \(clipped to it\), e.g. a"):
+    with pytest.warns(
+        DatasetWarning, match=r"1 boxes reaching outside their image \(clipped to it\), e.g. a"
+    ):
         ds = VOCDetection([tmp_path], "train")
     boxes = ds.annotation(0)["boxes"]
     # 1-based VOC -> 0-based pixels, clipped to [0, W-1] x [0, H-1]
@@ -55,7 +57,11 @@ def test_boxes_outside_the_image_are_clipped(tmp_path):
 
 
 def test_zero_area_boxes_are_dropped(tmp_path):
-    objects = [("cat", (30, 20, 30, 20), False), ("dog", (40, 10, 35, 30), False), ("cat", (5, 5, 25, 25), False)]
+    objects = [
+        ("cat", (30, 20, 30, 20), False),
+        ("dog", (40, 10, 35, 30), False),
+        ("cat", (5, 5, 25, 25), False),
+    ]
     one_image(tmp_path, objects)
     with pytest.warns(DatasetWarning, match=r"2 zero-area boxes \(dropped\), e.g. a") as record:
         ds = VOCDetection([tmp_path], "train")
@@ -66,7 +72,11 @@ def test_zero_area_boxes_are_dropped(tmp_path):
 
 
 def test_image_without_objects_is_kept_silently(tmp_path):
-    write_voc(tmp_path, {"a": ((64, 48), []), "b": ((64, 48), [("cat", (5, 5, 20, 20), False)])}, {"train": ["a", "b"]})
+    write_voc(
+        tmp_path,
+        {"a": ((64, 48), []), "b": ((64, 48), [("cat", (5, 5, 20, 20), False)])},
+        {"train": ["a", "b"]},
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = VOCDetection([tmp_path], "train")
@@ -78,7 +88,10 @@ def test_image_without_objects_is_kept_silently(tmp_path):
 
 
 def test_classes_from_data_are_sorted_or_as_given(tmp_path):
-    one_image(tmp_path, [("zebra", (1, 1, 9, 9), False), ("ant", (2, 2, 9, 9), False), ("moth", (3, 3, 9, 9), False)])
+    one_image(
+        tmp_path,
+        [("zebra", (1, 1, 9, 9), False), ("ant", (2, 2, 9, 9), False), ("moth", (3, 3, 9, 9), False)],
+    )
     assert VOCDetection([tmp_path], "train").class_names == ("ant", "moth", "zebra")
     with pytest.warns(DatasetWarning, match=r"1 objects of classes not in class_names \(ignored\)"):
         ds = VOCDetection([tmp_path], "train", class_names=("zebra", "ant"))

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
-import types
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -83,52 +79,8 @@ def test_predict_user_errors(tiny_checkpoint, images, tmp_path):
         run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(images[0]), "--score-threshold", "1.5"])
 
 
-class FakeVOCDetection:
-    """Used only while model/data/voc.py does not exist yet: the data-set contract read from a VOC tree."""
-
-    def __init__(self, roots, split, class_names=None, transform=None, keep_difficult=True):
-        self.class_names = tuple(class_names)
-        self.items = []
-        for root in map(Path, roots):
-            for image_id in (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split():
-                self.items.append((root, image_id))
-
-    def __len__(self):
-        return len(self.items)
-
-    def load_image(self, index):
-        from model.preprocess import load_image
-
-        root, image_id = self.items[index]
-        return load_image(root / "JPEGImages" / f"{image_id}.jpg")
-
-    def annotation(self, index):
-        root, image_id = self.items[index]
-        tree = ET.parse(root / "Annotations" / f"{image_id}.xml")
-        objs = tree.findall("object")
-        box = lambda o: [float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]  # noqa: E731
-        return {
-            "boxes": torch.tensor([box(o) for o in objs]).reshape(-1, 4),
-            "labels": torch.tensor([self.class_names.index(o.find("name").text) + 1 for o in objs]),
-            "difficult": torch.tensor([o.find("difficult").text == "1" for o in objs]),
-            "image_id": image_id,
-            "width": int(tree.find("size/width").text),
-            "height": int(tree.find("size/height").text),
-        }
-
-
-@pytest.fixture
-def voc_module(monkeypatch):
-    """model.data.voc if it exists, else a stand-in module with FakeVOCDetection."""
-    if importlib.util.find_spec("model.data.voc") is None:
-        fake = types.ModuleType("model.data.voc")
-        fake.VOCDetection = FakeVOCDetection
-        monkeypatch.setitem(sys.modules, "model.data.voc", fake)
-    return sys.modules.get("model.data.voc")
-
-
 @pytest.mark.parametrize("metric", ["voc07", "voc12", "coco"])
-def test_eval_end_to_end_on_a_voc_tree(tiny_checkpoint, voc_tree, voc_module, tmp_path, capsys, metric):
+def test_eval_end_to_end_on_a_voc_tree(tiny_checkpoint, voc_tree, tmp_path, capsys, metric):
     out = tmp_path / f"eval-{metric}"
     argv = [
         "eval",
@@ -161,7 +113,7 @@ def test_eval_end_to_end_on_a_voc_tree(tiny_checkpoint, voc_tree, voc_module, tm
     assert sorted(p.name for p in out.glob("pr_*.png")) == ["pr_a.png", "pr_b.png"]
 
 
-def test_eval_user_errors(tiny_checkpoint, voc_tree, voc_module, tmp_path):
+def test_eval_user_errors(tiny_checkpoint, voc_tree, tmp_path):
     base = ["eval", "--checkpoint", str(tiny_checkpoint)]
     with pytest.raises(UserError, match="--data"):
         run_cli(base)
@@ -180,7 +132,6 @@ def test_eval_user_errors(tiny_checkpoint, voc_tree, voc_module, tmp_path):
 @pytest.mark.slow
 def test_eval_on_bccd_with_a_random_refinedet320(bccd, tmp_path, capsys):
     """The real BCCD test split (72 images) through a randomly initialised refinedet320_vgg16."""
-    pytest.importorskip("model.data.voc", reason="model/data/voc.py (VOCDetection) is not there yet")
     from model.checkpoint import save_checkpoint
     from model.config import preset
     from model.network import build_model

@@ -23,8 +23,8 @@ def make_options(voc_root: Path, tmp_path: Path):
         base = {
             "data": (str(voc_root),),
             "input_size": 64,
-            "batch_size": 2,
-            "iterations": 3,
+            "batch_size": 1,
+            "iterations": 2,
             "workers": 0,
             "device": "cpu",
             "progress": False,

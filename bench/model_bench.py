@@ -1,0 +1,223 @@
+"""Model benchmark: every backend x precision x batch size x input size, network only and network +
+post-processing, with the bare VGG-16 trunk as the floor and PyTorch eager FP32 as the naive baseline.
+
+    python -m bench.model_bench --json out/model_bench.json             # all defaults for this machine
+    python -m bench.model_bench --device cpu --threads 2 --sizes 320 --batch-sizes 1
+
+Rows: ``net`` times ``backend.infer`` on random inputs; ``net+post`` times infer + the shared
+post-processing (``Detector.postprocess``) + the copy of the detections to the host, on real photos
+(BCCD JPEGs, so the candidate counts are a real image's). See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import model_report
+from bench.common import environment, find_jpegs, parse_list, resolve_checkpoint, write_json
+from bench.model_setup import (
+    BACKENDS,
+    TRUNK,
+    RealImages,
+    Trunk,
+    checkpoint_at_size,
+    local_checkpoint,
+    make_backend,
+    random_images,
+    skip_reason,
+)
+from bench.timing import summarize, time_iterations
+from model.errors import UserError
+
+GPU_DEFAULTS = {"sizes": "320,512", "batch_sizes": "1,8,32,128", "precisions": "fp32,fp16",
+                "backends": ",".join(BACKENDS)}  # fmt: skip
+CPU_DEFAULTS = {"sizes": "320", "batch_sizes": "1", "precisions": "fp32", "backends": "torch-eager,onnxruntime"}
+
+
+@dataclass
+class Options:
+    device: torch.device
+    checkpoint: str | None
+    sizes: list[int]
+    batch_sizes: list[int]
+    precisions: list[str]
+    backends: list[str]
+    iters: int
+    warmup: int
+    time_budget: float
+    max_seconds: float | None
+    threads: int | None
+    images: list[str]
+    json: Path | None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.model_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--checkpoint", help="default: the shipped checkpoint, else random weights (BCCD classes)")
+    p.add_argument("--sizes", help="input sizes, multiples of 64 (GPU default 320,512; CPU 320)")
+    p.add_argument("--batch-sizes", help="GPU default 1,8,32,128; CPU 1")
+    p.add_argument("--precisions", help="fp32,fp16 (GPU default both; CPU fp32)")
+    p.add_argument("--backends", help=f"from {','.join(BACKENDS)} (CPU default torch-eager,onnxruntime)")
+    p.add_argument("--iters", type=int, default=200, help="timed iterations per row at most (default 200)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations per row (default 5)")
+    p.add_argument("--time-budget", type=float, default=2.0, help="seconds of timed iterations per row")
+    p.add_argument("--max-seconds", type=float, help="stop starting new rows after this many seconds")
+    p.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime (default: all)")
+    p.add_argument("--images", action="append", default=[], help="JPEG file or folder (default: BCCD)")
+    p.add_argument("--json", type=Path, help="write the results here (atomically, after every row group)")
+    return p
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but PyTorch sees no CUDA GPU; use --device cpu")
+    defaults = GPU_DEFAULTS if device_name == "cuda" else CPU_DEFAULTS
+    pick = {k: getattr(args, k) or v for k, v in defaults.items()}
+    backends = parse_list(pick["backends"])
+    unknown = set(backends) - set(BACKENDS)
+    precisions = parse_list(pick["precisions"])
+    if unknown or set(precisions) - {"fp32", "fp16"}:
+        raise UserError(f"--backends from {', '.join(BACKENDS)} and --precisions from fp32, fp16")
+    if args.iters < 1 or args.warmup < 0 or args.time_budget <= 0:
+        raise UserError("--iters must be >= 1, --warmup >= 0 and --time-budget > 0")
+    return Options(
+        torch.device(device_name), args.checkpoint, parse_list(pick["sizes"], int),
+        parse_list(pick["batch_sizes"], int), precisions, backends, args.iters, args.warmup,
+        args.time_budget, args.max_seconds, args.threads, args.images, args.json,
+    )  # fmt: skip
+
+
+class Run:
+    """One benchmark run: measures row groups and keeps the results (written after each group)."""
+
+    def __init__(self, opts: Options, workdir: Path) -> None:
+        self.opts = opts
+        self.workdir = workdir
+        self.source = resolve_checkpoint(opts.checkpoint, workdir)
+        self.checkpoint, self.ckpt = local_checkpoint(self.source, workdir)
+        self.trained = bool(self.ckpt.get("metadata", {}).get("trained", True))
+        self.photos = RealImages(find_jpegs(opts.images, limit=max(opts.batch_sizes)))
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def result(self) -> dict[str, Any]:
+        model_report.add_trunk_ratios(self.rows)
+        return {
+            "benchmark": "model",
+            "checkpoint": str(self.source),
+            "trained": self.trained,
+            "device": str(self.opts.device),
+            "environment": environment(),
+            "settings": {k: v for k, v in vars(self.opts).items() if k not in ("device", "json")},
+            "rows": self.rows,
+            "summary": model_report.summary(self.rows),
+        }
+
+    def save(self) -> None:
+        if self.opts.json:
+            write_json(self.opts.json, self.result())
+
+    def out_of_time(self) -> bool:
+        limit = self.opts.max_seconds
+        return limit is not None and time.perf_counter() - self.started > limit
+
+    def all(self) -> None:
+        backbone = self.ckpt["config"].get("backbone", "vgg16")
+        for size in self.opts.sizes:
+            sized = checkpoint_at_size(self.checkpoint, self.ckpt, size, self.workdir)
+            for name in self.opts.backends:
+                for precision in self.opts.precisions:
+                    reason = skip_reason(name, self.opts.device, precision, backbone)
+                    if reason is None and self.out_of_time():
+                        reason = "--max-seconds reached"
+                    if reason:
+                        self.add(name, precision, size, None, None, skipped=reason)
+                    else:
+                        self.group(name, precision, size, sized)
+                    self.save()
+
+    def add(self, backend: str, precision: str, size: int, batch: int | None, mode: str | None, **fields):
+        row = {"backend": backend, "precision": precision, "size": size, "batch": batch, "mode": mode, **fields}
+        self.rows.append(row)
+        stats = f"{row.get('median_ms')} ms median, {row.get('images_per_s')} images/s"
+        print(f"  {backend} {precision} {size} b{batch} {mode}: {row.get('skipped') or stats}", flush=True)
+
+    def group(self, name: str, precision: str, size: int, checkpoint: Path) -> None:
+        """All batch sizes of one backend x precision x size (one model build)."""
+        device, opts = self.opts.device, self.opts
+        try:
+            if name == TRUNK:
+                runner: Any = Trunk(checkpoint, device, precision, opts.batch_sizes)
+            else:
+                runner = make_backend(name, checkpoint, device, precision, opts.batch_sizes, self.workdir,
+                                      opts.threads)  # fmt: skip
+            for batch in opts.batch_sizes:
+                self.measure(name, precision, size, batch, runner)
+        except (RuntimeError, ValueError, UserError) as exc:  # e.g. CUDA out of memory: note it, go on
+            self.add(name, precision, size, None, None, skipped=f"error: {str(exc).splitlines()[0][:160]}")
+        finally:
+            runner = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def measure(self, name: str, precision: str, size: int, batch: int, runner: Any) -> None:
+        from service.detector import Detector
+
+        o = self.opts
+        x = random_images(batch, size, o.device)
+        samples = time_iterations(lambda: runner.infer(x), o.device, o.warmup, o.iters, o.time_budget)
+        self.add(name, precision, size, batch, "net", **summarize(samples, batch))
+        if name == TRUNK:
+            return
+        detector = Detector(runner)
+        real = self.photos.batch(batch, runner.loaded_config, o.device)
+        with torch.inference_mode():
+            detections = detector.postprocess(runner.infer(real)).to("cpu")
+        per_image = round(float(detections.valid.sum()) / batch, 2)
+
+        @torch.inference_mode()
+        def step() -> None:
+            detector.postprocess(runner.infer(real)).to("cpu")
+
+        samples = time_iterations(step, o.device, o.warmup, o.iters, o.time_budget)
+        self.add(name, precision, size, batch, "net+post", **summarize(samples, batch),
+                 detections_per_image=per_image)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = options_from(build_parser().parse_args(argv))
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        with tempfile.TemporaryDirectory(prefix="refinedet-bench-") as tmp:
+            run = Run(opts, Path(tmp))
+            print(f"model benchmark on {opts.device}: {run.source} (trained: {run.trained})", flush=True)
+            run.all()
+            result = run.result()
+            run.save()
+    except UserError as exc:
+        print(f"model_bench: error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(model_report.table(result["rows"]))
+    print()
+    print(model_report.summary_text(result["summary"]))
+    if opts.json:
+        print(f"\nwrote {opts.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Backend choice and the backends themselves: torch (CPU here, CUDA marked gpu), ONNX Runtime over
+an exported artifact (raw, decoded and fixed-batch graphs), TensorRT's clear refusal without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from service_testing import (
+    StandIn,
+    assert_same_detections,
+    encode,
+    noise_image,
+    running,
+    settings,
+    tiny_config,
+)
+
+from model.artifacts import Manifest, write_manifest
+from model.checkpoint import file_sha256
+from model.errors import UserError
+from model.network import OUTPUT_NAMES
+from model.postprocess import PostProcessor
+from service.app import create_app
+from service.backends import create_backend, load_backend, resolve_backend
+from service.backends.base import batch_buckets, bucket_for, pad_batch
+from service.detector import Detector
+
+CUDA = torch.cuda.is_available()
+
+
+def touch(path):
+    path.write_bytes(b"x")
+    return path
+
+
+def test_auto_follows_the_artifact(tmp_path, monkeypatch):
+    import service.backends as backends
+
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    assert resolve_backend(settings(model=touch(tmp_path / "m.pth"), device="auto")).backend == "torch"
+    onnx = resolve_backend(settings(model=touch(tmp_path / "m.onnx"), device="auto"))
+    assert (onnx.backend, onnx.device) == ("onnxruntime", "cpu")
+    with pytest.raises(UserError, match="CUDA GPU"):
+        resolve_backend(settings(model=touch(tmp_path / "m.plan"), device="auto"))
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "ort_has_cuda", lambda: True)
+    assert resolve_backend(settings(model=tmp_path / "m.plan", device="auto")).device == "cuda"
+    assert resolve_backend(settings(model=tmp_path / "m.onnx", device="auto")).device == "cuda"
+    assert resolve_backend(settings(model=tmp_path / "m.onnx", device="cpu")).device == "cpu"
+
+
+def test_clear_errors_for_impossible_choices(tmp_path, monkeypatch):
+    import model.zoo
+    import service.backends as backends
+
+    with pytest.raises(UserError, match="not found"):
+        resolve_backend(settings(model=tmp_path / "missing.pth"))
+    with pytest.raises(UserError, match="cannot serve"):
+        resolve_backend(settings(model=touch(tmp_path / "m.onnx"), backend="torch"))
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    with pytest.raises(UserError, match="--device cpu"):
+        resolve_backend(settings(model=touch(tmp_path / "m.pth"), device="cuda"))
+    monkeypatch.setattr(model.zoo, "default_checkpoint", lambda: None)
+    default = resolve_backend(settings(model=None, device="cpu"))
+    assert (default.backend, default.artifact, default.device) == ("torch", None, "cpu")
+
+
+def test_batch_buckets_and_padding():
+    assert batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(6) == [1, 2, 4, 6] and batch_buckets(1) == [1]
+    assert [bucket_for(b, [1, 2, 4, 8]) for b in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    with pytest.raises(ValueError):
+        bucket_for(9, [1, 2, 4, 8])
+    x = torch.ones(3, 2)
+    padded = pad_batch(x, 4)
+    assert padded.shape == (4, 2) and padded[:3].eq(1).all() and padded[3].eq(0).all()
+
+
+def test_torch_backend_detector_matches_direct_postprocessing(tiny_backend, tiny_model):
+    images = [torch.randint(0, 256, (3, 50 + 10 * i, 70), dtype=torch.uint8) for i in range(2)]
+    results = Detector(tiny_backend)(images)
+    from model.preprocess import preprocess
+
+    cfg = tiny_model.config
+    with torch.inference_mode():
+        for image, got in zip(images, results, strict=True):
+            dets = PostProcessor(cfg)(
+                tiny_model(preprocess([image], 64, cfg.normalization)), tiny_model.anchors
+            )
+            boxes, scores, labels = dets.image(0)
+            assert torch.equal(got.labels, labels)
+            torch.testing.assert_close(got.scores, scores, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got.boxes_xyxy, boxes, atol=1e-5, rtol=0)
+    assert results[0].times.batch_size == 2 and results[0].times.inference_ms > 0
+
+
+def export_standin(tmp_path, outputs="raw", batch=None):
+    """A stand-in graph with RefineDet's I/O contract, exported to ONNX with its manifest."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    net = StandIn(config).eval()
+    names = list(OUTPUT_NAMES) if outputs == "raw" else ["boxes_xyxy", "scores"]
+    module = net if outputs == "raw" else DecodedStandIn(net, config)
+    path = tmp_path / f"standin-{outputs}-{batch}.onnx"
+    dynamic = None if batch else {n: {0: "batch"} for n in ["images", *names]}
+    torch.onnx.export(module, (torch.zeros(batch or 2, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=names, dynamic_axes=dynamic)  # fmt: skip
+    write_manifest(path, Manifest("onnx", config, file_sha256(path), outputs=outputs, batch=batch))
+    return path, net
+
+
+class DecodedStandIn(torch.nn.Module):
+    """decode_predictions inside the graph (an 'outputs: decoded' artifact)."""
+
+    def __init__(self, net, config):
+        super().__init__()
+        from model.anchors import generate_anchors
+
+        self.net, self.config = net, config
+        self.register_buffer("anchors", generate_anchors(config))
+
+    def forward(self, images):
+        return PostProcessor(self.config).decode(self.net(images), self.anchors)
+
+
+@pytest.mark.parametrize(("outputs", "batch"), [("raw", None), ("decoded", None), ("raw", 4)])
+def test_onnxruntime_backend_equals_torch(tmp_path, outputs, batch):
+    pytest.importorskip("onnxruntime")
+    path, net = export_standin(tmp_path, outputs, batch)
+    backend = create_backend(settings(model=path, max_batch_size=8))
+    backend.load()
+    assert backend.name == "onnxruntime" and backend.precision == "fp32"
+    assert backend.max_batch == (batch or 8) and backend.info.artifact_sha256 == file_sha256(path)
+    images = [torch.randint(0, 256, (3, 40 + 8 * i, 64), dtype=torch.uint8) for i in range(3)]
+    got = Detector(backend)(images)
+    from model.anchors import generate_anchors
+    from model.preprocess import preprocess
+
+    cfg = tiny_config()
+    with torch.inference_mode():
+        want = PostProcessor(cfg)(net(preprocess(images, 64, cfg.normalization)), generate_anchors(cfg))
+    for i, g in enumerate(got):
+        boxes, scores, labels = want.image(i)
+        assert torch.equal(g.labels, labels)
+        torch.testing.assert_close(g.scores, scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(g.boxes_xyxy, boxes, atol=1e-5, rtol=0)
+
+
+def test_onnx_model_served_over_http(tmp_path):
+    pytest.importorskip("onnxruntime")
+    path, _ = export_standin(tmp_path)
+    with running(create_app(settings(model=path))) as c:
+        info = c.get("/v1/model").json()
+        assert (info["backend"], info["precision"], info["artifact_sha256"]) == (
+            "onnxruntime",
+            "fp32",
+            file_sha256(path),
+        )
+        r = c.post("/detect", content=encode(noise_image(64, 48, 1)), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200 and r.json()["model"]["backend"] == "onnxruntime"
+
+
+def test_tensorrt_backend_without_tensorrt_is_a_clear_error(tmp_path):
+    pytest.importorskip("onnxruntime")
+    path, _ = export_standin(tmp_path)
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(path.read_bytes())
+    with pytest.raises(UserError):
+        load_backend(settings(model=plan, device="cpu"))
+
+
+@pytest.mark.slow
+def test_exported_checkpoint_serves_like_the_checkpoint(tmp_path, tiny_checkpoint, client):
+    """The real network through conversion's exporter, served by ONNX Runtime == served by torch."""
+    pytest.importorskip("onnxruntime")
+    from conversion.onnx_export import export_checkpoint
+
+    onnx = export_checkpoint(tiny_checkpoint, tmp_path / "tiny.onnx") and tmp_path / "tiny.onnx"
+    image = encode(noise_image(90, 70, 9))
+    send = {"params": {"score_threshold": 0.3}, "content": image, "headers": {"content-type": "image/jpeg"}}
+    want = client.post("/detect", **send).json()["detections"]
+    with running(create_app(settings(model=onnx))) as c:
+        got = c.post("/detect", **send).json()["detections"]
+    ref = [{"label": d["label"], "score": d["score"], "box": list(d["box"].values())} for d in want]
+    assert_same_detections(got, ref, box_tol=0.05, score_tol=1e-3)
+
+
+@pytest.mark.gpu
+def test_torch_cuda_fp16_graphs_match_cpu(tiny_checkpoint, tiny_backend):
+    """FP16 + channels-last + CUDA graphs per bucket give the fp32 CPU network's outputs (to fp16
+    precision), also for batches padded up to their bucket; eager fp16 and graph replay agree."""
+    from model.preprocess import preprocess
+
+    graphs = create_backend(settings(model=tiny_checkpoint, device="cuda", max_batch_size=8))
+    eager = create_backend(
+        settings(model=tiny_checkpoint, device="cuda", max_batch_size=8, cuda_graphs=False)
+    )
+    for backend in (graphs, eager):
+        backend.load()
+        backend.warmup(1)
+    assert graphs.precision == "fp16" and sorted(graphs._graphs) == [1, 2, 4, 8] and not eager._graphs
+    g = torch.Generator().manual_seed(0)
+    for b in (1, 3, 8):  # 3 runs in the 4-image graph
+        images = [torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8, generator=g) for _ in range(b)]
+        x = preprocess(images, 64, tiny_backend.loaded_config.normalization)
+        with torch.inference_mode():
+            want = tiny_backend.infer(x)
+            got, got_eager = graphs.infer(x.cuda()), eager.infer(x.cuda())
+        for name, w, out, out_eager in zip(OUTPUT_NAMES, want, got, got_eager, strict=True):
+            scale = float(w.abs().max())
+            assert out.shape == w.shape, name
+            torch.testing.assert_close(out.float().cpu(), w, atol=2e-2 * scale, rtol=0, msg=name)
+            torch.testing.assert_close(out, out_eager, atol=5e-3 * scale, rtol=0, msg=name)
+        top_gpu = Detector(graphs)(images)[0].scores[0]
+        top_cpu = Detector(tiny_backend)(images)[0].scores[0]
+        assert abs(float(top_gpu) - float(top_cpu)) < 1e-2

@@ -1,0 +1,99 @@
+"""`refinedet serve`: options and REFINEDET_* variables become Settings, bad values and missing models
+are clear errors before anything starts, and uvicorn gets the app (or the factory for --workers N)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import uvicorn
+
+from model.cli import build_parser, main
+from service.app import create_app_from_env
+from service.cli import overrides_from, settings_from, to_env
+from service.settings import Settings
+
+
+@pytest.fixture
+def captured_run(monkeypatch):
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the CLI exports settings for workers
+    return calls
+
+
+def test_options_become_settings_and_win_over_the_environment(monkeypatch):
+    monkeypatch.setenv("REFINEDET_MAX_BATCH_SIZE", "3")
+    monkeypatch.setenv("REFINEDET_API_KEY", "k")
+    assert Settings().max_batch_size == 3 and Settings().api_key.get_secret_value() == "k"
+    args = build_parser().parse_args(
+        ["serve", "--max-batch-size", "5", "--device", "cpu", "--enable-benchmark"]
+    )
+    overrides = overrides_from(args)
+    assert overrides == {"device": "cpu", "max_batch_size": 5, "enable_benchmark": True}
+    s = settings_from(overrides)
+    assert (s.max_batch_size, s.device, s.enable_benchmark, s.api_key.get_secret_value()) == (
+        5,
+        "cpu",
+        True,
+        "k",
+    )
+    assert to_env(overrides) == {
+        "REFINEDET_DEVICE": "cpu",
+        "REFINEDET_MAX_BATCH_SIZE": "5",
+        "REFINEDET_ENABLE_BENCHMARK": "true",
+    }
+
+
+def test_default_batch_limit_depends_on_the_device():
+    assert (Settings().batch_limit("cuda"), Settings().batch_limit("cpu")) == (8, 2)
+    assert Settings(max_batch_size=5).batch_limit("cpu") == 5
+
+
+def test_bad_values_and_missing_models_fail_before_starting(captured_run, capsys, tmp_path):
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "invalid settings" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "nope.pth")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert main(["serve", "--workers", "0"]) == 2
+    assert captured_run == []
+
+
+def test_serve_runs_uvicorn_with_the_app(captured_run, capsys, tiny_checkpoint):
+    assert main(["serve", "--model", str(tiny_checkpoint), "--device", "cpu", "--port", "8123"]) == 0
+    [(app, kwargs)] = captured_run
+    assert app.state.service.settings.model == tiny_checkpoint
+    assert (kwargs["host"], kwargs["port"], kwargs["access_log"]) == ("127.0.0.1", 8123, False)
+    assert f"serving {tiny_checkpoint} with torch on cpu" in capsys.readouterr().err
+
+
+def test_workers_use_the_factory_and_the_environment(captured_run, tiny_checkpoint):
+    assert main(["serve", "--model", str(tiny_checkpoint), "--workers", "2", "--max-delay-ms", "7"]) == 0
+    [(app, kwargs)] = captured_run
+    assert app == "service.app:create_app_from_env" and kwargs["factory"] and kwargs["workers"] == 2
+    assert (
+        os.environ["REFINEDET_MODEL"] == str(tiny_checkpoint)
+        and os.environ["REFINEDET_MAX_DELAY_MS"] == "7.0"
+    )
+    worker_app = create_app_from_env()
+    assert worker_app.state.service.settings.model == tiny_checkpoint
+    assert worker_app.state.service.settings.max_delay_ms == 7.0
+
+
+def test_untrained_default_is_announced(captured_run, capsys, monkeypatch):
+    import model.zoo
+
+    monkeypatch.setattr(model.zoo, "default_checkpoint", lambda: None)
+    assert main(["serve", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "UNTRAINED" in err and "RBC, WBC, Platelets" in err
+
+
+def test_shipped_default_is_announced(captured_run, capsys):
+    from model.zoo import default_checkpoint
+
+    if default_checkpoint() is None:
+        pytest.skip("no default checkpoint in this checkout")
+    assert main(["serve", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"serving {default_checkpoint()} (the project's default model) with torch on cpu" in err

@@ -1,0 +1,151 @@
+"""The service under a real uvicorn server on 127.0.0.1 and a free port: concurrent clients each get
+their own image's answer while batches form, OpenAPI-driven fuzzing finds no 5xx, a client that left
+is dropped before inference, and shutdown finishes in-flight requests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from service_testing import (
+    assert_same_detections,
+    direct_detections_many,
+    encode,
+    noise_image,
+    serving,
+    settings,
+    standin_loader,
+)
+
+from service.app import create_app
+
+THRESHOLD = 0.3
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_concurrent_clients_get_their_own_answers_and_batches_form(tiny_backend, tiny_model):
+    clients, per_client = 6, 2
+    sizes = {(c, k): (56 + 8 * c, 40 + 16 * k + 2 * c) for c in range(clients) for k in range(per_client)}
+    images = {
+        key: encode(noise_image(w, h, seed=100 + 10 * key[0] + key[1])) for key, (w, h) in sizes.items()
+    }
+    expected = dict(
+        zip(images, direct_detections_many(tiny_model, list(images.values()), THRESHOLD), strict=True)
+    )
+    app = create_app(settings(max_batch_size=4, max_delay_ms=300), loader=lambda s: tiny_backend)
+    with serving(app) as (url, _):
+        start = threading.Barrier(clients)
+
+        def client(c: int) -> dict:
+            answers = {}
+            with httpx.Client(base_url=url, timeout=60) as http:
+                start.wait()
+                for k in range(per_client):
+                    files = {"file": (f"{c}-{k}.jpg", images[c, k], "image/jpeg")}
+                    answers[c, k] = http.post("/detect", params={"score_threshold": THRESHOLD}, files=files)
+            return answers
+
+        with ThreadPoolExecutor(clients) as pool:
+            answers = {key: r for part in pool.map(client, range(clients)) for key, r in part.items()}
+        metrics = metric_samples(httpx.get(f"{url}/metrics").text)
+    for key, r in answers.items():
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["image"] == {"width": sizes[key][0], "height": sizes[key][1]}
+        assert_same_detections(body["detections"], expected[key])
+    batches = metrics["refinedet_batch_size_count", ()]
+    images_run = metrics["refinedet_batch_size_sum", ()]
+    single = metrics["refinedet_batch_size_bucket", (("le", "1.0"),)]
+    assert images_run == clients * per_client
+    assert single < batches < images_run, "no batch larger than 1 formed"
+
+
+def test_openapi_fuzzing_finds_no_server_errors(tmp_path):
+    pytest.importorskip("schemathesis")
+    app = create_app(
+        settings(
+            enable_benchmark=True, benchmark_max_iterations=3, max_batch_size=2, max_image_pixels=1_000_000
+        ),
+        loader=standin_loader(),
+    )
+    with serving(app) as (url, _):
+        command = [
+            sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
+            "--checks", "not_a_server_error", "--phases", "coverage,fuzzing", "--max-examples", "10",
+            "--seed", "7", "--workers", "1", "--no-shrink", "--request-timeout", "30",
+        ]  # fmt: skip
+        proc = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env={"NO_COLOR": "1", "PATH": ""},
+        )
+        metrics = metric_samples(httpx.get(f"{url}/metrics").text)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    statuses = {}
+    for (name, labels), value in metrics.items():
+        if name == "refinedet_http_requests_total":
+            status = dict(labels)["status"]
+            statuses[status] = statuses.get(status, 0) + value
+    assert sum(statuses.values()) > 200, statuses  # the fuzzer really sent requests
+    assert not [s for s in statuses if s.startswith("5") and s != "503"], statuses
+    assert "200" in statuses and any(s.startswith("4") for s in statuses)
+
+
+def test_a_client_that_left_is_dropped_before_inference():
+    loader = standin_loader(delay_s=0.5)
+    image = encode(noise_image(64, 48, seed=5))
+    app = create_app(settings(max_batch_size=1, max_delay_ms=0), loader=loader)
+    with serving(app) as (url, _):
+        send = {"content": image, "headers": {"content-type": "image/jpeg"}}
+        first = ThreadPoolExecutor(1).submit(httpx.post, f"{url}/detect", timeout=30, **send)
+        time.sleep(0.15)  # the first request occupies the engine
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/detect", timeout=0.2, **send)  # gives up while queued
+        assert first.result().status_code == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            metrics = metric_samples(httpx.get(f"{url}/metrics").text)
+            if metrics.get(("refinedet_dropped_requests_total", (("reason", "client_gone"),))):
+                break
+            time.sleep(0.05)
+    assert metrics["refinedet_dropped_requests_total", (("reason", "client_gone"),)] == 1
+    assert loader.backend.calls == [1]  # only the first request reached the network
+
+
+def test_shutdown_finishes_in_flight_requests():
+    loader = standin_loader(delay_s=0.3)
+    image = encode(noise_image(64, 48, seed=6))
+    app = create_app(settings(max_batch_size=1, max_delay_ms=0), loader=loader)
+    with serving(app) as (url, server):
+        send = {"content": image, "headers": {"content-type": "image/jpeg"}, "timeout": 30}
+        pool = ThreadPoolExecutor(3)
+        pending = [pool.submit(httpx.post, f"{url}/detect", **send) for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until one request runs and two wait in the queue
+            depth = metric_samples(httpx.get(f"{url}/metrics").text)["refinedet_queue_depth", ()]
+            if loader.backend.calls and depth + len(loader.backend.calls) == 3:
+                break
+            time.sleep(0.01)
+        server.should_exit = True  # what SIGTERM does
+        answers = [p.result() for p in pending]
+        time.sleep(0.2)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=2)
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert loader.backend.calls == [1, 1, 1]
