@@ -114,9 +114,14 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, duration_s: f
     return combine(concurrency, parts)
 
 
-def combine(concurrency: int, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    from bench.stats import latency_summary
+def latency_summary(values_ms: Sequence[float]) -> dict[str, float | None]:
+    """{p50, p90, p99, mean} in ms (``service.benchmark.percentiles``); None values when empty."""
+    from service.benchmark import percentiles
 
+    return percentiles(list(values_ms)) if values_ms else dict.fromkeys(("p50", "p90", "p99", "mean"))
+
+
+def combine(concurrency: int, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     latencies = [x for p in parts for x in p["latencies_ms"]]
     errors: Counter = Counter()
     for p in parts:

@@ -19,11 +19,10 @@ def generate_anchors(config: RefineDetConfig) -> Tensor:
     """Anchors for ``config`` as priors_cxcywh: Tensor[A, 4], normalised to [0, 1] by the input size."""
     spec = config.anchors
     size = float(config.input_size)
-    shapes = []  # (w, h) pairs per cell, in order
     per_level = []
     for step, fmap, anchor_size in zip(spec.steps, config.feature_map_sizes, spec.sizes, strict=True):
         s = anchor_size / size
-        shapes = [(s, s)]
+        shapes = [(s, s)]  # (w, h) per cell, in order: 1:1, then wide/tall per ratio
         for r in spec.aspect_ratios:
             shapes += [(s * math.sqrt(r), s / math.sqrt(r)), (s / math.sqrt(r), s * math.sqrt(r))]
         centres = (torch.arange(fmap, dtype=torch.float64) + spec.offset) * step / size

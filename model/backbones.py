@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from model.layers import Bottleneck, L2Norm, init_new_layers
 
-VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 CONV4_3_RELU = 23  # features[:23] ends with conv4_3's ReLU
 
 
@@ -26,11 +26,11 @@ class VGG16Body(nn.Module):
         layers: list[nn.Module] = []
         in_ch = 3
         for v in VGG16_CFG:
-            if v == "M":
+            if isinstance(v, str):  # "M": max pool
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(in_ch, int(v), 3, padding=1), nn.ReLU(inplace=True)]
-                in_ch = int(v)
+                layers += [nn.Conv2d(in_ch, v, 3, padding=1), nn.ReLU(inplace=True)]
+                in_ch = v
         self.features = nn.Sequential(*layers)  # indices 0..29, as torchvision's vgg16().features
         self.fc = nn.Sequential(
             nn.MaxPool2d(2, 2),  # pool5: 2x2 stride 2 (not SSD's 3x3 s1)

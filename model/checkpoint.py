@@ -127,7 +127,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 
 def unwrap(model: torch.nn.Module) -> RefineDet:
     """The RefineDet inside DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    assert isinstance(model, RefineDet)
-    return model
+    inner: object = model
+    while hasattr(inner, "module") or hasattr(inner, "_orig_mod"):
+        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod")  # noqa: B009
+    if not isinstance(inner, RefineDet):
+        raise TypeError(f"expected a RefineDet (possibly wrapped), got {type(inner).__name__}")
+    return inner

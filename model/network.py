@@ -42,6 +42,7 @@ class RefineDet(nn.Module):
         arm_in = [1024] * 4 if resnet else source_ch
         self.arm_loc = MultiLevelHead(arm_in, k, 4)
         self.arm_conf = MultiLevelHead(arm_in, k, 2)
+        self.tcbs: nn.ModuleList | None = None
         if config.ablation.tcb:
             n = len(source_ch)
             self.tcbs = nn.ModuleList(
@@ -49,7 +50,6 @@ class RefineDet(nn.Module):
             )
             odm_src = [ch] * n
         else:  # SSD-like ablation: the ODM heads sit directly on the ARM's source maps
-            self.tcbs = None
             odm_src = source_ch
         self.odm_adapters = nn.ModuleList(Bottleneck(c, 256, 1024) for c in odm_src) if resnet else None
         odm_in = [1024] * 4 if resnet else odm_src

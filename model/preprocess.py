@@ -46,20 +46,18 @@ def preprocess(
     return normalize(batch, norm).to(dtype)
 
 
-def pil_to_rgb(image) -> Tensor:  # noqa: ANN001 - PIL.Image.Image
+def pil_to_rgb(image) -> Tensor:
     """A PIL image of any mode -> uint8 RGB Tensor[3, H, W] (EXIF orientation applied)."""
     import numpy as np
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float grayscale -> 8-bit
         arr = np.asarray(image, dtype=np.float32)
         hi = float(arr.max()) or 1.0
-        image = image.__class__.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8))
+        image = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        from PIL import Image
-
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         image = background

@@ -119,30 +119,13 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
             )
         try:
             image.load()
-            pixels = pil_to_rgb(high_bit_to_8bit(image))
+            pixels = pil_to_rgb(image)
         except Exception as exc:  # decoders raise many types for damaged data
             raise ServiceError(
                 400, "invalid_image", f"the {image.format} image is truncated or corrupt ({exc})"
             ) from None
         fmt = str(image.format)
     return DecodedImage(pixels, int(pixels.shape[2]), int(pixels.shape[1]), fmt)
-
-
-def high_bit_to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit / 32-bit / float grayscale -> 8-bit "L" by the image contract's rule (value * 255 / max).
-
-    Workaround: ``model.preprocess.pil_to_rgb`` has this branch but calls ``image.__class__.fromarray``,
-    which does not exist (AttributeError); once that is fixed this function can go.
-    """
-    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return image
-    import numpy as np
-    from PIL import ImageOps
-
-    image = ImageOps.exif_transpose(image)
-    arr = np.asarray(image, dtype=np.float32)
-    hi = float(arr.max()) or 1.0
-    return Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8))
 
 
 def annotate(pixels: Tensor, detections: Sequence[dict], quality: int = 90) -> bytes:

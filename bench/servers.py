@@ -1,0 +1,121 @@
+"""Starting and stopping the servers the service benchmark measures, on 127.0.0.1 and a free port.
+
+``running(command, env, log_path)`` starts the command (its output into ``log_path``), waits until
+``GET /readyz`` answers 200, yields the base URL, and stops the process it started (SIGTERM, then
+SIGKILL after a grace period). ``{port}`` in the command is replaced by the chosen port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from bench.common import REPO_ROOT
+from model.errors import UserError
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def refinedet_command() -> list[str]:
+    """``refinedet`` if it is on PATH, else the same entry point through this Python."""
+    exe = shutil.which("refinedet")
+    return [exe] if exe else [sys.executable, "-m", "model.cli"]
+
+
+def server_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment, with the repository importable and ``extra`` (REFINEDET_* settings) added."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """(status, body) of a GET; status 0 when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"the server exited with code {proc.returncode}:\n{tail(log_path)}")
+        if get(f"{url}/readyz")[0] == 200:
+            return
+        time.sleep(0.25)
+    raise UserError(f"the server was not ready after {timeout_s:.0f} s:\n{tail(log_path)}")
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def running(
+    command: Sequence[str], env: dict[str, str], log_path: Path, ready_timeout_s: float = 300.0
+) -> Iterator[str]:
+    port = free_port()
+    argv = [part.replace("{port}", str(port)) for part in command]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://{HOST}:{port}"
+    try:
+        wait_ready(proc, url, ready_timeout_s, log_path)
+        yield url
+    finally:
+        stop(proc)
+
+
+def batch_counters(url: str) -> tuple[float, float] | None:
+    """(images run, batches run) from the service's Prometheus metrics; None if it has none."""
+    status, body = get(f"{url}/metrics")
+    if status != 200:
+        return None
+    values = {}
+    for line in body.decode(errors="replace").splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("refinedet_batch_size_sum", "refinedet_batch_size_count"):
+            values[name] = float(value)
+    if len(values) != 2:
+        return None
+    return values["refinedet_batch_size_sum"], values["refinedet_batch_size_count"]

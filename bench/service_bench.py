@@ -1,0 +1,182 @@
+"""Service benchmark: ``refinedet serve`` versus a naive FastAPI app, through HTTP on 127.0.0.1, with
+real JPEG photos (BCCD, 640x480) and a closed-loop concurrency sweep.
+
+    python -m bench.service_bench --device cuda --concurrency 1,4,16,64 --duration 8 --json out/service.json
+
+For each app and concurrency: requests/s, p50/p90/p99 latency and errors (non-200 answers and client
+exceptions); for the service also the mean dynamic batch size (from /metrics). Then the ratio of the
+service's requests/s to the naive app's at each concurrency. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench import servers
+from bench.common import environment, find_jpegs, format_table, parse_list, read_jpegs, resolve_checkpoint, write_json
+from bench.load_gen import run_level
+from model.errors import UserError
+
+APPS = ("service", "naive")
+COLUMNS = (
+    ("app", "app"), ("concurrency", "conc"), ("requests_per_s", "req/s"), ("p50", "p50 ms"),
+    ("p90", "p90 ms"), ("p99", "p99 ms"), ("errors", "errors"), ("mean_batch", "batch"),
+    ("detections_per_response", "det/resp"),
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.service_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint for both apps (default: the shipped one, else random weights)")
+    p.add_argument("--backend", default="torch", help="the service's --backend (default torch)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="both apps' device")
+    p.add_argument("--max-batch-size", type=int, default=32, help="service: REFINEDET_MAX_BATCH_SIZE")
+    p.add_argument("--max-delay-ms", type=float, default=2.0, help="service: REFINEDET_MAX_DELAY_MS")
+    p.add_argument("--max-queue-size", type=int, default=1024, help="service: REFINEDET_MAX_QUEUE_SIZE")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="more REFINEDET_* settings for the service (repeatable)")  # fmt: skip
+    p.add_argument("--concurrency", default="1,4,16,64", help="closed-loop client counts (default 1,4,16,64)")
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default 8)")
+    p.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each level")
+    p.add_argument("--client-processes", type=int, default=1, help="load-generator processes (default 1)")
+    p.add_argument("--apps", default="service,naive", help="which apps to measure (default both)")
+    p.add_argument("--images", action="append", default=[], help="JPEG file or folder (default: BCCD)")
+    p.add_argument("--max-images", type=int, default=64, help="distinct photos sent (default 64)")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /readyz")
+    p.add_argument("--log-dir", type=Path, help="server logs here (default: a temporary folder)")
+    p.add_argument("--json", type=Path, help="write the results here (atomically)")
+    return p
+
+
+def check(args: argparse.Namespace) -> tuple[list[int], list[str], dict[str, str]]:
+    levels = parse_list(args.concurrency, int)
+    apps = parse_list(args.apps)
+    if not levels or min(levels) < 1 or max(levels) > 1024:
+        raise UserError("--concurrency takes client counts between 1 and 1024")
+    if set(apps) - set(APPS) or not apps:
+        raise UserError(f"--apps takes {', '.join(APPS)}")
+    if args.duration <= 0 or args.duration > 600 or args.warmup < 0 or args.client_processes < 1:
+        raise UserError("--duration must be in (0, 600], --warmup >= 0, --client-processes >= 1")
+    extra = {}
+    for item in args.server_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("REFINEDET_"):
+            raise UserError(f"--server-env takes REFINEDET_NAME=VALUE, got {item!r}")
+        extra[key] = value
+    return levels, apps, extra
+
+
+def app_command(app: str, args: argparse.Namespace, model: Path) -> tuple[list[str], dict[str, str]]:
+    """(argv with ``{port}``, extra environment) that starts ``app``."""
+    device = args.device
+    if app == "naive":
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        argv = [sys.executable, "-m", "bench.naive_app", "--model", str(model), "--device", device]
+        return [*argv, "--host", servers.HOST, "--port", "{port}"], {}
+    argv = [*servers.refinedet_command(), "serve", "--host", servers.HOST, "--port", "{port}", "--plain-logs"]
+    env = {
+        "REFINEDET_MODEL": str(model),
+        "REFINEDET_BACKEND": args.backend,
+        "REFINEDET_DEVICE": device,
+        "REFINEDET_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "REFINEDET_MAX_DELAY_MS": str(args.max_delay_ms),
+        "REFINEDET_MAX_QUEUE_SIZE": str(args.max_queue_size),
+        "REFINEDET_LOG_LEVEL": "warning",  # no access log lines: they would dominate the log file
+    }
+    return argv, env
+
+
+def sweep(app: str, url: str, bodies: list[bytes], levels: list[int], args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for c in levels:
+        before = servers.batch_counters(url)
+        level = run_level(f"{url}/detect", bodies, c, args.duration, args.warmup, args.client_processes)
+        after = servers.batch_counters(url)
+        if before and after and after[1] > before[1]:
+            level["mean_batch"] = round((after[0] - before[0]) / (after[1] - before[1]), 2)
+        row = {"app": app, **level, **level["latency_ms"]}
+        rows.append(row)
+        print(f"  {app} c={c}: {row['requests_per_s']} req/s, p50 {row['p50']} ms, p99 {row['p99']} ms, "
+              f"errors {row['errors']}", flush=True)  # fmt: skip
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict[str, Any]]:
+    by = {(r["app"], r["concurrency"]): r["requests_per_s"] for r in rows}
+    out = []
+    for (app, c), rps in sorted(by.items(), key=lambda kv: kv[0][1]):
+        naive = by.get(("naive", c))
+        if app == "service" and naive:
+            out.append({"concurrency": c, "service_rps": rps, "naive_rps": naive, "ratio": round(rps / naive, 2)})
+    return out
+
+
+def image_sizes(bodies: list[bytes]) -> dict[str, int]:
+    from PIL import Image
+
+    sizes: Counter = Counter()
+    for data in bodies:
+        with Image.open(io.BytesIO(data)) as im:
+            sizes[f"{im.width}x{im.height}"] += 1
+    return dict(sizes)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    levels, apps, extra = check(args)
+    model = resolve_checkpoint(args.model, workdir)
+    bodies = read_jpegs(find_jpegs(args.images, limit=args.max_images))
+    log_dir = args.log_dir or workdir
+    rows: list[dict] = []
+    for app in apps:
+        argv, env = app_command(app, args, model)
+        print(f"{app}: starting {' '.join(argv)}", flush=True)
+        with servers.running(argv, servers.server_env({**env, **(extra if app == "service" else {})}),
+                             log_dir / f"{app}_server.log", args.ready_timeout) as url:  # fmt: skip
+            rows += sweep(app, url, bodies, levels, args)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {
+        "benchmark": "service",
+        "model": str(model),
+        "images": {"count": len(bodies), "sizes": image_sizes(bodies), "mean_bytes": sum(map(len, bodies)) // len(bodies)},
+        "settings": settings,
+        "environment": environment(),
+        "rows": rows,
+        "service_vs_naive": ratios(rows),
+    }  # fmt: skip
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [format_table(result["rows"], COLUMNS)]
+    for r in result["service_vs_naive"]:
+        lines.append(f"service vs naive at concurrency {r['concurrency']}: {r['service_rps']} / {r['naive_rps']} "
+                     f"req/s = {r['ratio']}x")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory(prefix="refinedet-service-bench-") as tmp:
+            result = run(args, Path(tmp))
+    except UserError as exc:
+        print(f"service_bench: error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(report(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
