@@ -54,7 +54,9 @@ def find_jpegs(sources: Sequence[str] = (), limit: int = 64) -> list[Path]:
         else:
             raise UserError(f"--images: {root} is neither a file nor a folder")
     if not files:
-        where = ", ".join(sources) if sources else "the BCCD dataset (set REFINEDET_BCCD or put it at data/BCCD)"
+        where = (
+            ", ".join(sources) if sources else "the BCCD dataset (set REFINEDET_BCCD or put it at data/BCCD)"
+        )
         raise UserError(f"no JPEG images found in {where}")
     return files[:limit]
 
@@ -101,6 +103,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -40,7 +40,12 @@ from model.errors import UserError
 
 GPU_DEFAULTS = {"sizes": "320,512", "batch_sizes": "1,8,32,128", "precisions": "fp32,fp16",
                 "backends": ",".join(BACKENDS)}  # fmt: skip
-CPU_DEFAULTS = {"sizes": "320", "batch_sizes": "1", "precisions": "fp32", "backends": "torch-eager,onnxruntime"}
+CPU_DEFAULTS = {
+    "sizes": "320",
+    "batch_sizes": "1",
+    "precisions": "fp32",
+    "backends": "torch-eager,onnxruntime",
+}
 
 
 @dataclass
@@ -148,7 +153,14 @@ class Run:
                     self.save()
 
     def add(self, backend: str, precision: str, size: int, batch: int | None, mode: str | None, **fields):
-        row = {"backend": backend, "precision": precision, "size": size, "batch": batch, "mode": mode, **fields}
+        row = {
+            "backend": backend,
+            "precision": precision,
+            "size": size,
+            "batch": batch,
+            "mode": mode,
+            **fields,
+        }
         self.rows.append(row)
         stats = f"{row.get('median_ms')} ms median, {row.get('images_per_s')} images/s"
         print(f"  {backend} {precision} {size} b{batch} {mode}: {row.get('skipped') or stats}", flush=True)
@@ -196,17 +208,26 @@ class Run:
                  detections_per_image=per_image)  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure_all(opts: Options) -> dict[str, Any]:
+    """The whole run; torch's CPU thread count is restored afterwards."""
+    threads = torch.get_num_threads()
     try:
-        opts = options_from(build_parser().parse_args(argv))
         if opts.threads:
             torch.set_num_threads(opts.threads)
         with tempfile.TemporaryDirectory(prefix="refinedet-bench-") as tmp:
             run = Run(opts, Path(tmp))
             print(f"model benchmark on {opts.device}: {run.source} (trained: {run.trained})", flush=True)
             run.all()
-            result = run.result()
             run.save()
+            return run.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = options_from(build_parser().parse_args(argv))
+        result = measure_all(opts)
     except UserError as exc:
         print(f"model_bench: error: {exc}", file=sys.stderr)
         return 2

@@ -45,11 +45,7 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def _measured(rows: Sequence[Row], **match: Any) -> list[Row]:
-    return [
-        r
-        for r in rows
-        if r.get("images_per_s") and all(r.get(k) == v for k, v in match.items())
-    ]
+    return [r for r in rows if r.get("images_per_s") and all(r.get(k) == v for k, v in match.items())]
 
 
 def best_throughput(rows: Sequence[Row]) -> list[Row]:

@@ -12,14 +12,24 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench import servers
-from bench.common import environment, find_jpegs, format_table, parse_list, read_jpegs, resolve_checkpoint, write_json
+from bench.common import (
+    environment,
+    find_jpegs,
+    format_table,
+    parse_list,
+    read_jpegs,
+    resolve_checkpoint,
+    write_json,
+)
 from bench.load_gen import run_level
 from model.errors import UserError
 
@@ -95,8 +105,8 @@ def app_command(app: str, args: argparse.Namespace, model: Path) -> tuple[list[s
     return argv, env
 
 
-def sweep(app: str, url: str, bodies: list[bytes], levels: list[int], args: argparse.Namespace) -> list[dict]:
-    rows = []
+def sweep(app: str, url: str, bodies: list[bytes], levels: list[int], args: argparse.Namespace,
+          save: Callable[[dict[str, Any]], None]) -> None:  # fmt: skip
     for c in levels:
         before = servers.batch_counters(url)
         level = run_level(f"{url}/detect", bodies, c, args.duration, args.warmup, args.client_processes)
@@ -104,10 +114,9 @@ def sweep(app: str, url: str, bodies: list[bytes], levels: list[int], args: argp
         if before and after and after[1] > before[1]:
             level["mean_batch"] = round((after[0] - before[0]) / (after[1] - before[1]), 2)
         row = {"app": app, **level, **level["latency_ms"]}
-        rows.append(row)
+        save(row)
         print(f"  {app} c={c}: {row['requests_per_s']} req/s, p50 {row['p50']} ms, p99 {row['p99']} ms, "
               f"errors {row['errors']}", flush=True)  # fmt: skip
-    return rows
 
 
 def ratios(rows: list[dict]) -> list[dict[str, Any]]:
@@ -116,7 +125,9 @@ def ratios(rows: list[dict]) -> list[dict[str, Any]]:
     for (app, c), rps in sorted(by.items(), key=lambda kv: kv[0][1]):
         naive = by.get(("naive", c))
         if app == "service" and naive:
-            out.append({"concurrency": c, "service_rps": rps, "naive_rps": naive, "ratio": round(rps / naive, 2)})
+            out.append(
+                {"concurrency": c, "service_rps": rps, "naive_rps": naive, "ratio": round(rps / naive, 2)}
+            )
     return out
 
 
@@ -131,27 +142,34 @@ def image_sizes(bodies: list[bytes]) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Both apps' sweeps; the JSON (if asked for) is rewritten after every level."""
     levels, apps, extra = check(args)
     model = resolve_checkpoint(args.model, workdir)
     bodies = read_jpegs(find_jpegs(args.images, limit=args.max_images))
     log_dir = args.log_dir or workdir
-    rows: list[dict] = []
+    result: dict[str, Any] = {
+        "benchmark": "service",
+        "model": str(model),
+        "images": {"count": len(bodies), "sizes": image_sizes(bodies), "mean_bytes": sum(map(len, bodies)) // len(bodies)},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": environment(),
+        "rows": [],
+        "service_vs_naive": [],
+    }  # fmt: skip
+
+    def save(row: dict[str, Any]) -> None:
+        result["rows"].append(row)
+        result["service_vs_naive"] = ratios(result["rows"])
+        if args.json:
+            write_json(args.json, result)
+
     for app in apps:
         argv, env = app_command(app, args, model)
         print(f"{app}: starting {' '.join(argv)}", flush=True)
         with servers.running(argv, servers.server_env({**env, **(extra if app == "service" else {})}),
                              log_dir / f"{app}_server.log", args.ready_timeout) as url:  # fmt: skip
-            rows += sweep(app, url, bodies, levels, args)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    return {
-        "benchmark": "service",
-        "model": str(model),
-        "images": {"count": len(bodies), "sizes": image_sizes(bodies), "mean_bytes": sum(map(len, bodies)) // len(bodies)},
-        "settings": settings,
-        "environment": environment(),
-        "rows": rows,
-        "service_vs_naive": ratios(rows),
-    }  # fmt: skip
+            sweep(app, url, bodies, levels, args, save)
+    return result
 
 
 def report(result: dict[str, Any]) -> str:
@@ -164,6 +182,7 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the servers
     try:
         with tempfile.TemporaryDirectory(prefix="refinedet-service-bench-") as tmp:
             result = run(args, Path(tmp))
@@ -173,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report(result))
     if args.json:
-        write_json(args.json, result)
         print(f"\nwrote {args.json}")
     return 0
 

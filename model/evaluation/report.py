@@ -21,17 +21,16 @@ def _fmt(value: float) -> str:
 
 
 def format_table(result: Mapping[str, Any]) -> str:
-    """Per-class AP (in %), positives and detections, then the mean (and COCO's AP50..APl)."""
-    positives = result.get("num_positives", {})
+    """Per-class AP (in %) with ground-truth / detection counts when known, the mean, COCO's AP50..APl."""
+    positives = result.get("num_positives")
     detections = result.get("num_detections", {})
-    width = max([len("class"), *(len(n) for n in result["per_class"])])
-    lines = [f"{'class':<{width}}  {'AP (%)':>8}  {'gts':>6}  {'dets':>7}"]
-    for name, ap in result["per_class"].items():
-        lines.append(
-            f"{name:<{width}}  {_fmt(ap)}  {positives.get(name, ''):>6}  {detections.get(name, ''):>7}"
-        )
-    lines.append("-" * len(lines[0]))
     label = "mAP@[.5:.95]" if result.get("metric") == "coco" else f"mAP ({result.get('metric', 'voc')})"
+    width = max([len("class"), len(label), *(len(n) for n in result["per_class"])])
+    lines = [f"{'class':<{width}}  {'AP (%)':>8}" + (f"  {'gts':>6}  {'dets':>7}" if positives else "")]
+    for name, ap in result["per_class"].items():
+        counts = f"  {positives.get(name, ''):>6}  {detections.get(name, ''):>7}" if positives else ""
+        lines.append(f"{name:<{width}}  {_fmt(ap)}{counts}")
+    lines.append("-" * len(lines[0]))
     lines.append(f"{label:<{width}}  {_fmt(result['mAP'])}")
     if result.get("metric") == "coco":
         lines.append(

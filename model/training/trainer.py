@@ -337,7 +337,7 @@ class Trainer:
             "pretrained": o.pretrained,
             "best_val": self.best,
             "world_size": self.ctx.world_size,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
         }
 
     # --- stopping ----------------------------------------------------------------------------------

@@ -139,6 +139,15 @@ def test_resume_needs_a_training_checkpoint(make_options, tmp_path):
         train(make_options(iterations=1))
 
 
+def test_a_previous_run_can_seed_the_backbone(make_options):
+    first = train(make_options("first", iterations=1))
+    torch.load(first.checkpoint, weights_only=True)  # training checkpoints hold tensors and plain values only
+    trainer = Trainer(make_options("second", iterations=1, pretrained=str(first.checkpoint)))
+    result = trainer.run()
+    assert trainer.pretrained_report["loaded"] > 0 and not trainer.pretrained_report["missing"]
+    assert read_checkpoint(result.checkpoint)["metadata"]["pretrained"] == str(first.checkpoint)
+
+
 def test_ablation_and_no_augment_reach_the_config(make_options):
     result = train(
         make_options(iterations=1, ablation=("tcb", "cascade"), augment=False, normalization="torchvision")

@@ -1,0 +1,106 @@
+"""The service benchmark: option checks, the commands it starts, server start/stop, the ratios, the
+naive app's answers, and (slow) a whole sweep of both apps on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+from bench import servers, service_bench
+from bench.naive_app import create_app
+from model.errors import UserError
+from service.benchmark import synthetic_jpeg
+
+
+def args_for(*extra: str):
+    return service_bench.build_parser().parse_args(list(extra))
+
+
+def test_options_are_checked():
+    levels, apps, env = service_bench.check(
+        args_for("--concurrency", "1,4", "--server-env", "REFINEDET_FP16=false")
+    )
+    assert levels == [1, 4] and apps == ["service", "naive"] and env == {"REFINEDET_FP16": "false"}
+    for bad in (
+        ["--concurrency", "0"],
+        ["--apps", "triton"],
+        ["--server-env", "FP16=false"],
+        ["--duration", "0"],
+    ):
+        with pytest.raises(UserError):
+            service_bench.check(args_for(*bad))
+
+
+def test_app_commands(tmp_path):
+    args = args_for("--device", "cpu", "--max-batch-size", "16", "--max-delay-ms", "3")
+    argv, env = service_bench.app_command("service", args, tmp_path / "m.pth")
+    assert argv[-5:] == ["--host", "127.0.0.1", "--port", "{port}", "--plain-logs"] and "serve" in argv
+    assert env["REFINEDET_MODEL"] == str(tmp_path / "m.pth") and env["REFINEDET_DEVICE"] == "cpu"
+    assert env["REFINEDET_MAX_BATCH_SIZE"] == "16" and env["REFINEDET_MAX_DELAY_MS"] == "3.0"
+    argv, env = service_bench.app_command("naive", args, tmp_path / "m.pth")
+    assert argv[1:3] == ["-m", "bench.naive_app"] and "--device" in argv and env == {}
+
+
+def test_ratios_pair_each_concurrency():
+    rows = [
+        {"app": "service", "concurrency": 1, "requests_per_s": 100.0},
+        {"app": "service", "concurrency": 4, "requests_per_s": 300.0},
+        {"app": "naive", "concurrency": 1, "requests_per_s": 50.0},
+        {"app": "naive", "concurrency": 4, "requests_per_s": 0.0},
+    ]
+    assert service_bench.ratios(rows) == [
+        {"concurrency": 1, "service_rps": 100.0, "naive_rps": 50.0, "ratio": 2.0}
+    ]
+
+
+def test_a_server_that_exits_is_reported_with_its_log(tmp_path):
+    command = [sys.executable, "-c", "import sys; print('boom: no model'); sys.exit(3)"]
+    with pytest.raises(UserError, match="boom: no model"), servers.running(command, servers.server_env({}),
+                                                                          tmp_path / "x.log", 30):  # fmt: skip
+        pass
+
+
+def test_a_server_is_stopped_after_use(tmp_path):
+    command = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
+    # http.server has no /readyz: it answers 404, so waiting times out and the process is stopped.
+    with pytest.raises(UserError, match="not ready"), servers.running(command, servers.server_env({}),
+                                                                     tmp_path / "h.log", 1.5):  # fmt: skip
+        pass
+    assert servers.batch_counters("http://127.0.0.1:9/") is None
+
+
+def test_naive_app_answers_like_the_service(tiny_checkpoint):
+    client = TestClient(create_app(tiny_checkpoint))
+    assert client.get("/readyz").status_code == 200
+    r = client.post("/detect", content=synthetic_jpeg(120, 90), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["image"] == {"width": 120, "height": 90} and isinstance(body["detections"], list)
+    assert (
+        client.post("/detect", content=b"not a jpeg", headers={"Content-Type": "image/jpeg"}).status_code
+        == 400
+    )
+
+
+@pytest.mark.slow
+def test_whole_sweep_of_both_apps(tiny_checkpoint, photos, tmp_path):
+    out = tmp_path / "service.json"
+    argv = ["--model", str(tiny_checkpoint), "--device", "cpu", "--concurrency", "1,2", "--duration", "1",
+            "--warmup", "0.3", "--max-batch-size", "2", "--images", str(photos), "--log-dir", str(tmp_path),
+            "--json", str(out)]  # fmt: skip
+    assert service_bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [(r["app"], r["concurrency"]) for r in result["rows"]] == [
+        ("service", 1),
+        ("service", 2),
+        ("naive", 1),
+        ("naive", 2),
+    ]
+    assert all(r["ok"] > 0 and r["errors"] == 0 and r["p50"] > 0 for r in result["rows"])
+    assert result["rows"][0]["mean_batch"] == 1.0
+    assert [r["concurrency"] for r in result["service_vs_naive"]] == [1, 2]
+    assert result["images"]["count"] == 3
+    assert (tmp_path / "service_server.log").is_file() and (tmp_path / "naive_server.log").is_file()
