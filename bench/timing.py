@@ -54,6 +54,6 @@ def summarize(samples_ms: list[float], batch: int) -> dict[str, Any]:
         "median_ms": stats["p50"],
         "p99_ms": stats["p99"],
         "mean_ms": stats["mean"],
-        "images_per_s": round(batch * len(samples_ms) / total_s, 1) if total_s > 0 else None,
+        "images_per_s": round(batch * len(samples_ms) / total_s, 1 if total_s < batch else 3) if total_s > 0 else None,
         "iterations": len(samples_ms),
     }

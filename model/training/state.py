@@ -20,7 +20,8 @@ TRAINING_KEY = "training"
 
 def rng_state() -> dict[str, Any]:
     """Every RNG's state, as tensors and plain values (so ``torch.load(weights_only=True)`` reads it)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    numpy_state: tuple[Any, ...] = np.random.get_state()  # type: ignore[assignment]
+    name, keys, pos, has_gauss, cached = numpy_state
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
