@@ -41,7 +41,7 @@ if [ -n "${BENCH_QUICK:-}" ]; then  # local dry run: tiny sizes and durations
   SERVICE_ARGS=(--concurrency 1,4 --duration 3 --warmup 1 --client-processes 2 --max-batch-size 4)
   LIMIT_MODEL=600 LIMIT_CPU=300 LIMIT_SERVICE=300
 else
-  MODEL_ARGS=(--time-budget 1.5 --warmup 5 --iters 300 --max-seconds 170)
+  MODEL_ARGS=(--time-budget 1.0 --warmup 5 --iters 300 --max-seconds 170)
   CPU_ARGS=(--iters 40 --warmup 3 --time-budget 6)
   SERVICE_ARGS=(--concurrency 1,4,16,64 --duration 8 --warmup 2 --client-processes 4
                 --max-batch-size 32 --max-delay-ms 2 --max-queue-size 1024)

@@ -29,7 +29,8 @@ from model.runtime.base import ArtifactRunner
 from service.backends.artifact import OnnxRuntimeBackend
 from service.backends.base import Backend, synchronize
 
-BACKENDS = ("torch-eager", "torch", "onnxruntime", "tensorrt", "vgg16-trunk")
+# In the order they run: the fast path and its floor first, so a run cut short keeps them.
+BACKENDS = ("torch", "vgg16-trunk", "torch-eager", "onnxruntime", "tensorrt")
 TRUNK = "vgg16-trunk"
 
 

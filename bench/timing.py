@@ -50,10 +50,11 @@ def summarize(samples_ms: list[float], batch: int) -> dict[str, Any]:
     """{median_ms, p99_ms, mean_ms, images_per_s, iterations} of per-batch latencies."""
     stats = percentiles(samples_ms)
     total_s = sum(samples_ms) / 1e3
+    rate = batch * len(samples_ms) / total_s if total_s > 0 else None
     return {
         "median_ms": stats["p50"],
         "p99_ms": stats["p99"],
         "mean_ms": stats["mean"],
-        "images_per_s": round(batch * len(samples_ms) / total_s, 1 if total_s < batch else 3) if total_s > 0 else None,
+        "images_per_s": None if rate is None else round(rate, 1 if rate >= 100 else 3),
         "iterations": len(samples_ms),
     }

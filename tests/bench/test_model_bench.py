@@ -142,3 +142,15 @@ def test_cpu_run_compares_onnxruntime_with_eager(tiny_checkpoint, photos, tmp_pa
     assert {("onnxruntime", "fp32", 1, "net"), ("onnxruntime", "fp32", 1, "net+post")} <= measured(result)
     assert [r["mode"] for r in result["summary"]["onnxruntime_vs_eager"]] == ["net", "net+post"]
     assert "onnxruntime vs torch-eager, size 64 batch 1" in capsys.readouterr().out
+
+
+def test_a_failing_backend_is_a_row_not_a_crash(tiny_checkpoint, photos, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB\nmore details")
+
+    monkeypatch.setattr(model_bench, "make_backend", out_of_memory)
+    result = run_bench(tmp_path, tiny_checkpoint, photos, "--batch-sizes", "1", "--backends", "torch-eager,vgg16-trunk",
+                       "--threads", "1")  # fmt: skip
+    [failed] = [r for r in result["rows"] if r["backend"] == "torch-eager"]
+    assert failed["skipped"] == "error: CUDA out of memory. Tried to allocate 8.00 GiB"
+    assert measured(result) == {("vgg16-trunk", "fp32", 1, "net")}

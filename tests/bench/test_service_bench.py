@@ -63,13 +63,18 @@ def test_a_server_that_exits_is_reported_with_its_log(tmp_path):
         pass
 
 
-def test_a_server_is_stopped_after_use(tmp_path):
+def test_a_server_that_never_gets_ready_is_stopped(tmp_path):
+    log = tmp_path / "h.log"
     command = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
-    # http.server has no /readyz: it answers 404, so waiting times out and the process is stopped.
-    with pytest.raises(UserError, match="not ready"), servers.running(command, servers.server_env({}),
-                                                                     tmp_path / "h.log", 1.5):  # fmt: skip
+    # http.server has no /readyz (404), so waiting times out; the process must be gone afterwards.
+    with (
+        pytest.raises(UserError, match="not ready"),
+        servers.running(command, servers.server_env({}), log, 1.5),
+    ):
         pass
-    assert servers.batch_counters("http://127.0.0.1:9/") is None
+    port = log.read_text().splitlines()[0].split()[-1]
+    assert servers.get(f"http://127.0.0.1:{port}/")[0] == 0  # nothing answers any more
+    assert servers.batch_counters(f"http://127.0.0.1:{port}") is None
 
 
 def test_naive_app_answers_like_the_service(tiny_checkpoint):

@@ -157,3 +157,63 @@ def test_eval_on_bccd_with_a_random_refinedet320(bccd, tmp_path, capsys):
     assert result["num_images"] == 72 and set(result["per_class"]) == {"RBC", "WBC", "Platelets"}
     assert all(n > 0 for n in result["num_positives"].values())
     assert 0.0 <= result["mAP"] < 0.5  # an untrained network is far from useful
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_refinedet_train_is_evaluated_on_bccd(bccd, tmp_path):
+    """`refinedet train` (1 iteration, input 64) writes last.pth; `refinedet eval` reads it back."""
+    from model.training import cli as train_cli
+
+    parser = argparse.ArgumentParser(prog="refinedet")
+    sub = parser.add_subparsers(dest="command")
+    train_cli.register(sub)
+    cli.register(sub)
+    run = tmp_path / "run"
+    train = [
+        "train",
+        "--data",
+        str(bccd),
+        "--split",
+        "train",
+        "--classes",
+        "RBC",
+        "WBC",
+        "Platelets",
+        "--input-size",
+        "64",
+        "--iterations",
+        "1",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--output",
+        str(run),
+        "--no-progress",
+    ]
+    args = parser.parse_args(train)
+    assert (args.handler(args) or 0) == 0
+    checkpoint = run / "last.pth"
+    out = tmp_path / "eval"
+    args = parser.parse_args(
+        [
+            "eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(bccd),
+            "--split",
+            "test",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
+    assert args.handler(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["num_images"] == 72 and result["input_size"] == 64
+    assert list(result["per_class"]) == ["RBC", "WBC", "Platelets"]
