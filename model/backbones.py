@@ -14,7 +14,25 @@ from torch import Tensor, nn
 
 from model.layers import Bottleneck, L2Norm, init_new_layers
 
-VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+VGG16_CFG: list[int | str] = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+]
 CONV4_3_RELU = 23  # features[:23] ends with conv4_3's ReLU
 
 

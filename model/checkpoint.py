@@ -113,7 +113,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RefineDet, dict[str, Any]]:
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[RefineDet, dict[str, Any]]:
     """Rebuild the model from the file alone. Returns (model in eval mode, float32; raw checkpoint)."""
     ckpt = read_checkpoint(path, map_location)
     config = RefineDetConfig.from_dict(ckpt["config"])
@@ -121,7 +123,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(
+            f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return model.to(map_location).eval(), ckpt
 
 

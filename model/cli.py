@@ -28,7 +28,9 @@ COMMAND_MODULES = (
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="print a preset's input size, feature maps, anchors, parameters")
     p.add_argument("preset", help="preset name, e.g. refinedet320_vgg16")
-    p.add_argument("--num-classes", type=int, default=None, help="object classes (without background); default 20 (VOC)")
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="object classes (without background); default 20 (VOC)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_info)
 

@@ -29,6 +29,8 @@ OUTPUT_NAMES = ("arm_loc", "arm_conf", "odm_loc", "odm_conf")
 
 
 class RefineDet(nn.Module):
+    anchors: Tensor  # [A, 4] priors_cxcywh, a non-persistent buffer computed once from the config
+
     def __init__(self, config: RefineDetConfig) -> None:
         super().__init__()
         self.config = config
@@ -64,12 +66,17 @@ class RefineDet(nn.Module):
     def forward(self, images: Tensor) -> RefineDetOutput:
         """images: Tensor[B, 3, S, S], already normalised per ``config.normalization``."""
         sources = self.backbone(images)
-        arm_feats = [a(x) for a, x in zip(self.arm_adapters, sources, strict=True)] if self.arm_adapters else sources
+        arm_feats = (
+            [a(x) for a, x in zip(self.arm_adapters, sources, strict=True)] if self.arm_adapters else sources
+        )
         odm_feats = self._transfer(sources) if self.tcbs is not None else sources
         if self.odm_adapters is not None:
             odm_feats = [a(x) for a, x in zip(self.odm_adapters, odm_feats, strict=True)]
         return RefineDetOutput(
-            self.arm_loc(arm_feats), self.arm_conf(arm_feats), self.odm_loc(odm_feats), self.odm_conf(odm_feats)
+            self.arm_loc(arm_feats),
+            self.arm_conf(arm_feats),
+            self.odm_loc(odm_feats),
+            self.odm_conf(odm_feats),
         )
 
     def _transfer(self, sources: list[Tensor]) -> list[Tensor]:

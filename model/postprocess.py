@@ -36,7 +36,9 @@ def decode_predictions(
     """Raw head outputs -> (boxes_xyxy Tensor[B, A, 4] normalised, scores Tensor[B, A, C-1])."""
     coder = BoxCoder(config.anchors.variances)
     anchors = anchors_cxcywh.float()
-    refined = coder.decode(arm_loc.float(), anchors) if config.ablation.cascade else anchors.expand_as(odm_loc)
+    refined = (
+        coder.decode(arm_loc.float(), anchors) if config.ablation.cascade else anchors.expand_as(odm_loc)
+    )
     boxes = cxcywh_to_xyxy(coder.decode(odm_loc.float(), refined))
     scores = torch.softmax(odm_conf.float(), dim=-1)[..., 1:]
     if config.ablation.negative_filtering:
@@ -81,7 +83,9 @@ def to_pixels(boxes_xyxy: Tensor, width: float, height: float, clip: bool = True
 
 def box_iou_matrix(boxes_xyxy: Tensor) -> Tensor:
     """Pairwise IoU within each group: Tensor[N, K, 4] -> Tensor[N, K, K]."""
-    area = (boxes_xyxy[..., 2] - boxes_xyxy[..., 0]).clamp(min=0) * (boxes_xyxy[..., 3] - boxes_xyxy[..., 1]).clamp(min=0)
+    area = (boxes_xyxy[..., 2] - boxes_xyxy[..., 0]).clamp(min=0) * (
+        boxes_xyxy[..., 3] - boxes_xyxy[..., 1]
+    ).clamp(min=0)
     lt = torch.maximum(boxes_xyxy[:, :, None, :2], boxes_xyxy[:, None, :, :2])
     rb = torch.minimum(boxes_xyxy[:, :, None, 2:], boxes_xyxy[:, None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(dim=-1)
@@ -111,7 +115,9 @@ def batched_greedy_nms(boxes_xyxy: Tensor, valid: Tensor, iou_threshold: float) 
     return keep
 
 
-def select_detections(boxes_xyxy: Tensor, scores: Tensor, config: PostprocessConfig, max_groups: int = 4096) -> Detections:
+def select_detections(
+    boxes_xyxy: Tensor, scores: Tensor, config: PostprocessConfig, max_groups: int = 4096
+) -> Detections:
     """Per-class threshold, top_k, NMS and keep_top_k on decoded predictions.
 
     boxes_xyxy: Tensor[B, A, 4]; scores: Tensor[B, A, C-1] (background excluded).
@@ -123,15 +129,23 @@ def select_detections(boxes_xyxy: Tensor, scores: Tensor, config: PostprocessCon
     k = int(min(config.top_k, a, int((per_class > thr).sum(dim=-1).max()) if per_class.numel() else 0))
     m = config.keep_top_k
     if k == 0:
-        return Detections(boxes_xyxy.new_zeros(b, m, 4), scores.new_zeros(b, m), scores.new_zeros(b, m, dtype=torch.long))
+        return Detections(
+            boxes_xyxy.new_zeros(b, m, 4), scores.new_zeros(b, m), scores.new_zeros(b, m, dtype=torch.long)
+        )
     top_scores, top_idx = per_class.topk(k, dim=-1)  # [B, C-1, K], sorted
-    cand_boxes = torch.gather(boxes_xyxy[:, None].expand(b, c, a, 4), 2, top_idx[..., None].expand(b, c, k, 4))
+    cand_boxes = torch.gather(
+        boxes_xyxy[:, None].expand(b, c, a, 4), 2, top_idx[..., None].expand(b, c, k, 4)
+    )
     valid = top_scores > thr
     flat_boxes, flat_valid = cand_boxes.reshape(b * c, k, 4), valid.reshape(b * c, k)
-    keep = torch.cat([
-        batched_greedy_nms(flat_boxes[i : i + max_groups], flat_valid[i : i + max_groups], config.nms_threshold)
-        for i in range(0, b * c, max_groups)
-    ]).reshape(b, c, k)
+    keep = torch.cat(
+        [
+            batched_greedy_nms(
+                flat_boxes[i : i + max_groups], flat_valid[i : i + max_groups], config.nms_threshold
+            )
+            for i in range(0, b * c, max_groups)
+        ]
+    ).reshape(b, c, k)
     kept_scores = torch.where(keep, top_scores, torch.zeros_like(top_scores)).reshape(b, c * k)
     labels = torch.arange(1, c + 1, device=scores.device).repeat_interleave(k).expand(b, c * k)
     m_eff = min(m, c * k)
@@ -153,7 +167,9 @@ class PostProcessor:
         self.config = config
         self.postprocess = postprocess or config.postprocess
 
-    def decode(self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], anchors_cxcywh: Tensor) -> tuple[Tensor, Tensor]:
+    def decode(
+        self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], anchors_cxcywh: Tensor
+    ) -> tuple[Tensor, Tensor]:
         return decode_predictions(*outputs, anchors_cxcywh, self.config)
 
     def __call__(self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], anchors_cxcywh: Tensor) -> Detections:

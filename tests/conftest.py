@@ -18,7 +18,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def bccd_root() -> Path | None:
     """The shared BCCD dataset (env REFINEDET_BCCD, else ../shared/data/BCCD beside the repo)."""
-    candidates = [os.environ.get("REFINEDET_BCCD"), REPO_ROOT.parent / "shared" / "data" / "BCCD", REPO_ROOT / "data" / "BCCD"]
+    candidates = [
+        os.environ.get("REFINEDET_BCCD"),
+        REPO_ROOT.parent / "shared" / "data" / "BCCD",
+        REPO_ROOT / "data" / "BCCD",
+    ]
     for c in candidates:
         if c and (Path(c) / "Annotations").is_dir():
             return Path(c)

@@ -52,12 +52,16 @@ def test_default_model_finds_annotated_cells(default_model, bccd):
         with torch.no_grad():
             x = preprocess([image], config.input_size, config.normalization)
             dets = PostProcessor(config)(default_model(x), default_model.anchors)
-        boxes, scores, labels = dets.image(0, SCORE_THRESHOLD)
+        boxes, _, labels = dets.image(0, SCORE_THRESHOLD)
         boxes = to_pixels(boxes, ann["width"], ann["height"])
         for cls in range(1, config.num_classes):
             gt = ann["boxes"][ann["labels"] == cls]
             pred = boxes[labels == cls]
-            hit = (box_iou(gt, pred).max(dim=1).values >= 0.5) if len(pred) else torch.zeros(len(gt), dtype=torch.bool)
+            hit = (
+                (box_iou(gt, pred).max(dim=1).values >= 0.5)
+                if len(pred)
+                else torch.zeros(len(gt), dtype=torch.bool)
+            )
             found += int(hit.sum())
             total += len(gt)
             if config.class_names[cls - 1] == "WBC":

@@ -37,8 +37,8 @@ def test_nms_never_keeps_overlapping_same_class_boxes():
     scores[0, :, 0] = torch.tensor([0.9, 0.8, 0.7])  # class 1: first two overlap (IoU ~0.95)
     scores[0, :, 1] = torch.tensor([0.0, 0.85, 0.0])  # class 2: the second box alone survives
     dets = select_detections(boxes[None], scores, PostprocessConfig())
-    b, s, lab = dets.image(0)
-    assert sorted(zip(lab.tolist(), [round(x, 2) for x in s.tolist()])) == [(1, 0.7), (1, 0.9), (2, 0.85)]
+    _, s, lab = dets.image(0)
+    assert sorted(zip(lab.tolist(), [round(x, 2) for x in s.tolist()], strict=True)) == [(1, 0.7), (1, 0.9), (2, 0.85)]
 
 
 def test_score_threshold_top_k_and_keep_top_k():

@@ -42,6 +42,9 @@ def test_bgr_caffe_normalisation_flips_channels_and_subtracts_mean():
 
 
 def test_preprocess_warps_any_size_to_the_square_input():
-    images = [torch.randint(0, 255, (3, 48, 80), dtype=torch.uint8), torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 255, (3, 48, 80), dtype=torch.uint8),
+        torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8),
+    ]
     out = preprocess(images, 64, Normalization.torchvision())
     assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
