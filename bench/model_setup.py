@@ -28,6 +28,7 @@ from model.preprocess import load_image, preprocess
 from model.runtime.base import ArtifactRunner
 from service.backends.artifact import OnnxRuntimeBackend
 from service.backends.base import Backend, synchronize
+from service.backends.torch import capture_cuda_graph
 
 # In the order they run: the fast path and its floor first, so a run cut short keeps them.
 BACKENDS = ("torch", "vgg16-trunk", "torch-eager", "onnxruntime", "tensorrt")
@@ -185,14 +186,7 @@ class Trunk:
         for b in batch_sizes:
             x = torch.randn(b, 3, self.size, self.size, device=self.device, dtype=self.dtype)
             x = x.contiguous(memory_format=self.memory_format)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.trunk(x)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.trunk(x)
+            graph, out = capture_cuda_graph(self.trunk, x, pool, stream)
             self.graphs[b] = (graph, x, out)
         synchronize(self.device)
 

@@ -9,7 +9,9 @@ from the engine thread, and their static outputs are copied before the next repl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,13 +121,24 @@ class TorchBackend(Backend):
         for b in sorted(self.buckets, reverse=True):
             static_in = torch.zeros(b, 3, s, s, device=self.device, dtype=self.dtype)
             static_in = static_in.contiguous(memory_format=self.memory_format)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up iterations off the default stream, as capture requires
-                for _ in range(2):
-                    self.model(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                static_out = self.model(static_in)
+            graph, static_out = capture_cuda_graph(self.model, static_in, pool, stream)
             self._graphs[b] = (graph, static_in, static_out)
         log.info("captured CUDA graphs for batch sizes %s", sorted(self._graphs))
+
+
+def capture_cuda_graph(
+    module: Callable[[Tensor], Any], static_in: Tensor, pool: Any, stream: torch.cuda.Stream
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture ``module(static_in)`` into a CUDA graph (after two warm-up calls on ``stream``, off the
+    default stream as capture requires). Returns (graph, static outputs); replay after copying new
+    inputs into ``static_in``."""
+    device = static_in.device
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            module(static_in)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        static_out = module(static_in)
+    return graph, static_out
