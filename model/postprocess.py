@@ -9,7 +9,12 @@ Evaluation, export verification, every serving backend and the benchmarks call t
 2. ``select_detections``: per image and class keep score > ``score_threshold``, the ``top_k`` best,
    greedy NMS at ``nms_threshold``, then the ``keep_top_k`` best of the image. Batched on the device;
    the NMS is exact greedy NMS (see ``batched_greedy_nms``). Output is padded to a fixed shape.
-3. ``Detections.to_pixels``: normalised boxes -> original image pixels.
+   Two modes with the same result: *adaptive* (``nms_passes=None``) reads the candidate count and NMS
+   convergence on the host (cheap on the CPU); *sync-free* (``nms_passes=P``, used on CUDA) uses fixed
+   shapes and P NMS passes with no host synchronisation, so it can be captured in a CUDA graph with
+   the network, and flags whether P passes sufficed (``Detections.converged``). ``detections_to_host``
+   is the one copy to the host; it redoes the rare unconverged batch adaptively, so both modes are exact.
+3. ``to_pixels``: normalised boxes -> original image pixels.
 
 Scores are the ODM softmax probability, not multiplied by ARM objectness (as in the original code).
 """
@@ -58,6 +63,7 @@ class Detections:
     boxes_xyxy: Tensor
     scores: Tensor
     labels: Tensor
+    converged: Tensor | None = None  # sync-free mode: bool scalar, False if NMS needed more passes
 
     @property
     def valid(self) -> Tensor:
@@ -69,7 +75,10 @@ class Detections:
         return self.boxes_xyxy[i][keep], self.scores[i][keep], self.labels[i][keep]
 
     def to(self, device: str | torch.device) -> Detections:
-        return Detections(self.boxes_xyxy.to(device), self.scores.to(device), self.labels.to(device))
+        converged = None if self.converged is None else self.converged.to(device)
+        return Detections(
+            self.boxes_xyxy.to(device), self.scores.to(device), self.labels.to(device), converged
+        )
 
 
 def to_pixels(boxes_xyxy: Tensor, width: float, height: float, clip: bool = True) -> Tensor:
@@ -92,6 +101,33 @@ def box_iou_matrix(boxes_xyxy: Tensor) -> Tensor:
     return inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-12)
 
 
+# NMS passes of the sync-free mode. On BCCD photos with the shipped model (122 images, 400 candidates
+# per class) exact greedy NMS needed 2-10 passes including the final check; 12 leaves headroom.
+SYNC_FREE_NMS_PASSES = 12
+# Elements of one [groups, K, K] IoU chunk (the IoU takes ~10 such float temporaries).
+NMS_CHUNK_ELEMENTS = 1 << 26
+
+
+def suppression_matrix(boxes_xyxy: Tensor, iou_threshold: float, dtype: torch.dtype) -> Tensor:
+    """overlaps[n, j, i] = 1 where box j comes before box i in group n and overlaps it by more than the
+    threshold, else 0, in ``dtype`` (a 0/1 matrix for ``nms_pass``'s matrix product)."""
+    return torch.triu(box_iou_matrix(boxes_xyxy.float()) > iou_threshold, diagonal=1).to(dtype)
+
+
+def nms_pass(overlaps: Tensor, valid: Tensor, keep: Tensor) -> Tensor:
+    """One step of greedy NMS's fixed-point iteration: keep i iff valid and no kept j < i overlaps it.
+
+    All three are 0/1 matrices, valid and keep Tensor[N, 1, K]: keep @ overlaps counts the kept boxes
+    that overlap each box, and relu(valid - count) is 1 exactly where that count is 0. Two kernels per
+    pass; counts are integers <= K, exact in float16 up to K = 2048.
+    """
+    return torch.baddbmm(valid, keep, overlaps, alpha=-1).clamp_(min=0)
+
+
+def nms_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def batched_greedy_nms(boxes_xyxy: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
     """Exact greedy NMS for many independent groups at once.
 
@@ -99,38 +135,65 @@ def batched_greedy_nms(boxes_xyxy: Tensor, valid: Tensor, iou_threshold: float) 
     Returns keep: Tensor[N, K] bool. Greedy NMS keeps box i iff no kept box j < i overlaps it by more
     than the threshold. That recurrence has one solution; iterating keep <- f(keep) from "all valid"
     fixes one more position per pass and stops at it as soon as an iteration changes nothing (in
-    practice a handful of passes, never more than K).
+    practice a handful of passes, never more than K). Each pass reads its convergence on the host.
     """
     if boxes_xyxy.shape[1] == 0:
         return valid.clone()
-    overlaps = box_iou_matrix(boxes_xyxy.float()) > iou_threshold
-    overlaps = torch.triu(overlaps, diagonal=1)  # j < i only: overlaps[n, j, i]
-    keep = valid.clone()
+    dtype = nms_dtype(boxes_xyxy.device)
+    overlaps = suppression_matrix(boxes_xyxy, iou_threshold, dtype)
+    valid_f = valid.to(dtype)[:, None, :]
+    keep = valid_f
     for _ in range(boxes_xyxy.shape[1]):
-        suppressed = (overlaps & keep[:, :, None]).any(dim=1)
-        new_keep = valid & ~suppressed
+        new_keep = nms_pass(overlaps, valid_f, keep)
         if torch.equal(new_keep, keep):
             break
         keep = new_keep
-    return keep
+    return keep[:, 0] > 0
+
+
+def fixed_pass_nms(
+    boxes_xyxy: Tensor, valid: Tensor, iou_threshold: float, passes: int
+) -> tuple[Tensor, Tensor]:
+    """``passes`` steps of the same iteration with no host synchronisation.
+
+    Returns (keep Tensor[N, K] bool, converged: bool scalar Tensor). ``converged`` is True when the last
+    pass changed nothing, i.e. keep is the exact greedy result; otherwise keep is not final.
+    """
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    dtype = nms_dtype(boxes_xyxy.device)
+    overlaps = suppression_matrix(boxes_xyxy, iou_threshold, dtype)
+    valid_f = valid.to(dtype)[:, None, :]
+    previous, keep = valid_f, nms_pass(overlaps, valid_f, valid_f)
+    for _ in range(passes - 1):
+        previous, keep = keep, nms_pass(overlaps, valid_f, keep)
+    return keep[:, 0] > 0, (keep == previous).all()
 
 
 def select_detections(
-    boxes_xyxy: Tensor, scores: Tensor, config: PostprocessConfig, max_groups: int = 4096
+    boxes_xyxy: Tensor, scores: Tensor, config: PostprocessConfig, nms_passes: int | None = None
 ) -> Detections:
     """Per-class threshold, top_k, NMS and keep_top_k on decoded predictions.
 
-    boxes_xyxy: Tensor[B, A, 4]; scores: Tensor[B, A, C-1] (background excluded).
+    boxes_xyxy: Tensor[B, A, 4]; scores: Tensor[B, A, C-1] (background excluded). ``nms_passes``:
+    None for the adaptive mode (host syncs), an int for the sync-free mode (see the module docstring).
     """
     b, a, c = scores.shape
     thr = config.score_threshold
     per_class = scores.transpose(1, 2)  # [B, C-1, A]
-    # One host sync: the largest candidate count bounds every per-class top_k, so NMS works on K <= top_k.
-    k = int(min(config.top_k, a, int((per_class > thr).sum(dim=-1).max()) if per_class.numel() else 0))
+    if nms_passes is None:
+        # One host sync: the largest candidate count bounds every per-class top_k, so NMS works on K <= top_k.
+        k = int(min(config.top_k, a, int((per_class > thr).sum(dim=-1).max()) if per_class.numel() else 0))
+    else:
+        k = min(config.top_k, a)  # a fixed shape; invalid candidates are masked, so the result is the same
     m = config.keep_top_k
-    if k == 0:
+    converged = None if nms_passes is None else torch.ones((), dtype=torch.bool, device=scores.device)
+    if k == 0 or c == 0:
         return Detections(
-            boxes_xyxy.new_zeros(b, m, 4), scores.new_zeros(b, m), scores.new_zeros(b, m, dtype=torch.long)
+            boxes_xyxy.new_zeros(b, m, 4),
+            scores.new_zeros(b, m),
+            scores.new_zeros(b, m, dtype=torch.long),
+            converged,
         )
     top_scores, top_idx = per_class.topk(k, dim=-1)  # [B, C-1, K], sorted
     cand_boxes = torch.gather(
@@ -138,16 +201,21 @@ def select_detections(
     )
     valid = top_scores > thr
     flat_boxes, flat_valid = cand_boxes.reshape(b * c, k, 4), valid.reshape(b * c, k)
-    keep = torch.cat(
-        [
-            batched_greedy_nms(
-                flat_boxes[i : i + max_groups], flat_valid[i : i + max_groups], config.nms_threshold
-            )
-            for i in range(0, b * c, max_groups)
-        ]
-    ).reshape(b, c, k)
+    chunk = max(1, NMS_CHUNK_ELEMENTS // (k * k))
+    keeps, dones = [], []
+    for i in range(0, b * c, chunk):
+        group_boxes, group_valid = flat_boxes[i : i + chunk], flat_valid[i : i + chunk]
+        if nms_passes is None:
+            keeps.append(batched_greedy_nms(group_boxes, group_valid, config.nms_threshold))
+        else:
+            keep, done = fixed_pass_nms(group_boxes, group_valid, config.nms_threshold, nms_passes)
+            keeps.append(keep)
+            dones.append(done)
+    if dones:
+        converged = torch.stack(dones).all()
+    keep = torch.cat(keeps).reshape(b, c, k)
     kept_scores = torch.where(keep, top_scores, torch.zeros_like(top_scores)).reshape(b, c * k)
-    labels = torch.arange(1, c + 1, device=scores.device).repeat_interleave(k).expand(b, c * k)
+    labels = (torch.arange(c * k, device=scores.device) // k + 1).expand(b, c * k)  # class of each slot
     m_eff = min(m, c * k)
     best_scores, best = kept_scores.topk(m_eff, dim=-1)
     out_boxes = torch.gather(cand_boxes.reshape(b, c * k, 4), 1, best[..., None].expand(b, m_eff, 4))
@@ -157,15 +225,44 @@ def select_detections(
         out_boxes = torch.cat([out_boxes, out_boxes.new_zeros(b, pad, 4)], 1)
         best_scores = torch.cat([best_scores, best_scores.new_zeros(b, pad)], 1)
         out_labels = torch.cat([out_labels, out_labels.new_zeros(b, pad)], 1)
-    return Detections(out_boxes, best_scores, out_labels)
+    return Detections(out_boxes, best_scores, out_labels, converged)
+
+
+def detections_to_host(
+    detections: Detections, boxes_xyxy: Tensor, scores: Tensor, config: PostprocessConfig
+) -> Detections:
+    """The one device -> host copy of a batch's detections. A sync-free result whose NMS had not
+    converged is recomputed from its decoded ``boxes_xyxy``/``scores`` in the adaptive mode, so the
+    answer is always exact greedy NMS."""
+    host = detections.to("cpu")
+    if host.converged is not None and not bool(host.converged):
+        host = select_detections(boxes_xyxy, scores, config).to("cpu")
+    return Detections(host.boxes_xyxy, host.scores, host.labels)
 
 
 class PostProcessor:
-    """decode_predictions + select_detections for one model config; the object everyone shares."""
+    """decode_predictions + select_detections for one model config; the object everyone shares.
 
-    def __init__(self, config: RefineDetConfig, postprocess: PostprocessConfig | None = None) -> None:
+    ``nms_passes``: "auto" (sync-free with ``SYNC_FREE_NMS_PASSES`` on CUDA tensors, adaptive on the
+    CPU), None (always adaptive) or a pass count (always sync-free).
+    """
+
+    def __init__(
+        self,
+        config: RefineDetConfig,
+        postprocess: PostprocessConfig | None = None,
+        nms_passes: int | str | None = "auto",
+    ) -> None:
+        if isinstance(nms_passes, str) and nms_passes != "auto":
+            raise ValueError(f"nms_passes must be 'auto', None or an int, got {nms_passes!r}")
         self.config = config
         self.postprocess = postprocess or config.postprocess
+        self.nms_passes = nms_passes
+
+    def passes_for(self, device: torch.device) -> int | None:
+        if self.nms_passes == "auto":
+            return SYNC_FREE_NMS_PASSES if device.type == "cuda" else None
+        return self.nms_passes  # type: ignore[return-value]
 
     def decode(
         self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], anchors_cxcywh: Tensor
@@ -173,5 +270,18 @@ class PostProcessor:
         return decode_predictions(*outputs, anchors_cxcywh, self.config)
 
     def __call__(self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], anchors_cxcywh: Tensor) -> Detections:
+        """Exact detections on the outputs' device (adaptive mode)."""
         boxes, scores = self.decode(outputs, anchors_cxcywh)
         return select_detections(boxes, scores, self.postprocess)
+
+    def select_to_host(self, boxes_xyxy: Tensor, scores: Tensor) -> Detections:
+        """Select (sync-free on CUDA unless configured otherwise) and copy to the host; exact either way."""
+        passes = self.passes_for(scores.device)
+        detections = select_detections(boxes_xyxy, scores, self.postprocess, passes)
+        return detections_to_host(detections, boxes_xyxy, scores, self.postprocess)
+
+    def detect_to_host(
+        self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], anchors_cxcywh: Tensor
+    ) -> Detections:
+        """Decode, select and copy to the host, exact in either mode."""
+        return self.select_to_host(*self.decode(outputs, anchors_cxcywh))

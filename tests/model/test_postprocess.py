@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torchvision.ops import nms
 
@@ -9,6 +10,7 @@ from model.postprocess import (
     PostProcessor,
     batched_greedy_nms,
     decode_predictions,
+    detections_to_host,
     select_detections,
     to_pixels,
 )
@@ -38,7 +40,11 @@ def test_nms_never_keeps_overlapping_same_class_boxes():
     scores[0, :, 1] = torch.tensor([0.0, 0.85, 0.0])  # class 2: the second box alone survives
     dets = select_detections(boxes[None], scores, PostprocessConfig())
     _, s, lab = dets.image(0)
-    assert sorted(zip(lab.tolist(), [round(x, 2) for x in s.tolist()], strict=True)) == [(1, 0.7), (1, 0.9), (2, 0.85)]
+    assert sorted(zip(lab.tolist(), [round(x, 2) for x in s.tolist()], strict=True)) == [
+        (1, 0.7),
+        (1, 0.9),
+        (2, 0.85),
+    ]
 
 
 def test_score_threshold_top_k_and_keep_top_k():
@@ -94,3 +100,100 @@ def test_to_pixels_scales_and_clips():
     boxes = torch.tensor([[0.1, 0.2, 0.5, 1.2]])
     px = to_pixels(boxes, width=640, height=480)
     assert torch.allclose(px, torch.tensor([[64.0, 96.0, 320.0, 480.0]]))
+
+
+def clustered_predictions(b: int, a: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes jittered around a few centres (long suppression chains), scores with many candidates."""
+    g = torch.Generator().manual_seed(seed)
+    centres = random_boxes(8, g)
+    boxes = centres[torch.randint(0, 8, (b, a), generator=g)] + torch.randn(b, a, 4, generator=g) * 0.03
+    return boxes, torch.rand(b, a, c, generator=g) * 0.5
+
+
+def same_detections(x: Detections, y: Detections) -> None:
+    torch.testing.assert_close(x.scores, y.scores)
+    torch.testing.assert_close(x.labels, y.labels)
+    torch.testing.assert_close(x.boxes_xyxy, y.boxes_xyxy)
+
+
+def test_sync_free_selection_equals_adaptive_when_converged():
+    config = PostprocessConfig(top_k=60, keep_top_k=50)
+    for seed in range(5):
+        boxes, scores = clustered_predictions(3, 200, 4, seed)
+        exact = select_detections(boxes, scores, config)
+        fast = select_detections(boxes, scores, config, nms_passes=60)
+        assert exact.converged is None and bool(fast.converged)
+        same_detections(fast, exact)
+
+
+def chain_boxes(n: int) -> torch.Tensor:
+    """Boxes shifted step by step: each overlaps its neighbours only, so greedy NMS needs ~n passes."""
+    x = torch.arange(n, dtype=torch.float32) * 0.02
+    return torch.stack([x, torch.zeros(n), x + 0.05, torch.full((n,), 0.05)], dim=1)
+
+
+def test_sync_free_flags_unconverged_nms_and_host_copy_redoes_it_exactly():
+    boxes = chain_boxes(12)[None]
+    scores = torch.linspace(0.9, 0.5, 12)[None, :, None]  # sorted along the chain
+    config = PostprocessConfig(nms_threshold=0.3, keep_top_k=12)
+    exact = select_detections(boxes, scores, config)
+    assert exact.scores.gt(0).sum() == 6  # every other box of the chain survives
+    short = select_detections(boxes, scores, config, nms_passes=2)
+    assert not bool(short.converged)
+    assert not torch.equal(short.scores, exact.scores)  # two passes are not enough here...
+    host = detections_to_host(short, boxes, scores, config)  # ...so the host copy recomputes it
+    same_detections(host, exact)
+    assert host.converged is None
+
+
+def test_sync_free_selection_never_reads_tensor_values_on_the_host():
+    """Under FakeTensorMode any read of a tensor's data (``int(t)``, ``torch.equal``, ``nonzero``) raises:
+    the sync-free mode must trace through, so it can run inside a CUDA graph. The adaptive mode must not
+    (which shows the check can fail)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    config = PostprocessConfig(top_k=50, keep_top_k=40)
+    with FakeTensorMode() as mode:
+        boxes = mode.from_tensor(torch.rand(2, 100, 4))
+        scores = mode.from_tensor(torch.rand(2, 100, 3))
+        det = select_detections(boxes, scores, config, nms_passes=4)
+        assert det.boxes_xyxy.shape == (2, 40, 4) and det.converged is not None
+        with pytest.raises(Exception, match=r"local_scalar_dense|data.dependent"):
+            select_detections(boxes, scores, config)
+
+
+def test_post_processor_host_path_is_exact_in_both_modes():
+    cfg = preset("refinedet320_vgg16", class_names=("a", "b"))
+    anchors = generate_anchors(cfg)
+    g = torch.Generator().manual_seed(3)
+    a = anchors.shape[0]
+    outputs = (
+        torch.randn(2, a, 4, generator=g) * 0.5,
+        torch.randn(2, a, 2, generator=g),
+        torch.randn(2, a, 4, generator=g) * 0.5,
+        torch.randn(2, a, 3, generator=g) * 2,
+    )
+    adaptive = PostProcessor(cfg, nms_passes=None).detect_to_host(outputs, anchors)
+    for passes in (1, 3, 50):
+        same_detections(PostProcessor(cfg, nms_passes=passes).detect_to_host(outputs, anchors), adaptive)
+    same_detections(PostProcessor(cfg)(outputs, anchors), adaptive)
+
+
+@pytest.mark.gpu
+def test_sync_free_selection_does_not_synchronise_on_cuda():
+    """On the GPU itself: with CUDA's sync debug mode set to error, the sync-free mode runs and the
+    adaptive mode (which reads counts on the host) raises."""
+    boxes, scores = clustered_predictions(4, 300, 3, seed=7)
+    boxes, scores = boxes.cuda(), scores.cuda()
+    config = PostprocessConfig(top_k=100, keep_top_k=50)
+    exact = select_detections(boxes, scores, config)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fast = select_detections(boxes, scores, config, nms_passes=30)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            select_detections(boxes, scores, config)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert bool(fast.converged)
+    same_detections(fast.to("cpu"), exact.to("cpu"))

