@@ -119,7 +119,9 @@ def latency_summary(values_ms: Sequence[float]) -> dict[str, float | None]:
     """{p50, p90, p99, mean} in ms (``service.benchmark.percentiles``); None values when empty."""
     from service.benchmark import percentiles
 
-    return percentiles(list(values_ms)) if values_ms else dict.fromkeys(("p50", "p90", "p99", "mean"))
+    if not values_ms:
+        return dict.fromkeys(("p50", "p90", "p99", "mean"))
+    return dict(percentiles(list(values_ms)))
 
 
 def combine(concurrency: int, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:

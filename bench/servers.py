@@ -1,8 +1,10 @@
 """Starting and stopping the servers the service benchmark measures, on 127.0.0.1 and a free port.
 
 ``running(command, env, log_path)`` starts the command (its output into ``log_path``), waits until
-``GET /readyz`` answers 200, yields the base URL, and stops the process it started (SIGTERM, then
-SIGKILL after a grace period). ``{port}`` in the command is replaced by the chosen port.
+``GET /readyz`` answers 200 and, with ``ready_marker``, until the log has ``ready_count`` lines holding
+it (with several uvicorn workers each loads its own model, and /readyz is answered by whichever worker
+takes the connection), yields the base URL, and stops the process it started (SIGTERM, then SIGKILL
+after a grace period). ``{port}`` in the command is replaced by the chosen port.
 """
 
 from __future__ import annotations
@@ -65,15 +67,32 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> None:
+def wait_ready(
+    proc: subprocess.Popen,
+    url: str,
+    timeout_s: float,
+    log_path: Path,
+    marker: str | None = None,
+    count: int = 1,
+    log_offset: int = 0,
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise UserError(f"the server exited with code {proc.returncode}:\n{tail(log_path)}")
-        if get(f"{url}/readyz")[0] == 200:
+        if get(f"{url}/readyz")[0] == 200 and (
+            marker is None or _log_count(log_path, marker, log_offset) >= count
+        ):
             return
         time.sleep(0.25)
     raise UserError(f"the server was not ready after {timeout_s:.0f} s:\n{tail(log_path)}")
+
+
+def _log_count(log_path: Path, marker: str, offset: int) -> int:
+    """Lines of the log written after byte ``offset`` that contain ``marker``."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        return sum(marker.encode() in line for line in log)
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
@@ -89,7 +108,12 @@ def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def running(
-    command: Sequence[str], env: dict[str, str], log_path: Path, ready_timeout_s: float = 300.0
+    command: Sequence[str],
+    env: dict[str, str],
+    log_path: Path,
+    ready_timeout_s: float = 300.0,
+    ready_marker: str | None = None,
+    ready_count: int = 1,
 ) -> Iterator[str]:
     port = free_port()
     argv = [part.replace("{port}", str(port)) for part in command]
@@ -97,10 +121,11 @@ def running(
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
+        offset = log.tell()
         proc = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://{HOST}:{port}"
     try:
-        wait_ready(proc, url, ready_timeout_s, log_path)
+        wait_ready(proc, url, ready_timeout_s, log_path, ready_marker, ready_count, offset)
         yield url
     finally:
         stop(proc)

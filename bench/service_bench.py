@@ -1,11 +1,13 @@
 """Service benchmark: ``refinedet serve`` versus a naive FastAPI app, through HTTP on 127.0.0.1, with
 real JPEG photos (BCCD, 640x480) and a closed-loop concurrency sweep.
 
-    python -m bench.service_bench --device cuda --concurrency 1,4,16,64 --duration 8 --json out/service.json
+    python -m bench.service_bench --device cuda --concurrency 1,4,16,64 --workers 1,4 --json out/service.json
 
-For each app and concurrency: requests/s, p50/p90/p99 latency and errors (non-200 answers and client
-exceptions); for the service also the mean dynamic batch size (from /metrics). Then the ratio of the
-service's requests/s to the naive app's at each concurrency. See docs/benchmarks.md.
+For each app, number of uvicorn workers (the service only: ``--workers``, REFINEDET_WORKERS) and
+concurrency: requests/s, p50/p90/p99 latency and errors (non-200 answers and client exceptions); for a
+one-worker service also the mean dynamic batch size (from /metrics, which is per worker process). Then
+the ratio of the service's requests/s to the naive app's at each concurrency and worker count. See
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from bench.load_gen import run_level
 from model.errors import UserError
 
 APPS = ("service", "naive")
+READY_LOG_MARKER = "refinedet.service: ready: "  # logged by each worker once its model is warmed up
 COLUMNS = (
-    ("app", "app"), ("concurrency", "conc"), ("requests_per_s", "req/s"), ("p50", "p50 ms"),
+    ("app", "app"), ("workers", "workers"), ("concurrency", "conc"), ("requests_per_s", "req/s"), ("p50", "p50 ms"),
     ("p90", "p90 ms"), ("p99", "p99 ms"), ("errors", "errors"), ("mean_batch", "batch"),
     ("detections_per_response", "det/resp"),
 )  # fmt: skip
@@ -47,10 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", help="the service's --backend (default torch)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="both apps' device")
     p.add_argument("--max-batch-size", type=int, default=32, help="service: REFINEDET_MAX_BATCH_SIZE")
-    p.add_argument("--max-delay-ms", type=float, default=2.0, help="service: REFINEDET_MAX_DELAY_MS")
+    p.add_argument("--max-delay-ms", type=float, default=0.0, help="service: REFINEDET_MAX_DELAY_MS (default 0)")
     p.add_argument("--max-queue-size", type=int, default=1024, help="service: REFINEDET_MAX_QUEUE_SIZE")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="more REFINEDET_* settings for the service (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--workers", default="1", help="service: uvicorn worker processes to sweep, e.g. 1,4 (default 1)"
+    )
     p.add_argument("--concurrency", default="1,4,16,64", help="closed-loop client counts (default 1,4,16,64)")
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default 8)")
     p.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each level")
@@ -67,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 def check(args: argparse.Namespace) -> tuple[list[int], list[str], dict[str, str]]:
     levels = parse_list(args.concurrency, int)
     apps = parse_list(args.apps)
+    workers = parse_list(args.workers, int)
     if not levels or min(levels) < 1 or max(levels) > 1024:
         raise UserError("--concurrency takes client counts between 1 and 1024")
+    if not workers or min(workers) < 1 or max(workers) > 64:
+        raise UserError("--workers takes worker counts between 1 and 64")
     if set(apps) - set(APPS) or not apps:
         raise UserError(f"--apps takes {', '.join(APPS)}")
     if args.duration <= 0 or args.duration > 600 or args.warmup < 0 or args.client_processes < 1:
@@ -82,8 +91,10 @@ def check(args: argparse.Namespace) -> tuple[list[int], list[str], dict[str, str
     return levels, apps, extra
 
 
-def app_command(app: str, args: argparse.Namespace, model: Path) -> tuple[list[str], dict[str, str]]:
-    """(argv with ``{port}``, extra environment) that starts ``app``."""
+def app_command(
+    app: str, args: argparse.Namespace, model: Path, workers: int = 1
+) -> tuple[list[str], dict[str, str]]:
+    """(argv with ``{port}``, extra environment) that starts ``app`` (the service with ``workers``)."""
     device = args.device
     if app == "naive":
         if device == "auto":
@@ -100,34 +111,38 @@ def app_command(app: str, args: argparse.Namespace, model: Path) -> tuple[list[s
         "REFINEDET_MAX_BATCH_SIZE": str(args.max_batch_size),
         "REFINEDET_MAX_DELAY_MS": str(args.max_delay_ms),
         "REFINEDET_MAX_QUEUE_SIZE": str(args.max_queue_size),
-        "REFINEDET_LOG_LEVEL": "warning",  # no access log lines: they would dominate the log file
+        "REFINEDET_WORKERS": str(workers),
+        "REFINEDET_LOG_LEVEL": "info",  # each worker's "ready: ..." line (see READY_LOG_MARKER)
+        "REFINEDET_ACCESS_LOG": "false",  # no access log lines: they would dominate the log file
     }
     return argv, env
 
 
-def sweep(app: str, url: str, bodies: list[bytes], levels: list[int], args: argparse.Namespace,
+def sweep(app: str, workers: int, url: str, bodies: list[bytes], levels: list[int], args: argparse.Namespace,
           save: Callable[[dict[str, Any]], None]) -> None:  # fmt: skip
     for c in levels:
-        before = servers.batch_counters(url)
+        # /metrics is per worker process: with several, two scrapes may reach different workers.
+        before = servers.batch_counters(url) if workers == 1 else None
         level = run_level(f"{url}/detect", bodies, c, args.duration, args.warmup, args.client_processes)
-        after = servers.batch_counters(url)
+        after = servers.batch_counters(url) if workers == 1 else None
         if before and after and after[1] > before[1]:
             level["mean_batch"] = round((after[0] - before[0]) / (after[1] - before[1]), 2)
-        row = {"app": app, **level, **level["latency_ms"]}
+        row = {"app": app, "workers": workers, **level, **level["latency_ms"]}
         save(row)
-        print(f"  {app} c={c}: {row['requests_per_s']} req/s, p50 {row['p50']} ms, p99 {row['p99']} ms, "
-              f"errors {row['errors']}", flush=True)  # fmt: skip
+        print(f"  {app} workers={workers} c={c}: {row['requests_per_s']} req/s, p50 {row['p50']} ms, "
+              f"p99 {row['p99']} ms, errors {row['errors']}", flush=True)  # fmt: skip
 
 
 def ratios(rows: list[dict]) -> list[dict[str, Any]]:
-    by = {(r["app"], r["concurrency"]): r["requests_per_s"] for r in rows}
+    """Service over naive requests/s at each (service workers, concurrency) both measured."""
+    naive = {r["concurrency"]: r["requests_per_s"] for r in rows if r["app"] == "naive"}
     out = []
-    for (app, c), rps in sorted(by.items(), key=lambda kv: kv[0][1]):
-        naive = by.get(("naive", c))
-        if app == "service" and naive:
-            out.append(
-                {"concurrency": c, "service_rps": rps, "naive_rps": naive, "ratio": round(rps / naive, 2)}
-            )
+    service = [r for r in rows if r["app"] == "service"]
+    for r in sorted(service, key=lambda r: (r.get("workers", 1), r["concurrency"])):
+        c, rps = r["concurrency"], r["requests_per_s"]
+        if naive.get(c):
+            out.append({"concurrency": c, "workers": r.get("workers", 1), "service_rps": rps,
+                        "naive_rps": naive[c], "ratio": round(rps / naive[c], 2)})  # fmt: skip
     return out
 
 
@@ -144,6 +159,7 @@ def image_sizes(bodies: list[bytes]) -> dict[str, int]:
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Both apps' sweeps; the JSON (if asked for) is rewritten after every level."""
     levels, apps, extra = check(args)
+    worker_counts = parse_list(args.workers, int)
     model = resolve_checkpoint(args.model, workdir)
     bodies = read_jpegs(find_jpegs(args.images, limit=args.max_images))
     log_dir = args.log_dir or workdir
@@ -152,7 +168,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "model": str(model),
         "images": {"count": len(bodies), "sizes": image_sizes(bodies), "mean_bytes": sum(map(len, bodies)) // len(bodies)},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "environment": environment(),
+        "environment": {**environment(), "torchvision": _version("torchvision")},
         "rows": [],
         "service_vs_naive": [],
     }  # fmt: skip
@@ -163,20 +179,32 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if args.json:
             write_json(args.json, result)
 
-    for app in apps:
-        argv, env = app_command(app, args, model)
-        print(f"{app}: starting {' '.join(argv)}", flush=True)
-        with servers.running(argv, servers.server_env({**env, **(extra if app == "service" else {})}),
-                             log_dir / f"{app}_server.log", args.ready_timeout) as url:  # fmt: skip
-            sweep(app, url, bodies, levels, args, save)
+    for app, workers in [(a, w) for a in apps for w in (worker_counts if a == "service" else [1])]:
+        argv, env = app_command(app, args, model, workers)
+        print(f"{app} (workers {workers}): starting {' '.join(argv)}", flush=True)
+        env = servers.server_env({**env, **(extra if app == "service" else {})})
+        # Each worker loads its own model and logs "ready: ..." when it has: wait for all of them.
+        marker = READY_LOG_MARKER if app == "service" else None
+        with servers.running(argv, env, log_dir / f"{app}_server.log", args.ready_timeout, marker,
+                             workers) as url:  # fmt: skip
+            sweep(app, workers, url, bodies, levels, args, save)
     return result
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def report(result: dict[str, Any]) -> str:
     lines = [format_table(result["rows"], COLUMNS)]
     for r in result["service_vs_naive"]:
-        lines.append(f"service vs naive at concurrency {r['concurrency']}: {r['service_rps']} / {r['naive_rps']} "
-                     f"req/s = {r['ratio']}x")  # fmt: skip
+        lines.append(f"service ({r['workers']} workers) vs naive at concurrency {r['concurrency']}: "
+                     f"{r['service_rps']} / {r['naive_rps']} req/s = {r['ratio']}x")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -1,11 +1,16 @@
 """Dynamic batching: group concurrent requests into one engine call.
 
 A batch starts with the oldest queued request and is cut when it holds ``max_batch_size`` items or when
-``max_delay_s`` has passed since that first request arrived (a monotonic deadline). Before the batch
-runs, requests whose caller already gave up (timed out, so their future is cancelled) or whose client
-disconnected are dropped. The engine call runs on a single worker thread, never on the event loop, and
-every submitted future is resolved exactly once: with its own result (results are matched to requests
-by position), with the batch's exception, or with ``ClientGone`` / ``ShuttingDown``.
+``max_delay_s`` has passed since that first request arrived (a monotonic deadline). Batches run one
+after another, so with ``max_delay_s = 0`` a lone request runs at once and, under load, everything that
+queued while the engine worked becomes the next batch (no timer on the latency path). Before the batch
+runs, requests whose caller already gave up (timed out, so their future is cancelled) are dropped, and
+so are those whose client disconnected, asked only of requests that waited at least
+``disconnect_check_s`` (asking costs a turn of the event loop per request; a request younger than that
+is cheaper to run than to ask about). The engine call runs on a single worker thread, never on the
+event loop, and every submitted future is resolved exactly once: with its own result (results are
+matched to requests by position; an ``Exception`` instance in the results fails that request alone),
+with the batch's exception, or with ``ClientGone`` / ``ShuttingDown``.
 """
 
 from __future__ import annotations
@@ -57,17 +62,19 @@ class BatchObserver:
 class DynamicBatcher(Generic[T, R]):
     def __init__(
         self,
-        process: Callable[[Sequence[T]], Sequence[R]],
+        process: Callable[[Sequence[T]], Sequence[R | Exception]],
         max_batch_size: int,
         max_delay_s: float,
         max_queue_size: int,
         observer: BatchObserver | None = None,
+        disconnect_check_s: float = 0.02,
     ) -> None:
         self.process = process
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
         self.observer = observer or BatchObserver()
+        self.disconnect_check_s = disconnect_check_s
         self._queue: asyncio.Queue[_Pending[T]] = (
             asyncio.Queue()
         )  # bounded by hand: the stop marker always fits
@@ -145,16 +152,17 @@ class DynamicBatcher(Generic[T, R]):
         return batch, False
 
     async def _drop_abandoned(self, batch: list[_Pending[T]]) -> list[_Pending[T]]:
-        live = []
-        for pending in batch:
-            if pending.future.done():  # the caller timed out and cancelled it
-                self.observer.on_drop("timeout")
-            elif pending.is_disconnected is not None and await pending.is_disconnected():
-                pending.future.set_exception(ClientGone("client disconnected before inference"))
-                self.observer.on_drop("client_gone")
-            else:
-                live.append(pending)
-        return live
+        waiting = [p for p in batch if not p.future.done()]  # done: the caller timed out and cancelled it
+        for _ in range(len(batch) - len(waiting)):
+            self.observer.on_drop("timeout")
+        asked_before = time.monotonic() - self.disconnect_check_s
+        ask = [p for p in waiting if p.is_disconnected is not None and p.enqueued <= asked_before]
+        if ask:
+            for pending, left in zip(ask, await asyncio.gather(*map(_client_left, ask)), strict=True):
+                if left and not pending.future.done():
+                    pending.future.set_exception(ClientGone("client disconnected before inference"))
+                    self.observer.on_drop("client_gone")
+        return [p for p in waiting if not p.future.done()]
 
     async def _execute(self, batch: list[_Pending[T]]) -> None:
         started = time.monotonic()
@@ -172,7 +180,11 @@ class DynamicBatcher(Generic[T, R]):
             _fail(batch, exc)
             return
         for pending, result in zip(batch, results, strict=True):
-            if not pending.future.done():
+            if pending.future.done():
+                continue
+            if isinstance(result, Exception):  # this item alone failed (e.g. an undecodable image)
+                pending.future.set_exception(result)
+            else:
                 pending.future.set_result((result, started - pending.enqueued))
 
     def _fail_queued(self, exc: Exception) -> None:
@@ -180,6 +192,10 @@ class DynamicBatcher(Generic[T, R]):
         while not self._queue.empty():
             queued.append(self._queue.get_nowait())
         _fail([p for p in queued if p is not _STOP], exc)
+
+
+async def _client_left(pending: _Pending[Any]) -> bool:
+    return pending.is_disconnected is not None and await pending.is_disconnected()
 
 
 def _fail(batch: list[_Pending[Any]], exc: BaseException) -> None:

@@ -1,8 +1,10 @@
 """One batch through the whole in-process path: preprocess -> backend -> shared post-processing.
 
-``Detector(backend)(images)`` is what the batcher's worker thread runs and what the benchmark times.
-Images are uint8 RGB Tensor[3, H, W] (``model.preprocess`` contract) of any sizes; they are moved to
-the backend's device first, so on CUDA the resize and normalisation run on the GPU.
+``Detector(backend)(images)`` is what the benchmark times; ``detector.detect(inputs)`` is what the
+batcher's worker thread runs. Images are uint8 RGB Tensor[3, H, W] (``model.preprocess`` contract) of
+any sizes, or JPEG uploads still encoded (``EncodedJpeg``), which are decoded together on the
+backend's device (``service.decoding``). Everything is on that device before preprocessing, so on CUDA
+the resize and normalisation run on the GPU; a batch of same-size images is resized in one call.
 """
 
 from __future__ import annotations
@@ -10,14 +12,20 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import Tensor
 
-from model.postprocess import Detections, PostProcessor, select_detections
+from model.postprocess import Detections, PostProcessor, detections_to_host
 from model.preprocess import preprocess
-from model.runtime.base import DecodedOutput, RunnerOutput
-from service.backends.base import Backend, synchronize
+from model.runtime.base import DecodedOutput
+from service.backends.base import Backend, BackendOutput, SelectedOutput
+from service.decoding import JpegDecoder
+from service.errors import ServiceError
+from service.imaging import EncodedJpeg
+
+ImageInput = Tensor | EncodedJpeg  # decoded uint8 RGB [3, H, W], or a JPEG for the engine to decode
 
 
 @dataclass(frozen=True)
@@ -46,37 +54,108 @@ class Detector:
         self.backend = backend
         self.config = backend.loaded_config
         self.postprocessor = PostProcessor(self.config)
+        self._jpeg_decoder: JpegDecoder | None = None  # made on the first EncodedJpeg
 
     @property
     def max_batch(self) -> int:
         return self.backend.max_batch
 
-    def postprocess(self, outputs: RunnerOutput) -> Detections:
-        """The shared selection; decoding too unless the artifact decoded inside its graph."""
+    def postprocess(self, outputs: BackendOutput) -> Detections:
+        """The shared post-processing of a backend's outputs, copied to the host (on CUDA sync-free
+        until that copy; exact greedy NMS in every case). Decodes unless the artifact decoded inside its
+        graph; selects unless the backend already did (``SelectedOutput``)."""
+        pp = self.postprocessor
+        if isinstance(outputs, SelectedOutput):
+            return detections_to_host(outputs.detections, outputs.boxes_xyxy, outputs.scores, pp.postprocess)
         if isinstance(outputs, DecodedOutput):
-            return select_detections(outputs.boxes_xyxy, outputs.scores, self.postprocessor.postprocess)
+            return pp.select_to_host(outputs.boxes_xyxy, outputs.scores)
         assert self.backend.anchors is not None
-        return self.postprocessor(outputs, self.backend.anchors)
+        return pp.detect_to_host(outputs, self.backend.anchors)
+
+    def __call__(self, images: Sequence[Tensor]) -> list[ImageDetections]:
+        """Detect on decoded images (any number; split into chunks of ``max_batch``)."""
+        results = self.detect(images)
+        for result in results:
+            if isinstance(result, ServiceError):  # only an EncodedJpeg can fail: not reached
+                raise result
+        return [r for r in results if isinstance(r, ImageDetections)]
 
     @torch.inference_mode()
-    def __call__(self, images: Sequence[Tensor]) -> list[ImageDetections]:
-        """Detect on up to ``max_batch`` images at once (larger inputs are split into chunks)."""
-        results: list[ImageDetections] = []
-        for start in range(0, len(images), self.max_batch):
-            results.extend(self._run_batch(images[start : start + self.max_batch]))
+    def detect(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | ServiceError]:
+        """Detect on decoded images and/or encoded JPEGs (any number; split into chunks of ``max_batch``).
+        An upload that cannot be decoded gets its ``ServiceError`` in its place; the others are served."""
+        results: list[ImageDetections | ServiceError] = []
+        for start in range(0, len(inputs), self.max_batch):
+            results.extend(self._run_batch(inputs[start : start + self.max_batch]))
         return results
 
-    def _run_batch(self, images: Sequence[Tensor]) -> list[ImageDetections]:
-        device = self.backend.device
-        t0 = time.perf_counter()
-        on_device = [im.to(device, non_blocking=True) for im in images]
-        x = preprocess(on_device, self.config.input_size, self.config.normalization)
-        synchronize(device)
-        t1 = time.perf_counter()
+    def _run_batch(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | ServiceError]:
+        clock = StageClock(self.backend.device)
+        images, failed = self._on_device(inputs)
+        if not images:
+            return [failed[i] for i in range(len(inputs))]
+        x = preprocess(stack_if_same_size(images), self.config.input_size, self.config.normalization)
+        clock.mark()
         outputs = self.backend.infer(x)
-        synchronize(device)
-        t2 = time.perf_counter()
-        detections = self.postprocess(outputs).to("cpu")
-        t3 = time.perf_counter()
-        times = StageTimes(len(images), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
-        return [ImageDetections(*detections.image(i), times=times) for i in range(len(images))]
+        clock.mark()
+        detections = self.postprocess(outputs)  # the one wait for the device: the copy to the host
+        clock.mark()
+        times = StageTimes(len(images), *clock.intervals_ms())
+        found = iter([ImageDetections(*image, times=times) for image in detections.per_image()])
+        return [failed[i] if i in failed else next(found) for i in range(len(inputs))]
+
+    def _on_device(self, inputs: Sequence[ImageInput]) -> tuple[list[Tensor], dict[int, ServiceError]]:
+        """(the decodable inputs as uint8 Tensor[3, H, W] on the backend's device, in input order;
+        {input index: error} for the others). The JPEGs are decoded together, in one call."""
+        device = self.backend.device
+        jpegs = [item for item in inputs if isinstance(item, EncodedJpeg)]
+        decoded = iter(self.jpeg_decoder(jpegs) if jpegs else [])
+        images: list[Tensor] = []
+        failed: dict[int, ServiceError] = {}
+        for i, item in enumerate(inputs):
+            pixels = next(decoded) if isinstance(item, EncodedJpeg) else item.to(device, non_blocking=True)
+            if isinstance(pixels, ServiceError):
+                failed[i] = pixels
+            else:
+                images.append(pixels)
+        return images, failed
+
+    @property
+    def jpeg_decoder(self) -> JpegDecoder:
+        if self._jpeg_decoder is None:
+            self._jpeg_decoder = JpegDecoder(self.backend.device)
+        return self._jpeg_decoder
+
+
+class StageClock:
+    """Stage boundaries without host synchronisation: CUDA events on a GPU (read once the batch's
+    detections are on the host, so never a wait of their own), ``perf_counter`` on the CPU. The first
+    mark is taken at construction."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[torch.cuda.Event] = []
+        self._times: list[float] = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        else:
+            self._times.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks."""
+        if self.cuda:
+            self._marks[-1].synchronize()  # already complete after the copy to the host
+            return [a.elapsed_time(b) for a, b in pairwise(self._marks)]
+        return [(b - a) * 1e3 for a, b in pairwise(self._times)]
+
+
+def stack_if_same_size(images: list[Tensor]) -> Tensor | list[Tensor]:
+    """One Tensor[B, 3, H, W] when every image has the same size (so the resize is one call; the result
+    equals the per-image resize exactly), else the list as it is."""
+    first = images[0].shape
+    return torch.stack(images) if all(im.shape == first for im in images) else images

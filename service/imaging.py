@@ -3,6 +3,10 @@ hostile input a clear 4xx: empty (400), undecodable or truncated (400), another 
 more pixels than allowed (413, checked from the header before anything is decoded, so a
 decompression bomb is never expanded), smaller than the minimum side (422). Also draws detections
 onto an image for ``?format=image``.
+
+Every check needs only the header (PIL opens lazily), so a JPEG the engine can decode is not decoded
+here: ``read_header`` checks it and says so, and the route queues the bytes as an ``EncodedJpeg``
+for the engine's batched decode (``service.decoding``). Anything else is decoded here by PIL.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ PALETTE = (
     (70, 240, 240),
     (240, 50, 230),
 )
+EXIF_ORIENTATION = 0x0112
+# PIL modes of JPEGs the engine decodes (nvJPEG / libjpeg-turbo to RGB); CMYK and YCCK stay with PIL.
+ENGINE_JPEG_MODES = ("RGB", "L")
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,35 @@ class DecodedImage:
     width: int
     height: int
     format: str
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG upload whose header passed every check, left for the engine to decode. width/height are
+    after EXIF orientation (as ``DecodedImage``'s); orientation is the EXIF value (1: as stored)."""
+
+    data: bytes
+    width: int
+    height: int
+    orientation: int
+    format: str = "JPEG"
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says: format, PIL mode, size after EXIF orientation, the orientation, and whether
+    the engine can decode it (``engine_decodable``: a complete baseline/progressive RGB or grayscale JPEG
+    without an Adobe colour transform marker)."""
+
+    format: str
+    mode: str
+    width: int
+    height: int
+    orientation: int
+    engine_decodable: bool
+
+    def deferred(self, data: bytes) -> EncodedJpeg:
+        return EncodedJpeg(data, self.width, self.height, self.orientation)
 
 
 def sniff_other_format(data: bytes) -> str | None:
@@ -88,8 +124,9 @@ def check_media_type(content_type: str | None) -> None:
         )
 
 
-def decode_image(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
-    """Decode an upload; raises ServiceError (400/413/415/422) for anything but a usable image."""
+def open_image(data: bytes, max_pixels: int, min_side: int) -> Image.Image:
+    """Open an upload lazily (header only) and check it; raises ServiceError (400/413/415/422). The
+    caller closes the image."""
     if not data:
         raise ServiceError(400, "empty_image", f"the upload is empty: send a {SUPPORTED_TEXT} image")
     try:
@@ -105,27 +142,81 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
         raise ServiceError(
             400, "invalid_image", f"the upload is not a decodable {SUPPORTED_TEXT} image"
         ) from None
-    with image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ServiceError(
-                413, "image_too_large", f"image is {width}x{height} pixels; the limit is {max_pixels} pixels"
-            )
-        if min(width, height) < min_side:
-            raise ServiceError(
-                422,
-                "image_too_small",
-                f"image is {width}x{height}; both sides must be at least {min_side} px",
-            )
-        try:
-            image.load()
-            pixels = pil_to_rgb(image)
-        except Exception as exc:  # decoders raise many types for damaged data
-            raise ServiceError(
-                400, "invalid_image", f"the {image.format} image is truncated or corrupt ({exc})"
-            ) from None
-        fmt = str(image.format)
-    return DecodedImage(pixels, int(pixels.shape[2]), int(pixels.shape[1]), fmt)
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ServiceError(
+            413, "image_too_large", f"image is {width}x{height} pixels; the limit is {max_pixels} pixels"
+        )
+    if min(width, height) < min_side:
+        image.close()
+        raise ServiceError(
+            422,
+            "image_too_small",
+            f"image is {width}x{height}; both sides must be at least {min_side} px",
+        )
+    return image
+
+
+def read_header(data: bytes, max_pixels: int, min_side: int) -> ImageHeader:
+    """Check an upload from its header alone (no pixels decoded); raises ServiceError as ``decode_image``
+    would, except for damage past the header (found when the pixels are decoded)."""
+    with open_image(data, max_pixels, min_side) as image:
+        return _header(image, data)
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
+    """Decode an upload; raises ServiceError (400/413/415/422) for anything but a usable image."""
+    with open_image(data, max_pixels, min_side) as image:
+        return _decode(image)
+
+
+def read_image(data: bytes, max_pixels: int, min_side: int, engine_jpeg: bool) -> DecodedImage | EncodedJpeg:
+    """``decode_image``, except that with ``engine_jpeg`` a JPEG the engine can decode comes back undecoded."""
+    with open_image(data, max_pixels, min_side) as image:
+        header = _header(image, data)
+        return header.deferred(data) if engine_jpeg and header.engine_decodable else _decode(image)
+
+
+def decode_pixels(data: bytes) -> Tensor:
+    """uint8 RGB Tensor[3, H, W] of an upload whose header already passed the checks (the engine's
+    fallback for a JPEG its decoder refused); ServiceError 400 if it is damaged."""
+    return decode_image(data, max_pixels=1 << 62, min_side=1).pixels
+
+
+def _header(image: Image.Image, data: bytes) -> ImageHeader:
+    fmt, mode = str(image.format), image.mode
+    width, height = image.size
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)  # as ImageOps.exif_transpose reads it
+    except Exception:  # damaged EXIF: left to PIL's decode, as before
+        return ImageHeader(fmt, mode, width, height, 1, engine_decodable=False)
+    orientation = value if isinstance(value, int) and 1 <= value <= 8 else 1
+    if orientation in (5, 6, 7, 8):  # transposed: width and height swap
+        width, height = height, width
+    decodable = (
+        fmt == "JPEG"
+        and mode in ENGINE_JPEG_MODES
+        and "adobe" not in image.info  # APP14 colour transforms: libjpeg and nvJPEG may read them apart
+        and _ends_with_eoi(data)  # a truncated JPEG goes to PIL, which answers 400 for it
+    )
+    return ImageHeader(fmt, mode, width, height, orientation, decodable)
+
+
+def _ends_with_eoi(data: bytes) -> bool:
+    """The JPEG end-of-image marker closes the data (trailing NUL / whitespace padding allowed)."""
+    return data[-64:].rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
+
+
+def _decode(image: Image.Image) -> DecodedImage:
+    try:
+        image.load()
+        pixels = pil_to_rgb(image)
+    except Exception as exc:  # decoders raise many types for damaged data
+        raise ServiceError(
+            400, "invalid_image", f"the {image.format} image is truncated or corrupt ({exc})"
+        ) from None
+    return DecodedImage(pixels, int(pixels.shape[2]), int(pixels.shape[1]), str(image.format))
 
 
 def annotate(pixels: Tensor, detections: Sequence[dict], quality: int = 90) -> bytes:

@@ -57,6 +57,20 @@ class Metrics(BatchObserver):
             registry=r,
         )
 
+        # Labelled children looked up once: ``labels()`` costs a lock and a dict lookup per call.
+        self._stage_children = {stage: self.stage_latency.labels(stage) for stage in STAGES}
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, str(status)), self.request_latency.labels(route))
+            if len(self._request_children) < 10_000:  # routes are bounded; statuses and methods nearly
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
     def track_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
 
@@ -69,7 +83,8 @@ class Metrics(BatchObserver):
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
-            self.stage_latency.labels(stage).observe(ms / 1000.0)
+            child = self._stage_children.get(stage) or self.stage_latency.labels(stage)
+            child.observe(ms / 1000.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -70,8 +70,7 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None)
             route = route or (scope["path"] if scope["path"] in self.known_paths else "unmatched")
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.request_latency.labels(route).observe(elapsed)
+            self.metrics.observe_request(route, scope["method"], status, elapsed)
             if self.log_requests:
                 self._log(scope, request_id, status, elapsed, sent)
 

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+GpuDecode = Literal["auto", "on", "off"]
+ON_OFF_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 ENV_PREFIX = "REFINEDET_"
 
 
@@ -41,7 +43,16 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         default=True, description="torch backend on CUDA: capture one CUDA graph per batch bucket"
     )
+    fuse_postprocess: bool = Field(
+        default=True,
+        description="torch backend with CUDA graphs: capture the post-processing (decoding, selection, NMS) in the graphs too",
+    )
     warmup_iterations: int = Field(default=2, ge=0, le=100)
+    gpu_decode: GpuDecode = Field(
+        default="auto",
+        description="decode JPEG uploads in the engine, each batch in one torchvision decode_jpeg call (nvJPEG "
+        "on CUDA; libjpeg-turbo in the engine thread on a CPU device); auto: on when the device is CUDA",
+    )
 
     # Server.
     host: str = "127.0.0.1"
@@ -63,7 +74,11 @@ class Settings(BaseSettings):
         description="largest dynamic batch; default 8 on a GPU, 2 on the CPU (where batching adds latency, not throughput)",
     )
     max_delay_ms: float = Field(
-        default=5.0, ge=0, le=10_000, description="longest wait for a batch to fill after its first request"
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="longest wait for a batch to fill after its first request; 0: run as soon as the engine is "
+        "free (requests that arrive while it works form the next batch)",
     )
     max_queue_size: int = Field(
         default=64, ge=1, le=100_000, description="queued images beyond this are answered 503"
@@ -104,6 +119,17 @@ class Settings(BaseSettings):
     )
     benchmark_max_iterations: int = Field(default=500, ge=1, le=100_000)
 
+    @field_validator("gpu_decode", mode="before")
+    @classmethod
+    def _gpu_decode_words(cls, value: object) -> object:
+        """on/off also as true/false, 1/0, yes/no (any case)."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            return ON_OFF_WORDS.get(word, word)
+        return value
+
     @field_validator("model", mode="before")
     @classmethod
     def _empty_model_is_none(cls, value: object) -> object:
@@ -116,6 +142,11 @@ class Settings(BaseSettings):
     def batch_limit(self, device: str) -> int:
         """``max_batch_size``, or its default for ``device`` ("cuda" / "cpu")."""
         return self.max_batch_size or (8 if device == "cuda" else 2)
+
+    def engine_decodes_jpeg(self, device: str) -> bool:
+        """Whether JPEG uploads are decoded in the engine (batched) rather than by PIL in the handler, for a
+        backend on ``device`` ("cuda" / "cpu")."""
+        return self.gpu_decode == "on" or (self.gpu_decode == "auto" and device == "cuda")
 
     @property
     def benchmark_allowed(self) -> bool:

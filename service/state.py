@@ -30,6 +30,8 @@ class ServiceState:
         self.backend: Backend | None = None
         self.detector: Detector | None = None
         self.batcher: DynamicBatcher | None = None
+        self.engine_jpeg = False  # JPEG uploads are decoded in the engine (settings.gpu_decode)
+        self._summary: dict[str, str] | None = None
         self.status = "loading"  # loading -> ready -> shutting_down, or failed
         self.error: str | None = None
         self._load_task: asyncio.Task | None = None
@@ -51,8 +53,22 @@ class ServiceState:
         if self.status != "loading":  # shut down while loading
             return
         detector = Detector(backend)
+        engine_jpeg = self.settings.engine_decodes_jpeg(backend.device.type)
+        if engine_jpeg:
+            try:
+                await asyncio.to_thread(detector.jpeg_decoder.warmup)
+            except Exception as exc:  # e.g. torchvision built without nvJPEG
+                problem = f"the JPEG decoder on {backend.device} failed: {type(exc).__name__}: {exc}"
+                if self.settings.gpu_decode == "on":
+                    self.status, self.error = "failed", problem
+                    log.error("%s (REFINEDET_GPU_DECODE=on)", problem)
+                    return
+                log.warning("%s; decoding uploads with PIL instead", problem)
+                engine_jpeg = False
+            if self.status != "loading":
+                return
         batcher: DynamicBatcher = DynamicBatcher(
-            detector,
+            detector.detect,
             max_batch_size=min(self.settings.batch_limit(backend.device.type), backend.max_batch),
             max_delay_s=self.settings.max_delay_s,
             max_queue_size=self.settings.max_queue_size,
@@ -60,15 +76,16 @@ class ServiceState:
         )
         batcher.start()
         self.backend, self.detector, self.batcher = backend, detector, batcher
+        self.engine_jpeg = engine_jpeg
         self.metrics.track_queue(lambda: batcher.depth)
         self.metrics.model_info.labels(**self.summary()).set(1)
         self.metrics.ready.set(1)
         self.status = "ready"
         info = backend.info
         log.info(
-            "ready: %s on %s (%s, %s), max batch %d; weights: %s",
+            "ready: %s on %s (%s, %s), max batch %d, JPEG decode in %s; weights: %s",
             self.summary()["name"], backend.device, backend.name, backend.precision, batcher.max_batch_size,
-            info.weights if info else "?",
+            f"the engine ({backend.device})" if engine_jpeg else "the handler (PIL)", info.weights if info else "?",
         )  # fmt: skip
 
     async def shutdown(self) -> None:
@@ -102,5 +119,7 @@ class ServiceState:
                 "device": "none",
                 "precision": "none",
             }
-        name = backend.info.name if backend.info else backend.loaded_config.name
-        return {"name": name, **backend.describe()}
+        if self._summary is None:  # once per backend: every response carries it
+            name = backend.info.name if backend.info else backend.loaded_config.name
+            self._summary = {"name": name, **backend.describe()}
+        return self._summary

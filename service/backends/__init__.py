@@ -91,7 +91,7 @@ def create_backend(settings: Settings, choice: BackendChoice | None = None) -> B
 
         return TorchBackend(
             choice.artifact, device, settings.batch_limit(choice.device), settings.fp16, settings.channels_last,
-            settings.cuda_graphs, settings.model_name,
+            settings.cuda_graphs, settings.model_name, settings.fuse_postprocess,
         )  # fmt: skip
     from service.backends.artifact import OnnxRuntimeBackend, TensorRTBackend
 

@@ -5,10 +5,11 @@ A backend owns the network (or engine) and nothing else: preprocessing happens b
 
     backend.load(); backend.warmup()
     outputs = backend.infer(images)  # images: Tensor[B, 3, S, S] normalised, on backend.device
-    detections = PostProcessor(backend.config)(outputs, backend.anchors)
+    detections = Detector(backend).postprocess(outputs)  # on the host, whatever the output kind
 
 ``infer`` accepts any 1 <= B <= ``max_batch`` and pads internally where the engine needs fixed or
-bucketed batch sizes; it returns ``RefineDetOutput`` (raw heads) or ``DecodedOutput`` (boxes, scores).
+bucketed batch sizes; it returns ``RefineDetOutput`` (raw heads), ``DecodedOutput`` (boxes, scores) or,
+where the backend ran the post-processing itself, ``SelectedOutput``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,27 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from model.config import RefineDetConfig
+from model.postprocess import Detections
 from model.runtime.base import DecodedOutput, RunnerOutput
+
+
+class SelectedOutput(NamedTuple):
+    """What a backend returns when it ran the post-processing too, on the device with no host sync (the
+    torch backend's CUDA graphs): ``detections`` in the sync-free mode (``converged`` set) and the decoded
+    boxes and scores they came from, for ``model.postprocess.detections_to_host``'s exact redo."""
+
+    detections: Detections
+    boxes_xyxy: Tensor  # [B, A, 4]
+    scores: Tensor  # [B, A, C-1]
+
+
+BackendOutput = RunnerOutput | SelectedOutput
 
 
 @dataclass(frozen=True)
@@ -63,8 +79,9 @@ class Backend(abc.ABC):
         """Read the artifact and put the model on ``device``; sets config, anchors and info."""
 
     @abc.abstractmethod
-    def infer(self, images: Tensor) -> RunnerOutput:
-        """images: Tensor[B, 3, S, S] float normalised on ``device`` -> raw heads or decoded outputs."""
+    def infer(self, images: Tensor) -> BackendOutput:
+        """images: Tensor[B, 3, S, S] float normalised on ``device`` -> raw heads, decoded outputs or
+        selected detections."""
 
     def warmup_batch_sizes(self) -> list[int]:
         """Batch sizes to warm up at start-up: 1 and the largest on a GPU (allocator, kernel selection),
@@ -128,9 +145,11 @@ def bucket_for(b: int, buckets: list[int]) -> int:
 
 __all__ = [
     "Backend",
+    "BackendOutput",
     "DecodedOutput",
     "ModelInfo",
     "RunnerOutput",
+    "SelectedOutput",
     "batch_buckets",
     "bucket_for",
     "pad_batch",

@@ -1,9 +1,12 @@
 """PyTorch backend: a RefineDet checkpoint (or the untrained default) on CPU or CUDA.
 
-On CUDA it runs in float16 (``fp16``), channels-last (``channels_last``) and replays one CUDA graph
-per batch bucket (``cuda_graphs``: buckets 1, 2, 4, ..., max_batch; a batch is padded up to its
-bucket). Graphs share one memory pool and are captured largest first; they are replayed one at a time
-from the engine thread, and their static outputs are copied before the next replay.
+On CUDA it runs in float16 (``fp16``), channels-last (``channels_last``), with cuDNN's autotuner on,
+and replays one CUDA graph per batch bucket (``cuda_graphs``: buckets 1, 2, 4, ..., max_batch; a batch
+is padded up to its bucket). With ``fuse_postprocess`` (the service's default) each graph holds the
+network *and* the whole post-processing (decoding, then ``select_detections`` in its sync-free mode),
+so one replay and one copy to the host serve a batch, and ``infer`` returns ``SelectedOutput``.
+Graphs share one memory pool and are captured largest first; they are replayed one at a time from
+the engine thread, and their static outputs are copied before the next replay.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from torch import Tensor
 
 from model.anchors import generate_anchors
 from model.network import RefineDet, RefineDetOutput
-from service.backends.base import Backend, ModelInfo, batch_buckets, bucket_for
+from model.postprocess import SYNC_FREE_NMS_PASSES, Detections, decode_predictions, select_detections
+from service.backends.base import Backend, BackendOutput, ModelInfo, SelectedOutput, batch_buckets, bucket_for
 
 log = logging.getLogger("refinedet.service")
 
@@ -49,6 +53,7 @@ class TorchBackend(Backend):
         channels_last: bool = True,
         cuda_graphs: bool = True,
         model_name: str | None = None,
+        fuse_postprocess: bool = False,
     ) -> None:
         super().__init__(device, max_batch)
         cuda = device.type == "cuda"
@@ -56,10 +61,11 @@ class TorchBackend(Backend):
         self.dtype = torch.float16 if (cuda and fp16) else torch.float32
         self.memory_format = torch.channels_last if (cuda and channels_last) else torch.contiguous_format
         self.use_graphs = cuda and cuda_graphs
+        self.fuse_postprocess = self.use_graphs and fuse_postprocess
         self.model_name = model_name
         self.model: RefineDet | None = None
         self.buckets = batch_buckets(max_batch)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, RefineDetOutput]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, ...]]] = {}
 
     @property
     def precision(self) -> str:
@@ -82,6 +88,8 @@ class TorchBackend(Backend):
             trained = bool(ckpt.get("metadata", {}).get("trained", True))
             weights = f"checkpoint {self.checkpoint}"
             log.info("serving checkpoint %s (sha256 %s)", self.checkpoint, sha[:12])
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes per bucket: autotune once, before capture
         model = model.to(self.device, self.dtype).to(memory_format=self.memory_format).eval()
         model.requires_grad_(False)
         self.model, self.config = model, model.config
@@ -98,7 +106,7 @@ class TorchBackend(Backend):
         super().warmup(iterations)
 
     @torch.inference_mode()
-    def infer(self, images: Tensor) -> RefineDetOutput:
+    def infer(self, images: Tensor) -> BackendOutput:
         if self.model is None:
             raise RuntimeError("torch backend used before load()")
         b = images.shape[0]
@@ -107,9 +115,24 @@ class TorchBackend(Backend):
             static_in[:b].copy_(images)
             static_in[b:].zero_()
             graph.replay()
+            if self.fuse_postprocess:
+                boxes, scores, labels, converged, decoded_boxes, decoded_scores = static_out
+                detections = Detections(
+                    boxes[:b].clone(), scores[:b].clone(), labels[:b].clone(), converged.clone()
+                )
+                return SelectedOutput(detections, decoded_boxes[:b].clone(), decoded_scores[:b].clone())
             return RefineDetOutput(*(t[:b].clone() for t in static_out))
         x = images.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         return self.model(x)
+
+    def _network_and_selection(self, images: Tensor) -> tuple[Tensor, ...]:
+        """What a fused graph runs: network, decoding and the sync-free selection (no host sync)."""
+        assert self.model is not None and self.config is not None and self.anchors is not None
+        arm_loc, arm_conf, odm_loc, odm_conf = self.model(images)
+        boxes, scores = decode_predictions(arm_loc, arm_conf, odm_loc, odm_conf, self.anchors, self.config)
+        selected = select_detections(boxes, scores, self.config.postprocess, SYNC_FREE_NMS_PASSES)
+        assert selected.converged is not None
+        return (selected.boxes_xyxy, selected.scores, selected.labels, selected.converged, boxes, scores)
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
@@ -118,12 +141,14 @@ class TorchBackend(Backend):
         s = self.config.input_size
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
+        step = self._network_and_selection if self.fuse_postprocess else self.model
         for b in sorted(self.buckets, reverse=True):
             static_in = torch.zeros(b, 3, s, s, device=self.device, dtype=self.dtype)
             static_in = static_in.contiguous(memory_format=self.memory_format)
-            graph, static_out = capture_cuda_graph(self.model, static_in, pool, stream)
-            self._graphs[b] = (graph, static_in, static_out)
-        log.info("captured CUDA graphs for batch sizes %s", sorted(self._graphs))
+            graph, static_out = capture_cuda_graph(step, static_in, pool, stream)
+            self._graphs[b] = (graph, static_in, tuple(static_out))
+        what = "network + post-processing" if self.fuse_postprocess else "network"
+        log.info("captured CUDA graphs (%s) for batch sizes %s", what, sorted(self._graphs))
 
 
 def capture_cuda_graph(

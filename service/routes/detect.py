@@ -1,4 +1,5 @@
-"""POST /detect (one image) and POST /detect/batch (several): decode -> batcher -> response.
+"""POST /detect (one image) and POST /detect/batch (several): check (and decode, unless the engine
+decodes JPEGs: ``gpu_decode``) -> batcher -> response.
 
 Per-request options are applied to the shared post-processing's output: ``score_threshold`` (strictly
 greater, as ``Detections.image``), ``classes`` and ``max_detections``; boxes are mapped to the original
@@ -11,6 +12,7 @@ import asyncio
 import time
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,7 +23,15 @@ from service.detector import ImageDetections
 from service.errors import ServiceError
 from service.imaging import DecodedImage, annotate
 from service.routes.deps import api_key_dependencies, get_state
-from service.routes.uploads import BATCH_FIELDS, SINGLE_FIELDS, decode_uploads, read_uploads, upload_body
+from service.routes.uploads import (
+    BATCH_FIELDS,
+    SINGLE_FIELDS,
+    UploadedImage,
+    name_file,
+    read_images,
+    read_uploads,
+    upload_body,
+)
 from service.schemas import BatchResponse, DetectResponse, ErrorResponse
 from service.settings import Settings
 from service.state import ServiceState
@@ -59,19 +69,21 @@ def router(settings: Settings) -> APIRouter:
         start = time.perf_counter()
         state = get_state(request)
         state.require_ready()
-        class_ids = parse_classes(classes, state)
+        class_mask = parse_classes(classes, state)
+        annotated = response_format == "image" or wants_jpeg(request.headers.get("accept", ""))
         uploads = await read_uploads(request, SINGLE_FIELDS, max_files=2)
         if len(uploads) != 1:
             raise ServiceError(
                 422, "too_many_files", "send one image to /detect; use /detect/batch for several"
             )
-        [(image, decode_ms)] = await decode_uploads(uploads, state.settings)
+        # The annotated image is drawn on host pixels: decode it here (PIL) rather than in the engine.
+        [(image, decode_ms)] = await read_images(uploads, state.settings, state.engine_jpeg and not annotated)
         [(result, queue_ms)] = await run_detection(state, request, [image])
         body = build_response(
-            state, image, result, decode_ms, queue_ms, start, score_threshold, class_ids, max_detections
+            state, image, result, decode_ms, queue_ms, start, score_threshold, class_mask, max_detections
         )
         headers = {"Server-Timing": server_timing(body["timings_ms"])}
-        if response_format == "image" or wants_jpeg(request.headers.get("accept", "")):
+        if annotated and isinstance(image, DecodedImage):
             jpeg = await asyncio.to_thread(annotate, image.pixels, body["detections"])
             return Response(
                 jpeg,
@@ -98,13 +110,15 @@ def router(settings: Settings) -> APIRouter:
         start = time.perf_counter()
         state = get_state(request)
         state.require_ready()
-        class_ids = parse_classes(classes, state)
+        class_mask = parse_classes(classes, state)
         uploads = await read_uploads(request, BATCH_FIELDS, max_files=state.settings.max_images_per_request)
-        decoded = await decode_uploads(uploads, state.settings)
-        results = await run_detection(state, request, [image for image, _ in decoded])
+        decoded = await read_images(uploads, state.settings, state.engine_jpeg)
+        results = await run_detection(
+            state, request, [image for image, _ in decoded], [u.filename for u in uploads]
+        )
         bodies = [
             build_response(
-                state, image, result, decode_ms, queue_ms, start, score_threshold, class_ids, max_detections
+                state, image, result, decode_ms, queue_ms, start, score_threshold, class_mask, max_detections
             )
             for (image, decode_ms), (result, queue_ms) in zip(decoded, results, strict=True)
         ]
@@ -115,8 +129,9 @@ def router(settings: Settings) -> APIRouter:
     return api
 
 
-def parse_classes(classes: list[str] | None, state: ServiceState) -> set[int] | None:
-    """Class names (repeated and/or comma-separated, case-insensitive) -> network labels; 422 if unknown."""
+def parse_classes(classes: list[str] | None, state: ServiceState) -> np.ndarray | None:
+    """Class names (repeated and/or comma-separated, case-insensitive) -> a mask over network labels
+    (bool [C], ``mask[label]``); 422 if unknown."""
     if not classes:
         return None
     names = state.detector.config.class_names if state.detector else ()
@@ -127,18 +142,28 @@ def parse_classes(classes: list[str] | None, state: ServiceState) -> set[int] | 
         raise ServiceError(
             422, "unknown_class", f"unknown class(es) {unknown}; this model detects {list(names)}"
         )
-    return {lookup[c.casefold()] for c in wanted} or None
+    if not wanted:
+        return None
+    mask = np.zeros(len(names) + 1, dtype=bool)
+    mask[[lookup[c.casefold()] for c in wanted]] = True
+    return mask
 
 
 async def run_detection(
-    state: ServiceState, request: Request, images: list[DecodedImage]
+    state: ServiceState,
+    request: Request,
+    images: list[UploadedImage],
+    filenames: list[str | None] | None = None,
 ) -> list[tuple[ImageDetections, float]]:
-    """Queue every image, wait (bounded by the request timeout); returns (detections, queue ms) each."""
+    """Queue every image (decoded pixels, or a JPEG for the engine), wait (bounded by the request
+    timeout); returns (detections, queue ms) each. An image the engine could not decode fails the
+    request with its 4xx, naming the file when there are several."""
     _, batcher = state.require_ready()
     futures: list[asyncio.Future] = []
     try:
         for image in images:
-            futures.append(batcher.submit(image.pixels, request.is_disconnected))
+            item = image.pixels if isinstance(image, DecodedImage) else image
+            futures.append(batcher.submit(item, request.is_disconnected))
     except QueueFull as exc:
         for future in futures:
             future.cancel()
@@ -149,45 +174,41 @@ async def run_detection(
         raise ServiceError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
     timeout = state.settings.request_timeout_s
     try:
-        done = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
     except asyncio.TimeoutError:
         raise ServiceError(
             504, "timeout", f"no answer within {timeout:g} s; the service is overloaded"
         ) from None
-    except ClientGone:
-        raise ServiceError(499, "client_closed_request", "client disconnected before inference") from None
-    except ShuttingDown as exc:
-        raise ServiceError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
-    return [(result, queue_s * 1e3) for result, queue_s in done]
+    answers = []
+    for index, outcome in enumerate(done):
+        if isinstance(outcome, ServiceError):
+            raise name_file(outcome, index, filenames[index]) if len(images) > 1 and filenames else outcome
+        if isinstance(outcome, ClientGone):
+            raise ServiceError(499, "client_closed_request", "client disconnected before inference")
+        if isinstance(outcome, ShuttingDown):
+            raise ServiceError(503, "shutting_down", str(outcome), {"Retry-After": "5"})
+        if isinstance(outcome, BaseException):
+            raise outcome
+        result, queue_s = outcome
+        answers.append((result, queue_s * 1e3))
+    return answers
 
 
 def build_response(
     state: ServiceState,
-    image: DecodedImage,
+    image: UploadedImage,
     result: ImageDetections,
     decode_ms: float,
     queue_ms: float,
     start: float,
     score_threshold: float,
-    class_ids: set[int] | None,
+    class_mask: np.ndarray | None,
     max_detections: int,
 ) -> dict[str, Any]:
     names = state.detector.config.class_names if state.detector else ()
-    keep = result.scores > score_threshold
-    if class_ids is not None:
-        keep &= torch.isin(result.labels, torch.tensor(sorted(class_ids)))
-    boxes = to_pixels(result.boxes_xyxy[keep], image.width, image.height)[:max_detections].tolist()
-    scores = result.scores[keep][:max_detections].tolist()
-    labels = result.labels[keep][:max_detections].tolist()
-    detections = [
-        {
-            "label": names[label - 1],
-            "class_id": label - 1,
-            "score": round(score, 5),
-            "box": {"x1": round(b[0], 2), "y1": round(b[1], 2), "x2": round(b[2], 2), "y2": round(b[3], 2)},
-        }
-        for b, score, label in zip(boxes, scores, labels, strict=True)
-    ]
+    detections = detection_dicts(
+        result, image.width, image.height, names, score_threshold, class_mask, max_detections
+    )
     times = result.times
     timings = {
         "decode": decode_ms,
@@ -205,6 +226,38 @@ def build_response(
         "model": state.summary(),
         "timings_ms": {k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def detection_dicts(
+    result: ImageDetections,
+    width: int,
+    height: int,
+    names: tuple[str, ...],
+    score_threshold: float,
+    class_mask: np.ndarray | None,
+    max_detections: int,
+) -> list[dict[str, Any]]:
+    """The response's detections: score strictly above the threshold, of the wanted classes, the best
+    ``max_detections``; boxes in the image's pixels (``to_pixels``) rounded to 0.01, scores to 1e-5.
+    Vectorised (numpy), since it runs on the event loop for every image."""
+    scores = result.scores.numpy()
+    labels = result.labels.numpy()
+    keep = scores > score_threshold
+    if class_mask is not None:
+        keep &= class_mask[labels]
+    rows = np.flatnonzero(keep)[:max_detections]
+    boxes = to_pixels(result.boxes_xyxy[torch.from_numpy(rows)], width, height).numpy()
+    boxes = np.round(boxes.astype(np.float64), 2).tolist()
+    kept_scores = np.round(scores[rows].astype(np.float64), 5).tolist()
+    return [
+        {
+            "label": names[label - 1],
+            "class_id": label - 1,
+            "score": score,
+            "box": {"x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3]},
+        }
+        for b, score, label in zip(boxes, kept_scores, labels[rows].tolist(), strict=True)
+    ]
 
 
 def server_timing(timings_ms: dict[str, float]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -25,6 +26,8 @@ def test_options_are_checked():
     )
     assert levels == [1, 4] and apps == ["service", "naive"] and env == {"REFINEDET_FP16": "false"}
     for bad in (
+        ["--workers", "0"],
+        ["--workers", "1,x"],
         ["--concurrency", "0"],
         ["--apps", "triton"],
         ["--server-env", "FP16=false"],
@@ -40,20 +43,45 @@ def test_app_commands(tmp_path):
     assert argv[-5:] == ["--host", "127.0.0.1", "--port", "{port}", "--plain-logs"] and "serve" in argv
     assert env["REFINEDET_MODEL"] == str(tmp_path / "m.pth") and env["REFINEDET_DEVICE"] == "cpu"
     assert env["REFINEDET_MAX_BATCH_SIZE"] == "16" and env["REFINEDET_MAX_DELAY_MS"] == "3.0"
+    assert env["REFINEDET_WORKERS"] == "1" and env["REFINEDET_ACCESS_LOG"] == "false"
+    assert service_bench.app_command("service", args, tmp_path / "m.pth", 4)[1]["REFINEDET_WORKERS"] == "4"
     argv, env = service_bench.app_command("naive", args, tmp_path / "m.pth")
     assert argv[1:3] == ["-m", "bench.naive_app"] and "--device" in argv and env == {}
 
 
-def test_ratios_pair_each_concurrency():
+def test_ratios_pair_each_concurrency_and_worker_count():
     rows = [
-        {"app": "service", "concurrency": 1, "requests_per_s": 100.0},
-        {"app": "service", "concurrency": 4, "requests_per_s": 300.0},
-        {"app": "naive", "concurrency": 1, "requests_per_s": 50.0},
-        {"app": "naive", "concurrency": 4, "requests_per_s": 0.0},
+        {"app": "service", "workers": 1, "concurrency": 1, "requests_per_s": 100.0},
+        {"app": "service", "workers": 1, "concurrency": 4, "requests_per_s": 300.0},
+        {"app": "service", "workers": 4, "concurrency": 1, "requests_per_s": 150.0},
+        {"app": "naive", "workers": 1, "concurrency": 1, "requests_per_s": 50.0},
+        {"app": "naive", "workers": 1, "concurrency": 4, "requests_per_s": 0.0},
     ]
     assert service_bench.ratios(rows) == [
-        {"concurrency": 1, "service_rps": 100.0, "naive_rps": 50.0, "ratio": 2.0}
+        {"concurrency": 1, "workers": 1, "service_rps": 100.0, "naive_rps": 50.0, "ratio": 2.0},
+        {"concurrency": 1, "workers": 4, "service_rps": 150.0, "naive_rps": 50.0, "ratio": 3.0},
     ]
+
+
+def test_waiting_for_every_worker_to_log_that_it_is_ready(tmp_path):
+    """/readyz answers from any worker: the wait also needs one "ready" log line per worker, written
+    after this start (an older run's lines in the same log do not count)."""
+    log = tmp_path / "s.log"
+    log.write_text("old run: MARK\nold run: MARK\n")
+    script = (
+        "import http.server, sys, time\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers()\n"
+        "    def log_message(self, *a): pass\n"
+        "print('MARK', flush=True); time.sleep(1.0); print('MARK', flush=True)\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+    )
+    command = [sys.executable, "-c", script, "{port}"]
+    start = time.monotonic()
+    with servers.running(command, servers.server_env({}), log, 30, ready_marker="MARK", ready_count=2):
+        assert time.monotonic() - start >= 1.0
+    assert log.read_text().splitlines().count("MARK") == 2  # both written by this run
 
 
 def test_a_server_that_exits_is_reported_with_its_log(tmp_path):
@@ -93,19 +121,26 @@ def test_naive_app_answers_like_the_service(tiny_checkpoint):
 @pytest.mark.slow
 def test_whole_sweep_of_both_apps(tiny_checkpoint, photos, tmp_path):
     out = tmp_path / "service.json"
-    argv = ["--model", str(tiny_checkpoint), "--device", "cpu", "--concurrency", "1,2", "--duration", "1",
+    argv = ["--model", str(tiny_checkpoint), "--device", "cpu", "--concurrency", "1,2", "--duration", "1", "--workers", "1,2",
             "--warmup", "0.3", "--max-batch-size", "2", "--images", str(photos), "--log-dir", str(tmp_path),
             "--json", str(out)]  # fmt: skip
     assert service_bench.main(argv) == 0
     result = json.loads(out.read_text())
-    assert [(r["app"], r["concurrency"]) for r in result["rows"]] == [
-        ("service", 1),
-        ("service", 2),
-        ("naive", 1),
-        ("naive", 2),
+    assert [(r["app"], r["workers"], r["concurrency"]) for r in result["rows"]] == [
+        ("service", 1, 1),
+        ("service", 1, 2),
+        ("service", 2, 1),
+        ("service", 2, 2),
+        ("naive", 1, 1),
+        ("naive", 1, 2),
     ]
     assert all(r["ok"] > 0 and r["errors"] == 0 and r["p50"] > 0 for r in result["rows"])
-    assert result["rows"][0]["mean_batch"] == 1.0
-    assert [r["concurrency"] for r in result["service_vs_naive"]] == [1, 2]
+    assert result["rows"][0]["mean_batch"] == 1.0 and "mean_batch" not in result["rows"][2]
+    assert [(r["workers"], r["concurrency"]) for r in result["service_vs_naive"]] == [
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (2, 2),
+    ]
     assert result["images"]["count"] == 3
     assert (tmp_path / "service_server.log").is_file() and (tmp_path / "naive_server.log").is_file()

@@ -150,6 +150,15 @@ def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
     return out.getvalue()
 
 
+def corrupt_huffman_table(jpeg: bytes) -> bytes:
+    """The JPEG with an impossible first Huffman table: its header reads fine (so the engine is given it),
+    but every decoder (libjpeg-turbo, PIL, nvJPEG) fails on it."""
+    bad = bytearray(jpeg)
+    at = jpeg.index(b"\xff\xc4") + 5  # DHT marker, length, class/id, then the 16 code counts
+    bad[at : at + 16] = b"\xff" * 16
+    return bytes(bad)
+
+
 def direct_detections(model, data: bytes, score_threshold: float, max_detections: int = 100) -> list[dict]:
     """The shared post-processing run directly on ``data``: decode, preprocess, network, PostProcessor,
     to_pixels; the reference the service's answers must equal."""

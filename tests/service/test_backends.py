@@ -190,7 +190,9 @@ def test_torch_cuda_fp16_graphs_match_cpu(tiny_checkpoint, tiny_backend):
     precision), also for batches padded up to their bucket; eager fp16 and graph replay agree."""
     from model.preprocess import preprocess
 
-    graphs = create_backend(settings(model=tiny_checkpoint, device="cuda", max_batch_size=8))
+    graphs = create_backend(
+        settings(model=tiny_checkpoint, device="cuda", max_batch_size=8, fuse_postprocess=False)
+    )
     eager = create_backend(
         settings(model=tiny_checkpoint, device="cuda", max_batch_size=8, cuda_graphs=False)
     )
@@ -213,3 +215,73 @@ def test_torch_cuda_fp16_graphs_match_cpu(tiny_checkpoint, tiny_backend):
         top_gpu = Detector(graphs)(images)[0].scores[0]
         top_cpu = Detector(tiny_backend)(images)[0].scores[0]
         assert abs(float(top_gpu) - float(top_cpu)) < 1e-2
+
+
+class EagerGraph:
+    """Stands in for a captured CUDA graph on the CPU: ``replay`` reruns the step into the static outputs."""
+
+    def __init__(self, step, static_in):
+        self.step, self.static_in = step, static_in
+        self.outputs = step(static_in)
+
+    def replay(self):
+        for static, fresh in zip(self.outputs, self.step(self.static_in), strict=True):
+            static.copy_(fresh)
+
+
+def test_fused_postprocess_plumbing_on_the_cpu(tiny_checkpoint, tiny_backend):
+    """The fused graph's step (network + decoding + sync-free selection), its bucket padding and
+    slicing, and the Detector's handling of ``SelectedOutput`` give the plain CPU path's detections.
+    (CUDA graph capture itself is covered by the gpu-marked test below.)"""
+    from service.backends.torch import TorchBackend
+
+    fused = TorchBackend(tiny_checkpoint, torch.device("cpu"), max_batch=4, fuse_postprocess=True)
+    fused.load()
+    fused.fuse_postprocess = True  # normally only with CUDA graphs
+    s = fused.loaded_config.input_size
+    with torch.inference_mode():
+        for b in fused.buckets:
+            static_in = torch.zeros(b, 3, s, s)
+            graph = EagerGraph(fused._network_and_selection, static_in)
+            fused._graphs[b] = (graph, static_in, graph.outputs)
+    g = torch.Generator().manual_seed(2)
+    for b in (1, 3, 4):  # 3 runs padded in the 4-image bucket
+        images = [torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8, generator=g) for _ in range(b)]
+        got, want = Detector(fused)(images), Detector(tiny_backend)(images)
+        assert all(len(x.scores) > 0 for x in got)  # random weights still give candidates above 0.01
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x.scores, y.scores)
+            torch.testing.assert_close(x.labels, y.labels)
+            torch.testing.assert_close(x.boxes_xyxy, y.boxes_xyxy)
+
+
+@pytest.mark.gpu
+def test_torch_cuda_graphs_with_fused_postprocess_match_separate_postprocess(tiny_checkpoint):
+    """The default CUDA path captures network + decoding + sync-free selection in one graph per bucket:
+    its detections equal those of the network-only graphs followed by the adaptive post-processing, for
+    full and padded buckets, and the NMS converged within the fixed passes."""
+    from model.preprocess import preprocess
+    from service.backends.base import SelectedOutput
+
+    fused = create_backend(settings(model=tiny_checkpoint, device="cuda", max_batch_size=8))
+    separate = create_backend(
+        settings(model=tiny_checkpoint, device="cuda", max_batch_size=8, fuse_postprocess=False)
+    )
+    for backend in (fused, separate):
+        backend.load()
+        backend.warmup(1)
+    assert fused.fuse_postprocess and sorted(fused._graphs) == [1, 2, 4, 8]
+    cfg = fused.loaded_config
+    g = torch.Generator().manual_seed(1)
+    for b in (1, 3, 8):
+        images = [torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8, generator=g) for _ in range(b)]
+        batch = preprocess(images, cfg.input_size, cfg.normalization).cuda()
+        with torch.inference_mode():
+            out = fused.infer(batch)
+            assert isinstance(out, SelectedOutput) and bool(out.detections.converged)
+            got = Detector(fused).postprocess(out)
+            want = PostProcessor(cfg, nms_passes=None)(separate.infer(batch), separate.anchors).to("cpu")
+        assert got.scores.shape == want.scores.shape == (b, cfg.postprocess.keep_top_k)
+        torch.testing.assert_close(got.scores, want.scores)
+        torch.testing.assert_close(got.labels, want.labels)
+        torch.testing.assert_close(got.boxes_xyxy, want.boxes_xyxy)

@@ -160,3 +160,69 @@ def test_stop_drains_queued_work_then_refuses_new_work():
     results, calls = run(main())
     assert results == [0, 2, 4, 6, 8]
     assert sum(len(c) for c in calls) == 5 and max(len(c) for c in calls) <= 2
+
+
+def test_an_exception_returned_for_one_item_fails_that_request_only():
+    async def main():
+        def process(items):
+            return [ValueError(f"bad {x}") if x < 0 else 2 * x for x in items]
+
+        b = DynamicBatcher(process, max_batch_size=8, max_delay_s=0.1, max_queue_size=16)
+        b.start()
+        outcome = await asyncio.gather(*(b.submit(x) for x in (1, -1, 3)), return_exceptions=True)
+        await b.stop()
+        return outcome
+
+    first, failed, third = run(main())
+    assert first[0] == 2 and third[0] == 6
+    assert isinstance(failed, ValueError) and str(failed) == "bad -1"
+
+
+def test_only_requests_that_waited_are_asked_whether_their_client_left():
+    """Asking costs a turn of the event loop: a request younger than ``disconnect_check_s`` runs unasked."""
+
+    async def main():
+        asked: list[int] = []
+
+        def asker(x: int):
+            async def is_disconnected() -> bool:
+                asked.append(x)
+                return False
+
+            return is_disconnected
+
+        calls: list[list[int]] = []
+        b = DynamicBatcher(doubler(calls), max_batch_size=2, max_delay_s=0.0, max_queue_size=16,
+                           disconnect_check_s=0.05)  # fmt: skip
+        b.start()
+        fresh = await b.submit(1, asker(1))
+        b2 = DynamicBatcher(doubler(calls), max_batch_size=2, max_delay_s=0.1, max_queue_size=16,
+                            disconnect_check_s=0.05)  # fmt: skip
+        b2.start()
+        waited = await b2.submit(2, asker(2))  # waits out the 0.1 s deadline before running
+        await b.stop()
+        await b2.stop()
+        return asked, fresh, waited
+
+    asked, fresh, waited = run(main())
+    assert asked == [2] and fresh[0] == 2 and waited[0] == 4
+
+
+def test_zero_delay_runs_at_once_and_batches_what_queued_while_the_engine_worked():
+    """The default (max_delay 0): the first request runs alone at once; the ones submitted while the
+    engine is busy with it become the next batch together."""
+
+    async def main():
+        calls: list[list[int]] = []
+        b = DynamicBatcher(doubler(calls, delay_s=0.2), max_batch_size=8, max_delay_s=0.0, max_queue_size=16)
+        b.start()
+        first = b.submit(0)
+        await asyncio.sleep(0.05)  # the engine is now busy with [0]
+        rest = [b.submit(i) for i in range(1, 5)]
+        results = await asyncio.gather(first, *rest)
+        await b.stop()
+        return calls, results
+
+    calls, results = run(main())
+    assert calls == [[0], [1, 2, 3, 4]]
+    assert [r for r, _ in results] == [0, 2, 4, 6, 8]

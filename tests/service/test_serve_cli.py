@@ -50,6 +50,29 @@ def test_default_batch_limit_depends_on_the_device():
     assert Settings(max_batch_size=5).batch_limit("cpu") == 5
 
 
+def test_gpu_decode_setting(monkeypatch):
+    """auto|on|off (also as true/false, 1/0, yes/no); auto decodes in the engine only on CUDA."""
+    assert Settings().gpu_decode == "auto"
+    assert (Settings().engine_decodes_jpeg("cuda"), Settings().engine_decodes_jpeg("cpu")) == (True, False)
+    for word, value in [("on", "on"), ("OFF", "off"), ("true", "on"), ("0", "off"), ("Yes", "on")]:
+        monkeypatch.setenv("REFINEDET_GPU_DECODE", word)
+        assert Settings().gpu_decode == value, word
+    monkeypatch.setenv("REFINEDET_GPU_DECODE", "on")
+    assert Settings().engine_decodes_jpeg("cpu") and not Settings(gpu_decode="off").engine_decodes_jpeg(
+        "cuda"
+    )
+    monkeypatch.setenv("REFINEDET_GPU_DECODE", "sometimes")
+    with pytest.raises(ValueError, match="gpu_decode"):
+        Settings()
+    monkeypatch.delenv("REFINEDET_GPU_DECODE")
+    args = build_parser().parse_args(["serve", "--gpu-decode", "off"])
+    assert (
+        overrides_from(args) == {"gpu_decode": "off"}
+        and settings_from(overrides_from(args)).gpu_decode == "off"
+    )
+    assert to_env({"gpu_decode": "on"}) == {"REFINEDET_GPU_DECODE": "on"}
+
+
 def test_bad_values_and_missing_models_fail_before_starting(captured_run, capsys, tmp_path):
     assert main(["serve", "--port", "70000"]) == 2
     assert "invalid settings" in capsys.readouterr().err

@@ -1,0 +1,76 @@
+"""The Detector's inputs: same-size images resized as one stacked batch (exactly the per-image result),
+encoded JPEGs decoded in the engine (the same detections as PIL-decoded pixels), and an undecodable
+upload answered in its own place while the rest of the batch is detected."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+from service_testing import corrupt_huffman_table, encode, noise_image
+
+from model.preprocess import pil_to_rgb, preprocess
+from service.detector import Detector, ImageDetections, stack_if_same_size
+from service.errors import ServiceError
+from service.imaging import read_header
+
+
+def pixels_of(data: bytes) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as im:
+        return pil_to_rgb(im)
+
+
+def encoded(data: bytes):
+    return read_header(data, 40_000_000, 8).deferred(data)
+
+
+@pytest.mark.parametrize(("size", "count"), [(64, 1), (64, 5), (320, 3)])
+def test_stacked_resize_equals_the_per_image_resize_exactly(tiny_backend, size, count):
+    norm = tiny_backend.loaded_config.normalization
+    images = [torch.randint(0, 256, (3, 61, 83), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(count)]  # fmt: skip
+    stacked = stack_if_same_size(images)
+    assert isinstance(stacked, torch.Tensor) and stacked.shape == (count, 3, 61, 83)
+    assert torch.equal(preprocess(stacked, size, norm), preprocess(images, size, norm))
+
+
+@pytest.mark.gpu
+def test_stacked_resize_equals_the_per_image_resize_on_cuda(tiny_backend):
+    norm = tiny_backend.loaded_config.normalization
+    images = [torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, device="cuda") for _ in range(4)]
+    assert torch.equal(preprocess(stack_if_same_size(images), 320, norm), preprocess(images, 320, norm))
+
+
+def test_mixed_sizes_stay_a_list():
+    images = [torch.zeros(3, 10, 12, dtype=torch.uint8), torch.zeros(3, 12, 10, dtype=torch.uint8)]
+    assert stack_if_same_size(images) is images
+
+
+def test_encoded_jpegs_give_the_detections_of_decoded_pixels(tiny_backend):
+    """On the CPU decode_jpeg and PIL are the same libjpeg-turbo decode, so the results are equal."""
+    datas = [encode(noise_image(96, 72, seed=s)) for s in (11, 12)] + [encode(noise_image(80, 60, seed=13))]
+    detector = Detector(tiny_backend)
+    want = detector([pixels_of(d) for d in datas])
+    got = detector.detect([encoded(datas[0]), pixels_of(datas[1]), encoded(datas[2])])
+    assert len(got) == 3
+    for g, w in zip(got, want, strict=True):
+        assert isinstance(g, ImageDetections) and len(w.scores) > 0
+        assert torch.equal(g.boxes_xyxy, w.boxes_xyxy) and torch.equal(g.scores, w.scores)
+        assert torch.equal(g.labels, w.labels)
+    assert got[0].times.batch_size == 3
+
+
+def test_an_undecodable_upload_fails_in_its_place_only(tiny_backend):
+    good = [encode(noise_image(96, 72, seed=s)) for s in (21, 22)]
+    bad = corrupt_huffman_table(good[0])
+    detector = Detector(tiny_backend)
+    want = detector([pixels_of(d) for d in good])
+    got = detector.detect([encoded(good[0]), encoded(bad), encoded(good[1])])
+    assert isinstance(got[1], ServiceError) and (got[1].status, got[1].code) == (400, "invalid_image")
+    for g, w in zip((got[0], got[2]), want, strict=True):
+        assert isinstance(g, ImageDetections) and torch.equal(g.scores, w.scores)
+    assert got[0].times.batch_size == 2  # the bad one never reached the network
+    only_bad = detector.detect([encoded(bad)])
+    assert len(only_bad) == 1 and isinstance(only_bad[0], ServiceError)

@@ -1,0 +1,72 @@
+"""Header checks: which uploads the engine may decode (complete RGB/grayscale JPEGs), the size after EXIF
+orientation, the same 4xx as a full decode, and ``read_image`` deferring only when asked."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+from service_testing import encode, noise_image
+
+from service.errors import ServiceError
+from service.imaging import DecodedImage, EncodedJpeg, decode_image, read_header, read_image
+
+LIMITS = (40_000_000, 8)
+BASE = noise_image(80, 64, seed=3)
+
+
+def exif_jpeg(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(BASE, "JPEG", exif=exif)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "decodable"),
+    [
+        ("rgb jpeg", encode(BASE), True),
+        ("progressive jpeg", encode(BASE, "JPEG", progressive=True), True),
+        ("grayscale jpeg", encode(BASE.convert("L")), True),
+        ("jpeg with trailing zero padding", encode(BASE) + b"\0" * 10, True),
+        ("cmyk jpeg", encode(BASE.convert("CMYK")), False),
+        ("truncated jpeg", encode(BASE)[:-300], False),
+        ("png", encode(BASE, "PNG"), False),
+    ],
+)
+def test_only_complete_rgb_or_grayscale_jpegs_are_left_to_the_engine(name, data, decodable):
+    header = read_header(data, *LIMITS)
+    assert header.engine_decodable is decodable, name
+    assert (header.width, header.height) == (80, 64)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_header_size_is_after_exif_orientation_like_the_decode(orientation):
+    data = exif_jpeg(orientation)
+    header = read_header(data, *LIMITS)
+    decoded = decode_image(data, *LIMITS)
+    assert header.orientation == orientation and header.engine_decodable
+    assert (header.width, header.height) == (decoded.width, decoded.height)
+
+
+def test_header_errors_are_the_decode_errors():
+    cases = [b"", b"hello, not an image" * 10, encode(noise_image(4, 4, 0), "PNG"), encode(BASE, "GIF")]
+    for data in cases:
+        with pytest.raises(ServiceError) as from_header:
+            read_header(data, *LIMITS)
+        with pytest.raises(ServiceError) as from_decode:
+            decode_image(data, *LIMITS)
+        assert (from_header.value.status, from_header.value.code) == (
+            from_decode.value.status,
+            from_decode.value.code,
+        )
+    with pytest.raises(ServiceError) as too_large:
+        read_header(encode(BASE), max_pixels=1000, min_side=8)
+    assert too_large.value.status == 413
+
+
+def test_read_image_defers_a_jpeg_only_when_asked():
+    jpeg, png = exif_jpeg(6), encode(BASE, "PNG")
+    deferred = read_image(jpeg, *LIMITS, engine_jpeg=True)
+    assert isinstance(deferred, EncodedJpeg) and deferred.data == jpeg
+    assert (deferred.width, deferred.height, deferred.orientation) == (64, 80, 6)
+    assert isinstance(read_image(jpeg, *LIMITS, engine_jpeg=False), DecodedImage)
+    assert isinstance(read_image(png, *LIMITS, engine_jpeg=True), DecodedImage)
