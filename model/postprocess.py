@@ -54,7 +54,8 @@ def decode_predictions(
 
 @dataclass
 class Detections:
-    """Fixed-shape batched detections. Rows with ``scores == 0`` are padding.
+    """Fixed-shape batched detections, best first per image; rows with ``scores == 0`` are padding and
+    come last (as ``select_detections`` makes them).
 
     boxes_xyxy: Tensor[B, M, 4] normalised to [0, 1] (not clipped); scores: Tensor[B, M];
     labels: Tensor[B, M] network class indices 1..C-1 (``class_names[label - 1]``), 0 for padding.
@@ -73,6 +74,14 @@ class Detections:
         """Image i's real detections (boxes_xyxy [N,4], scores [N], labels [N]), best first."""
         keep = self.scores[i] > score_threshold
         return self.boxes_xyxy[i][keep], self.scores[i][keep], self.labels[i][keep]
+
+    def per_image(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Every image's real detections (boxes_xyxy [N, 4], scores [N], labels [N]) as views: one count
+        for the whole batch, then slices, since the padding comes last."""
+        counts = (self.scores > 0).sum(dim=1).tolist()
+        return [
+            (self.boxes_xyxy[i, :n], self.scores[i, :n], self.labels[i, :n]) for i, n in enumerate(counts)
+        ]
 
     def to(self, device: str | torch.device) -> Detections:
         converged = None if self.converged is None else self.converged.to(device)
