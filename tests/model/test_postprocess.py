@@ -197,3 +197,14 @@ def test_sync_free_selection_does_not_synchronise_on_cuda():
         torch.cuda.set_sync_debug_mode(0)
     assert bool(fast.converged)
     same_detections(fast.to("cpu"), exact.to("cpu"))
+
+
+def test_per_image_equals_image_for_every_image():
+    boxes, scores = clustered_predictions(4, 150, 3, seed=11)
+    scores[2] = 0  # an image without detections
+    dets = select_detections(boxes, scores, PostprocessConfig(top_k=40, keep_top_k=30))
+    per_image = dets.per_image()
+    assert len(per_image) == 4 and len(per_image[2][1]) == 0
+    for i, views in enumerate(per_image):
+        for got, want in zip(views, dets.image(i), strict=True):
+            assert torch.equal(got, want)
