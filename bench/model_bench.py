@@ -6,7 +6,9 @@ post-processing, with the bare VGG-16 trunk as the floor and PyTorch eager FP32 
 
 Rows: ``net`` times ``backend.infer`` on random inputs; ``net+post`` times infer + the shared
 post-processing (``Detector.postprocess``) + the copy of the detections to the host, on real photos
-(BCCD JPEGs, so the candidate counts are a real image's). See docs/benchmarks.md.
+(BCCD JPEGs, so the candidate counts are a real image's). Every row also gets the GFLOP/s it achieves
+(network FLOPs per image x images/s) and, on the CPU, that as a share of ONNX Runtime's own GEMM
+ceiling in its precision (``bench.roofline``). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Any
 
 import torch
 
-from bench import model_report
+from bench import model_report, roofline
 from bench.common import environment, find_jpegs, parse_list, resolve_checkpoint, write_json
 from bench.model_setup import (
     BACKENDS,
+    CALIBRATION_PHOTOS,
+    INT8,
     TRUNK,
     RealImages,
     Trunk,
@@ -33,18 +37,19 @@ from bench.model_setup import (
     local_checkpoint,
     make_backend,
     random_images,
+    row_precision,
     skip_reason,
 )
 from bench.timing import summarize, time_iterations
 from model.errors import UserError
 
 GPU_DEFAULTS = {"sizes": "320,512", "batch_sizes": "1,8,32,128", "precisions": "fp16,fp32",
-                "backends": ",".join(BACKENDS)}  # fmt: skip
+                "backends": ",".join(b for b in BACKENDS if b != INT8)}  # fmt: skip
 CPU_DEFAULTS = {
     "sizes": "320",
     "batch_sizes": "1",
     "precisions": "fp32",
-    "backends": "torch-eager,onnxruntime",
+    "backends": f"torch-eager,onnxruntime,{INT8}",
 }
 
 
@@ -72,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", help="input sizes, multiples of 64 (GPU default 320,512; CPU 320)")
     p.add_argument("--batch-sizes", help="GPU default 1,8,32,128; CPU 1")
     p.add_argument("--precisions", help="fp16,fp32 (GPU default both; CPU fp32)")
-    p.add_argument("--backends", help=f"from {','.join(BACKENDS)} (CPU default torch-eager,onnxruntime)")
+    p.add_argument("--backends", help=f"from {','.join(BACKENDS)} (CPU default {CPU_DEFAULTS['backends']})")
     p.add_argument("--iters", type=int, default=200, help="timed iterations per row at most (default 200)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations per row (default 5)")
     p.add_argument("--time-budget", type=float, default=2.0, help="seconds of timed iterations per row")
@@ -113,7 +118,11 @@ class Run:
         self.checkpoint, self.ckpt = local_checkpoint(self.source, workdir)
         self.trained = bool(self.ckpt.get("metadata", {}).get("trained", True))
         self.photos = RealImages(find_jpegs(opts.images, limit=max(opts.batch_sizes)))
+        self.calibration = find_jpegs(opts.images, limit=CALIBRATION_PHOTOS)
         self.rows: list[dict[str, Any]] = []
+        self.flops: dict[int, dict[str, int]] = {}  # per input size: network and trunk FLOPs per image
+        self.ceilings = roofline.gemm_ceilings(opts.threads) if opts.device.type == "cpu" else {}
+        self.environment = environment()  # before the run: its load average says how quiet the machine was
         self.started = time.perf_counter()
 
     def result(self) -> dict[str, Any]:
@@ -123,8 +132,10 @@ class Run:
             "checkpoint": str(self.source),
             "trained": self.trained,
             "device": str(self.opts.device),
-            "environment": environment(),
+            "environment": self.environment,
             "settings": {k: v for k, v in vars(self.opts).items() if k not in ("device", "json")},
+            "flops_per_image": {str(size): f for size, f in self.flops.items()},
+            "gemm_ceilings": self.ceilings,
             "rows": self.rows,
             "summary": model_report.summary(self.rows),
         }
@@ -141,13 +152,14 @@ class Run:
         backbone = self.ckpt["config"].get("backbone", "vgg16")
         for size in self.opts.sizes:
             sized = checkpoint_at_size(self.checkpoint, self.ckpt, size, self.workdir)
+            self.flops[size] = roofline.network_flops(sized)
             for name in self.opts.backends:
                 for precision in self.opts.precisions:
                     reason = skip_reason(name, self.opts.device, precision, backbone)
                     if reason is None and self.out_of_time():
                         reason = "--max-seconds reached"
                     if reason:
-                        self.add(name, precision, size, None, None, skipped=reason)
+                        self.add(name, row_precision(name, precision), size, None, None, skipped=reason)
                     else:
                         self.group(name, precision, size, sized)
                     self.save()
@@ -161,6 +173,8 @@ class Run:
             "mode": mode,
             **fields,
         }
+        flops = self.flops.get(size, {}).get("trunk" if backend == TRUNK else "network")
+        roofline.add_gflops(row, flops, self.ceilings)
         self.rows.append(row)
         stats = f"{row.get('median_ms')} ms median, {row.get('images_per_s')} images/s"
         print(f"  {backend} {precision} {size} b{batch} {mode}: {row.get('skipped') or stats}", flush=True)
@@ -168,16 +182,17 @@ class Run:
     def group(self, name: str, precision: str, size: int, checkpoint: Path) -> None:
         """All batch sizes of one backend x precision x size (one model build)."""
         device, opts = self.opts.device, self.opts
+        label = row_precision(name, precision)
         try:
             if name == TRUNK:
                 runner: Any = Trunk(checkpoint, device, precision, opts.batch_sizes)
             else:
                 runner = make_backend(name, checkpoint, device, precision, opts.batch_sizes, self.workdir,
-                                      opts.threads)  # fmt: skip
+                                      opts.threads, self.calibration)  # fmt: skip
             for batch in opts.batch_sizes:
-                self.measure(name, precision, size, batch, runner)
+                self.measure(name, label, size, batch, runner)
         except Exception as exc:  # CUDA out of memory, a runtime's own error...: note it in the row, go on
-            self.add(name, precision, size, None, None, skipped=f"error: {str(exc).splitlines()[0][:160]}")
+            self.add(name, label, size, None, None, skipped=f"error: {str(exc).splitlines()[0][:160]}")
         finally:
             runner = None
             gc.collect()

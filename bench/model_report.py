@@ -1,5 +1,6 @@
 """The model benchmark's table and summary: ratios to the bare trunk, best-batch throughput, and
-ONNX Runtime versus PyTorch eager (the CPU target)."""
+speedups on the same size/batch/mode: ONNX Runtime FP32 (the CPU target) and INT8 versus PyTorch
+eager, and INT8 versus FP32 ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ COLUMNS = (
     ("p99_ms", "p99 ms"),
     ("images_per_s", "images/s"),
     ("vs_trunk", "x trunk"),
+    ("gflop_s", "GFLOP/s"),
+    ("of_gemm", "of GEMM"),
     ("iterations", "iters"),
     ("note", "note"),
 )
@@ -66,21 +69,36 @@ def best_throughput(rows: Sequence[Row]) -> list[Row]:
     return out
 
 
-def ort_vs_eager(rows: Sequence[Row]) -> list[Row]:
-    """How many times faster onnxruntime is than torch-eager (median latency), where both ran."""
+SPEEDUPS = (  # (backend, baseline)
+    ("onnxruntime", "torch-eager"),
+    ("onnxruntime-int8", "torch-eager"),
+    ("onnxruntime-int8", "onnxruntime"),
+)
+
+
+def speedups(rows: Sequence[Row], backend: str, baseline: str) -> list[Row]:
+    """How many times faster ``backend`` is than ``baseline`` (median latency) where both ran."""
     out = []
-    for ort in _measured(rows, backend="onnxruntime"):
-        match = _measured(rows, backend="torch-eager", size=ort["size"], batch=ort["batch"], mode=ort["mode"])
+    for row in _measured(rows, backend=backend):
+        match = _measured(rows, backend=baseline, size=row["size"], batch=row["batch"], mode=row["mode"])
         if match:
-            speedup = match[0]["median_ms"] / ort["median_ms"]
-            out.append({"size": ort["size"], "batch": ort["batch"], "mode": ort["mode"],
-                        "eager_median_ms": match[0]["median_ms"], "onnxruntime_median_ms": ort["median_ms"],
-                        "speedup": round(speedup, 3)})  # fmt: skip
+            speedup = match[0]["median_ms"] / row["median_ms"]
+            out.append({"backend": backend, "baseline": baseline, "size": row["size"], "batch": row["batch"],
+                        "mode": row["mode"], "baseline_median_ms": match[0]["median_ms"],
+                        "median_ms": row["median_ms"], "speedup": round(speedup, 3)})  # fmt: skip
     return out
 
 
+def ort_vs_eager(rows: Sequence[Row]) -> list[Row]:
+    """ONNX Runtime FP32 versus PyTorch eager FP32: the CPU target's ratio."""
+    return speedups(rows, "onnxruntime", "torch-eager")
+
+
 def summary(rows: Sequence[Row]) -> dict[str, Any]:
-    return {"best_throughput": best_throughput(rows), "onnxruntime_vs_eager": ort_vs_eager(rows)}
+    return {
+        "best_throughput": best_throughput(rows),
+        "speedups": [s for backend, base in SPEEDUPS for s in speedups(rows, backend, base)],
+    }
 
 
 def summary_text(data: dict[str, Any]) -> str:
@@ -93,9 +111,9 @@ def summary_text(data: dict[str, Any]) -> str:
             ("images_per_s", "images/s"), ("trunk_best_images_per_s", "trunk images/s"),
             ("vs_trunk_best", "x trunk"),
         )))  # fmt: skip
-    for r in data["onnxruntime_vs_eager"]:
+    for r in data["speedups"]:
         lines.append(
-            f"onnxruntime vs torch-eager, size {r['size']} batch {r['batch']} {r['mode']}: "
-            f"{r['eager_median_ms']:.2f} ms / {r['onnxruntime_median_ms']:.2f} ms = {r['speedup']:.2f}x"
+            f"{r['backend']} vs {r['baseline']}, size {r['size']} batch {r['batch']} {r['mode']}: "
+            f"{r['baseline_median_ms']:.2f} ms / {r['median_ms']:.2f} ms = {r['speedup']:.2f}x"
         )
     return "\n".join(lines)

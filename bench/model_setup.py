@@ -6,7 +6,8 @@
 - ``make_backend``: a loaded, warmed-up ``service.backends`` backend for one benchmark row kind:
   ``torch-eager`` (the naive baseline: fp32, contiguous, no graphs), ``torch`` (the service's fast path:
   fp16 / channels-last / one CUDA graph per batch size on CUDA), ``onnxruntime`` and ``tensorrt``
-  (exported with ``conversion``).
+  (exported with ``conversion``), ``onnxruntime-int8`` (the export quantized like
+  ``refinedet export onnx --int8``, on the CPU).
 - ``Trunk``: the bare VGG-16 trunk (``VGG16Body.features``: conv1_1 .. conv5_3 + ReLUs) on the same fast
   path, the floor the detector is compared with.
 """
@@ -31,8 +32,15 @@ from service.backends.base import Backend, synchronize
 from service.backends.torch import capture_cuda_graph
 
 # In the order they run: the fast path and its floor first, so a run cut short keeps them.
-BACKENDS = ("torch", "vgg16-trunk", "torch-eager", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "vgg16-trunk", "torch-eager", "onnxruntime", "onnxruntime-int8", "tensorrt")
 TRUNK = "vgg16-trunk"
+INT8 = "onnxruntime-int8"
+CALIBRATION_PHOTOS = 8  # the INT8 model's scales do not change its speed: a few photos suffice
+
+
+def row_precision(name: str, precision: str) -> str:
+    """The precision a row reports: the INT8 model's rows say int8 (they run in the fp32 pass)."""
+    return "int8" if name == INT8 else precision
 
 
 def local_checkpoint(path: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
@@ -68,7 +76,12 @@ def skip_reason(name: str, device: torch.device, precision: str, backbone: str) 
         return "on the CPU the torch fast path is torch-eager (no fp16, channels-last or graphs)"
     if name == TRUNK and backbone != "vgg16":
         return f"the trunk floor is VGG-16's; this model's backbone is {backbone}"
-    if name == "onnxruntime":
+    if name == INT8:
+        if cuda:
+            return "the INT8 ONNX model is for ONNX Runtime on the CPU"
+        if precision != "fp32":
+            return "the INT8 model runs once, in the fp32 pass"
+    if name in ("onnxruntime", INT8):
         if precision != "fp32":
             return "ONNX exports are fp32"
         if importlib.util.find_spec("onnxruntime") is None:
@@ -93,8 +106,10 @@ def make_backend(
     batch_sizes: Sequence[int],
     workdir: Path,
     threads: int | None = None,
+    calibration: Sequence[Path] = (),
 ) -> Backend:
-    """A loaded and warmed-up backend for the row kind ``name`` (any of ``BACKENDS`` but the trunk)."""
+    """A loaded and warmed-up backend for the row kind ``name`` (any of ``BACKENDS`` but the trunk);
+    ``calibration``: images for the INT8 model's calibration."""
     max_batch = max(batch_sizes)
     if name in ("torch", "torch-eager"):
         from service.backends.torch import TorchBackend
@@ -106,6 +121,9 @@ def make_backend(
         backend.buckets = sorted(set(batch_sizes))  # type: ignore[attr-defined]  # graphs only for these
     elif name == "onnxruntime":
         backend = ThreadedOnnxRuntimeBackend(exported_onnx(checkpoint, workdir), device, max_batch, threads)
+    elif name == INT8:
+        artifact = quantized_onnx(checkpoint, workdir, calibration)
+        backend = ThreadedOnnxRuntimeBackend(artifact, device, max_batch, threads)
     elif name == "tensorrt":
         from service.backends.artifact import TensorRTBackend
 
@@ -124,6 +142,18 @@ def exported_onnx(checkpoint: Path, workdir: Path) -> Path:
     path = workdir / f"{checkpoint.stem}.onnx"
     if not path.is_file():
         export_checkpoint(checkpoint, path)
+    return path
+
+
+def quantized_onnx(checkpoint: Path, workdir: Path, calibration: Sequence[Path]) -> Path:
+    """The export quantized with ``conversion.quantize``'s defaults (those of ``refinedet export onnx
+    --int8``), calibrated on ``calibration``, once per checkpoint."""
+    from conversion.quantize import QuantizeOptions, quantize_onnx
+
+    path = workdir / f"{checkpoint.stem}.int8.onnx"
+    if not path.is_file():
+        options = QuantizeOptions(files=tuple(calibration), source="benchmark photos")
+        quantize_onnx(exported_onnx(checkpoint, workdir), path, options)
     return path
 
 

@@ -1,4 +1,6 @@
-"""INT8 calibration for TensorRT: image batches from the project's own preprocessing, and the
+"""INT8 calibration: which images (``calibration_files``: a folder, or a split of a VOC-layout data
+set), image batches from the project's own preprocessing (``calibration_batches``, shared by the
+TensorRT builder and the ONNX Runtime quantizer in ``conversion.quantize``), and for TensorRT the
 ``IInt8EntropyCalibrator2`` that feeds them to the builder with a calibration cache.
 
 Why implicit (calibrator-based) INT8 and not explicit Q/DQ: see docs/export.md. In short, TensorRT
@@ -21,6 +23,42 @@ from torch import Tensor
 from model.artifacts import atomic_write_bytes
 from model.config import RefineDetConfig
 from model.errors import UserError
+
+
+def calibration_files(source: str | Path, split: str = "train", max_images: int | None = None) -> list[Path]:
+    """The calibration images: ``source`` is a VOC-layout root (``ImageSets/Main/<split>.txt`` lists
+    the ids in ``JPEGImages/``) or a folder of images. More than ``max_images`` are thinned to
+    ``max_images`` spread evenly over the sorted list (deterministic)."""
+    from conversion.verify import image_files
+
+    root = Path(source)
+    if not root.is_dir():
+        raise UserError(f"--calibration-images {root}: not a folder of images or a VOC-layout root")
+    ids_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    if (root / "JPEGImages").is_dir():
+        if not ids_file.is_file():
+            raise UserError(f"{root} is a VOC-layout root without the split {ids_file.relative_to(root)}")
+        files = [
+            voc_image(root / "JPEGImages", line.split()[0])
+            for line in ids_file.read_text().splitlines()
+            if line.strip()
+        ]
+    else:
+        files = image_files(root)
+    if max_images is not None:
+        if max_images < 1:
+            raise UserError(f"--calibration-max-images must be >= 1, got {max_images}")
+        if len(files) > max_images:
+            files = [files[i * len(files) // max_images] for i in range(max_images)]
+    return files
+
+
+def voc_image(directory: Path, image_id: str) -> Path:
+    """``directory/<image_id>.jpg`` (or .jpeg / .png)."""
+    for suffix in (".jpg", ".jpeg", ".png"):
+        if (path := directory / f"{image_id}{suffix}").is_file():
+            return path
+    raise UserError(f"no image for id {image_id!r} in {directory}")
 
 
 def calibration_batches(

@@ -1,4 +1,5 @@
-"""``refinedet export onnx|engine|triton`` and ``refinedet verify``.
+"""``refinedet export onnx|engine|triton`` and ``refinedet verify``; ``export onnx --int8`` quantizes
+for ONNX Runtime on the CPU (``conversion.quantize``).
 
 Only argparse at import time; every handler imports its heavy modules (torch, onnx, TensorRT) itself.
 """
@@ -35,7 +36,32 @@ def _register_onnx(targets: argparse._SubParsersAction) -> None:
         help="raw: the four head tensors (default); decoded: boxes_xyxy + scores, only NMS left to the runtime",
     )
     p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
+    q = p.add_argument_group("INT8 for ONNX Runtime on the CPU (static, QDQ, per-channel weights)")
+    q.add_argument("--int8", action="store_true", help="quantize the exported model to INT8")
+    _add_calibration_source(q)
+    q.add_argument(
+        "--calibration-max-images",
+        type=int,
+        help="calibrate on at most this many images, spread evenly over the set (default 64)",
+    )
+    q.add_argument(
+        "--calibration-method",
+        help="how activation ranges are chosen: entropy (default, the closest to FP32 on BCCD), minmax, percentile",
+    )
     p.set_defaults(handler=cmd_export_onnx)
+
+
+def _add_calibration_source(group) -> None:
+    group.add_argument(
+        "--calibration-images",
+        type=Path,
+        help="INT8: folder of representative images, or a VOC-layout root (then --calibration-split)",
+    )
+    group.add_argument(
+        "--calibration-split",
+        default="train",
+        help="INT8, VOC root: image set in ImageSets/Main to calibrate on (default train; never the test set)",
+    )
 
 
 def _register_engine(targets: argparse._SubParsersAction) -> None:
@@ -45,7 +71,7 @@ def _register_engine(targets: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", required=True, type=Path, help="ONNX model from `refinedet export onnx`")
     p.add_argument("-o", "--output", required=True, type=Path, help="engine file to write, e.g. model.plan")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
-    p.add_argument("--calibration-images", type=Path, help="INT8: directory of representative images")
+    _add_calibration_source(p)
     p.add_argument(
         "--calibration-cache",
         type=Path,
@@ -99,23 +125,56 @@ def _register_verify(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_verify)
 
 
+def quantize_options(args: argparse.Namespace):
+    """``QuantizeOptions`` for ``export onnx --int8``, None without it; validated before any export."""
+    from conversion.calibration import calibration_files
+    from conversion.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_METHOD, QuantizeOptions
+    from model.errors import UserError
+
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("calibration_images", "calibration_max_images", "calibration_method")
+        if getattr(args, name) is not None
+    ]
+    if not args.int8:
+        if given:
+            raise UserError(
+                f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} with --int8"
+            )
+        return None
+    if args.calibration_images is None:
+        raise UserError("--int8 needs --calibration-images (a folder of images or a VOC-layout root)")
+    count = DEFAULT_CALIBRATION_IMAGES if args.calibration_max_images is None else args.calibration_max_images
+    files = calibration_files(args.calibration_images, args.calibration_split, count)
+    source = str(args.calibration_images)
+    if (args.calibration_images / "JPEGImages").is_dir():
+        source += f" (split {args.calibration_split})"
+    method = args.calibration_method or DEFAULT_METHOD
+    return QuantizeOptions(files=tuple(files), source=source, method=method)
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from conversion.onnx_export import export_checkpoint, parse_batch
 
     batch = parse_batch(args.batch)
-    manifest = export_checkpoint(
-        args.checkpoint,
-        args.output,
-        opset=args.opset,
-        batch=batch,
-        outputs=args.outputs,
-        simplify=args.simplify,
-    )
+    int8 = quantize_options(args)
+    export = {"opset": args.opset, "batch": batch, "outputs": args.outputs, "simplify": args.simplify}
+    if int8 is None:
+        manifest = export_checkpoint(args.checkpoint, args.output, **export)
+    else:
+        from conversion.quantize import export_int8
+
+        manifest = export_int8(args.checkpoint, args.output, int8, **export)
     c = manifest.config
     print(
         f"wrote {args.output} and {args.output}.json: {c.name}, input {c.input_size}, {len(c.class_names)} classes, "
-        f"opset {manifest.onnx_opset}, batch {batch or 'dynamic'}, outputs {manifest.outputs}"
+        f"opset {manifest.onnx_opset}, batch {batch or 'dynamic'}, outputs {manifest.outputs}, {manifest.precision}"
     )
+    if int8 is not None:
+        calibration = manifest.extra["int8"]["calibration"]
+        print(
+            f"INT8: {calibration['method']} calibration on {calibration['images']} images of {calibration['source']}"
+        )
     for warning in manifest.extra.get("tracer_warnings", []):
         print(f"tracer warning: {warning}", file=sys.stderr)
     return 0
@@ -123,8 +182,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 def engine_options(args: argparse.Namespace):
     """Validate the engine arguments without TensorRT (pure; tested)."""
+    from conversion.calibration import calibration_files
     from conversion.tensorrt_build import EngineOptions, read_onnx_manifest, resolve_profile
-    from conversion.verify import image_files
 
     onnx = read_onnx_manifest(args.onnx)
     profile = resolve_profile(onnx.batch, args.min_batch, args.opt_batch, args.max_batch)
@@ -132,7 +191,9 @@ def engine_options(args: argparse.Namespace):
     if args.calibration_images is not None:
         if args.precision != "int8":
             raise ValueError("--calibration-images only applies to --precision int8")
-        files = tuple(image_files(args.calibration_images, args.calibration_max_images))
+        files = tuple(
+            calibration_files(args.calibration_images, args.calibration_split, args.calibration_max_images)
+        )
     cache = args.calibration_cache
     if args.precision == "int8" and cache is None:
         cache = args.output.with_name(args.output.name + ".calib")

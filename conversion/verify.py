@@ -4,7 +4,7 @@
 then reports (1) max / mean absolute difference per output tensor (the four raw heads, or
 boxes_xyxy / scores for a "decoded" graph) and (2) detection agreement after the shared
 post-processing (``model.postprocess``) on both sides: detections are matched greedily per image
-and class at IoU >= 0.99, with the score difference of every matched pair. A detection that finds
+and class at IoU >= 0.99 (0.9 for INT8), with the score difference of every matched pair. A detection that finds
 no partner but whose score lies within the score tolerance of the other side's selection boundary
 for that image (``score_threshold``, or the lowest kept score when ``keep_top_k`` is full) is
 counted as "borderline": a numerically tiny change can legitimately move it across the cut.
@@ -37,14 +37,19 @@ class Tolerance:
     raw_mean_abs: float  # mean |difference| per output
     score_abs: float  # max |score difference| of matched detections (also the borderline margin)
     min_agreement: float  # matched / non-borderline detections, both directions
+    match_iou: float = 0.99  # a detection matches the other side's at this IoU (same class)
 
 
-# fp32 is meant to be identical up to summation order. fp16 / int8 are starting points that have
-# never been checked against a real engine (no TensorRT here): detection agreement is what matters.
+# fp32 is meant to be identical up to summation order. fp16 is a starting point never checked against
+# a real engine (no TensorRT here): detection agreement is what matters. int8 comes from ONNX Runtime
+# INT8 (`refinedet export onnx --int8`) of the shipped BCCD model, on 32 BCCD test and 32 val images:
+# worst raw max abs diff 0.69, mean 0.029, matched score diff 0.09, agreement 0.96 at IoU 0.9 (INT8
+# moves boxes by about a pixel: at IoU 0.99 only 594 of 1916 detections matched). The limits leave
+# 1.45-1.75x of margin; TensorRT INT8 engines have not been measured against them.
 TOLERANCES = {
     "fp32": Tolerance(raw_max_abs=1e-4, raw_mean_abs=1e-5, score_abs=1e-4, min_agreement=1.0),
     "fp16": Tolerance(raw_max_abs=5e-2, raw_mean_abs=5e-3, score_abs=2e-2, min_agreement=0.95),
-    "int8": Tolerance(raw_max_abs=5e-1, raw_mean_abs=5e-2, score_abs=1e-1, min_agreement=0.80),
+    "int8": Tolerance(raw_max_abs=1.0, raw_mean_abs=5e-2, score_abs=0.15, min_agreement=0.9, match_iou=0.9),
 }
 
 
@@ -131,7 +136,7 @@ class VerifyReport:
         a = self.agreement
         lines.append(
             f"  detections   pytorch {a.reference}  artifact {a.candidate}  matched {a.matched} "
-            f"(IoU >= 0.99, same class)  borderline {a.borderline_reference}/{a.borderline_candidate}  "
+            f"(IoU >= {self.tolerance.match_iou:g}, same class)  borderline {a.borderline_reference}/{a.borderline_candidate}  "
             f"agreement {a.rate:.4f}  score diff max {a.max_score_diff:.3g} mean {a.mean_score_diff:.3g}"
         )
         failures = self.failures()
@@ -238,7 +243,9 @@ def verify_artifact(
             s[2] += diff.numel()
         ref_det = select_detections(*decoded, pp)
         cand_det = run_postprocess(runner, candidate)
-        a = match_detections(ref_det, cand_det, pp.keep_top_k, pp.score_threshold, tol.score_abs)
+        a = match_detections(
+            ref_det, cand_det, pp.keep_top_k, pp.score_threshold, tol.score_abs, tol.match_iou
+        )
         _accumulate(report.agreement, a)
         report.images += images.shape[0]
     report.outputs = [OutputDiff(n, s[0], s[1] / max(s[2], 1)) for n, s in sums.items()]

@@ -11,8 +11,15 @@ METRICS = ("voc07", "voc12", "coco")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint: VOC07/VOC12 AP or COCO AP, per class")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by `refinedet train`")
+    p = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint or an exported model: VOC07/VOC12 AP or COCO AP, per class"
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint written by `refinedet train`")
+    source.add_argument(
+        "--artifact",
+        help="exported model (model.onnx, model.int8.onnx, model.plan) with its .json manifest",
+    )
     p.add_argument(
         "--data",
         action="append",
@@ -33,15 +40,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--multiscale", action="store_true", help="the paper's multi-scale + flip test with box voting"
     )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument(
-        "--output", help="folder for results.json and PR plots (default: runs/eval/<checkpoint>-<split>)"
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:1 ... (default: cuda if available; for --artifact: cpu for ONNX, cuda for engines)",
+    )
+    p.add_argument(
+        "--output", help="folder for results.json and PR plots (default: runs/eval/<model file>-<split>)"
     )
     p.add_argument(
         "--score-threshold",
         type=float,
         default=None,
-        help="detection score threshold (default: the checkpoint's, 0.01 unless changed)",
+        help="detection score threshold (default: the model's, 0.01 unless changed)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_eval)
@@ -114,23 +125,54 @@ def open_dataset(args: argparse.Namespace, class_names: tuple[str, ...]) -> Any:
         raise UserError("the evaluation data set has no images")
     if tuple(dataset.class_names) != tuple(class_names):
         raise UserError(
-            f"the data set's classes {tuple(dataset.class_names)} differ from the checkpoint's {class_names}"
+            f"the data set's classes {tuple(dataset.class_names)} differ from the model's {class_names}"
         )
     return dataset
+
+
+def load_evaluated(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """(model or ArtifactNetwork, device, what to record about it) for ``--checkpoint`` / ``--artifact``."""
+    from model.checkpoint import file_sha256, load_model
+    from model.errors import UserError
+
+    if args.checkpoint:
+        model, _ = load_model(args.checkpoint)
+        device = resolve_device(args.device)
+        return (
+            model,
+            device,
+            {"checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint)},
+        )
+    from model.artifacts import read_manifest
+    from model.evaluation.artifact import load_artifact_network
+
+    if args.multiscale:
+        raise UserError("--multiscale needs --checkpoint: an exported model runs at its input size only")
+    manifest = read_manifest(args.artifact)
+    name = args.device
+    if name == "auto":
+        name = "cuda" if manifest.kind == "tensorrt" else "cpu"
+    device = resolve_device(name)
+    record = {
+        "artifact": args.artifact,
+        "artifact_sha256": manifest.artifact_sha256,
+        "artifact_kind": manifest.kind,
+        "precision": manifest.precision,
+        "source_checkpoint_sha256": manifest.source_checkpoint_sha256,
+    }
+    return load_artifact_network(args.artifact, device), device, record
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from model.checkpoint import file_sha256, load_model
     from model.evaluation.report import format_table, plot_pr_curves, write_json
     from model.evaluation.runner import evaluate_coco, evaluate_voc
 
     _check_options(args)
-    model, _ = load_model(args.checkpoint)
+    model, device, source = load_evaluated(args)
     config = model.config
     dataset = open_dataset(args, config.class_names)
-    device = resolve_device(args.device)
     postprocess = config.postprocess
     if args.score_threshold is not None:
         postprocess = dataclasses.replace(postprocess, score_threshold=args.score_threshold)
@@ -147,13 +189,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         result = evaluate_voc(model, dataset, use_07_metric=args.metric == "voc07", **options)
     seconds = time.perf_counter() - start
-    output = Path(
-        args.output or Path("runs/eval") / f"{Path(args.checkpoint).stem}-{args.split}-{args.metric}"
-    )
+    stem = Path(args.checkpoint or args.artifact).stem
+    output = Path(args.output or Path("runs/eval") / f"{stem}-{args.split}-{args.metric}")
     result.update(
         {
-            "checkpoint": str(args.checkpoint),
-            "checkpoint_sha256": file_sha256(args.checkpoint),
+            **source,
             "model": config.name,
             "input_size": config.input_size,
             "data": args.data or [args.coco_images, args.coco_ann],

@@ -4,6 +4,7 @@ Images go through ``model.preprocess.preprocess`` and the network, detections th
 ``model.postprocess.PostProcessor`` and ``to_pixels``: there is no other decode code here. The
 multi-scale test (``multiscale=True``) runs the same path at other square input sizes with anchors
 from ``model.anchors.generate_anchors`` and merges the runs by box voting (``model.evaluation.multiscale``).
+An exported artifact takes the network's place through ``model.evaluation.artifact.ArtifactNetwork``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from model.anchors import generate_anchors
 from model.checkpoint import unwrap
 from model.config import PostprocessConfig
 from model.errors import UserError
+from model.evaluation.artifact import ArtifactNetwork
 from model.evaluation.multiscale import ScaleRule, flip_boxes, merge_by_voting, multiscale_schedule
 from model.evaluation.voc import evaluate_detections
-from model.postprocess import PostProcessor, to_pixels
+from model.network import RefineDet
+from model.postprocess import PostProcessor, select_detections, to_pixels
 from model.preprocess import preprocess
+from model.runtime import DecodedOutput
 
 
 class ImageDataset(Protocol):
@@ -42,6 +46,11 @@ class _Images(torch.utils.data.Dataset):
         return self.dataset.load_image(index)
 
 
+def network(model: nn.Module) -> RefineDet | ArtifactNetwork:
+    """The RefineDet inside training wrappers, or an exported artifact standing in for it."""
+    return model if isinstance(model, ArtifactNetwork) else unwrap(model)
+
+
 class Detector:
     """The network + shared post-processing at any square input size (a multiple of 64).
 
@@ -52,7 +61,7 @@ class Detector:
 
     def __init__(self, model: nn.Module, postprocess: PostprocessConfig | None = None) -> None:
         self.model = model
-        net = unwrap(model)
+        net = network(model)
         self.config = net.config
         self.postprocessor = PostProcessor(self.config, postprocess)
         self._anchors: dict[int, Tensor] = {self.config.input_size: cast(Tensor, net.anchors)}
@@ -69,7 +78,11 @@ class Detector:
     ) -> list[dict[str, Tensor]]:
         size = size or self.config.input_size
         batch = preprocess([im.flip(-1) if flip else im for im in images], size, self.config.normalization)
-        detections = self.postprocessor(tuple(self.model(batch)), self.anchors(size))
+        outputs = self.model(batch)
+        if isinstance(outputs, DecodedOutput):  # an artifact whose graph decodes: selection only
+            detections = select_detections(*outputs, self.postprocessor.postprocess)
+        else:
+            detections = self.postprocessor(tuple(outputs), self.anchors(size))
         results = []
         for i, image in enumerate(images):
             boxes, scores, labels = detections.image(i)
@@ -137,7 +150,7 @@ def predict_dataset(
 
 
 def _check_classes(model: nn.Module, dataset: Any) -> tuple[str, ...]:
-    names = tuple(unwrap(model).config.class_names)
+    names = tuple(network(model).config.class_names)
     if tuple(dataset.class_names) != names:
         raise UserError(
             f"the data set's classes {tuple(dataset.class_names)} differ from the model's {names}; "

@@ -95,6 +95,7 @@ def test_report_ratios_to_trunk_best_batch_and_ort_speedup():
     assert best["torch-eager"]["best_batch"] == 8 and best["torch-eager"]["vs_trunk_best"] == 0.75
     [ort] = model_report.ort_vs_eager(rows)
     assert ort["batch"] == 1 and ort["speedup"] == pytest.approx(1.6)
+    assert model_report.summary(rows)["speedups"] == [ort]  # no INT8 rows: no INT8 ratios
     text = model_report.table(rows)
     assert "ONNX exports are fp32" in text and "x trunk" in text
 
@@ -137,11 +138,19 @@ def test_cpu_run_measures_eager_and_trunk_and_skips_the_rest(tiny_checkpoint, ph
 
 
 @pytest.mark.slow
-def test_cpu_run_compares_onnxruntime_with_eager(tiny_checkpoint, photos, tmp_path, capsys):
+def test_cpu_run_compares_onnxruntime_fp32_and_int8_with_eager(tiny_checkpoint, photos, tmp_path, capsys):
     result = run_bench(tmp_path, tiny_checkpoint, photos, "--batch-sizes", "1", "--threads", "1")
-    assert {("onnxruntime", "fp32", 1, "net"), ("onnxruntime", "fp32", 1, "net+post")} <= measured(result)
-    assert [r["mode"] for r in result["summary"]["onnxruntime_vs_eager"]] == ["net", "net+post"]
-    assert "onnxruntime vs torch-eager, size 64 batch 1" in capsys.readouterr().out
+    modes = ("net", "net+post")
+    assert {("onnxruntime", "fp32", 1, m) for m in modes} <= measured(result)
+    assert {("onnxruntime-int8", "int8", 1, m) for m in modes} <= measured(result)
+    pairs = [(r["backend"], r["baseline"], r["mode"]) for r in result["summary"]["speedups"]]
+    assert pairs == [(b, base, m) for b, base in model_report.SPEEDUPS for m in modes]
+    out = capsys.readouterr().out
+    assert "onnxruntime vs torch-eager, size 64 batch 1" in out
+    assert "onnxruntime-int8 vs onnxruntime, size 64 batch 1" in out
+    rows = [r for r in result["rows"] if r.get("images_per_s")]
+    assert all(r["gflop_s"] > 0 and r["of_gemm"] > 0 for r in rows)
+    assert result["gemm_ceilings"]["int8_gop_s"] > 0 and result["flops_per_image"]["64"]["network"] > 0
 
 
 def test_a_failing_backend_is_a_row_not_a_crash(tiny_checkpoint, photos, tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conversion.calibration import calibration_batches
+from conversion.calibration import calibration_batches, calibration_files
 from conversion.verify import image_files
 from model.config import preset
 from model.errors import UserError
@@ -32,6 +32,37 @@ def test_too_few_images(image_dir, config):
         next(calibration_batches(image_files(image_dir), config, batch_size=8))
     with pytest.raises(UserError, match="batch size must be >= 1"):
         next(calibration_batches(image_files(image_dir), config, batch_size=0))
+
+
+def write_voc_root(root, train=("a", "b", "c"), test=("d",)):
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    for image_id in (*train, *test):
+        (root / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"not decoded here")
+    (root / "ImageSets" / "Main" / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(test) + "\n")
+    return root
+
+
+def test_calibration_files_of_a_voc_split(tmp_path):
+    root = write_voc_root(tmp_path / "voc")
+    assert [f.name for f in calibration_files(root)] == ["a.jpg", "b.jpg", "c.jpg"]  # train by default
+    assert [f.name for f in calibration_files(root, "test")] == ["d.jpg"]
+    with pytest.raises(UserError, match=r"without the split ImageSets/Main/val\.txt"):
+        calibration_files(root, "val")
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\nmissing\n")
+    with pytest.raises(UserError, match="no image for id 'missing'"):
+        calibration_files(root)
+
+
+def test_calibration_files_of_a_folder_are_thinned_evenly(image_dir, tmp_path):
+    files = image_files(image_dir)  # img00 .. img04
+    assert calibration_files(image_dir) == files
+    assert calibration_files(image_dir, max_images=2) == [files[0], files[2]]
+    with pytest.raises(UserError, match="not a folder of images or a VOC-layout root"):
+        calibration_files(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="--calibration-max-images must be >= 1"):
+        calibration_files(image_dir, max_images=0)
 
 
 @pytest.mark.tensorrt

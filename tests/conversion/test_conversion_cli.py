@@ -27,6 +27,57 @@ def test_export_bad_options(tiny_checkpoint, tmp_path, capsys):
     assert "--opset must be between 11 and 20" in capsys.readouterr().err
 
 
+def test_export_int8_option_errors_are_clear_and_come_before_the_export(
+    tiny_checkpoint, image_dir, tmp_path, capsys
+):
+    out = tmp_path / "m.onnx"
+    base = ["export", "onnx", "--checkpoint", str(tiny_checkpoint), "-o", str(out)]
+    cases = [
+        (["--int8"], "--int8 needs --calibration-images"),
+        (["--calibration-images", str(image_dir)], "--calibration-images only applies with --int8"),
+        (["--calibration-method", "minmax"], "--calibration-method only applies with --int8"),
+        (["--int8", "--calibration-images", str(tmp_path / "none")], "not a folder of images or a VOC-layout root"),
+        (["--int8", "--calibration-images", str(image_dir), "--calibration-method", "kl"],
+         "--calibration-method must be one of entropy, minmax, percentile"),
+        (["--int8", "--calibration-images", str(image_dir), "--calibration-max-images", "0"],
+         "--calibration-max-images must be >= 1"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, extra
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:VOC voc.*classes not in class_names")  # the tree's a/b vs cell/platelet
+def test_export_int8_then_eval_and_verify_the_artifact(tiny_checkpoint, tmp_path, capsys):
+    """`export onnx --int8 --outputs decoded` on a VOC root's train split, then `eval --artifact` on its
+    test split (the decoded-graph branch of evaluation) and `verify` against the checkpoint (random
+    weights: only that everything runs and reports with the INT8 tolerances)."""
+    from model.artifacts import read_manifest
+    from tests.model.evaluation.conftest import write_voc_tree
+
+    voc = write_voc_tree(tmp_path / "voc", split="train", n=4)
+    write_voc_tree(voc, split="test", n=3, seed=1)
+    out = tmp_path / "m.int8.onnx"
+    argv = ["export", "onnx", "--checkpoint", str(tiny_checkpoint), "-o", str(out), "--int8",
+            "--calibration-images", str(voc), "--calibration-method", "minmax", "--outputs", "decoded"]  # fmt: skip
+    assert main(argv) == 0
+    assert "INT8: minmax calibration on 4 images of" in capsys.readouterr().out
+    evaluation = tmp_path / "eval"
+    argv = ["eval", "--artifact", str(out), "--data", str(voc), "--output", str(evaluation), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads((evaluation / "results.json").read_text())
+    assert result["precision"] == "int8" and result["num_images"] == 3 and result["device"] == "cpu"
+    assert read_manifest(out).outputs == "decoded"
+    report = tmp_path / "verify.json"
+    argv = ["verify", "--checkpoint", str(tiny_checkpoint), "--artifact", str(out), "--images",
+            str(voc / "JPEGImages"), "--json", str(report)]  # fmt: skip
+    assert main(argv) in (0, 1)
+    assert json.loads(report.read_text())["tolerance"]["match_iou"] == 0.9
+
+
 def test_export_needs_a_target(capsys):
     with pytest.raises(SystemExit):
         main(["export"])

@@ -127,6 +127,7 @@ def args(onnx_path, output, **kw):
         output=Path(output),
         precision="fp16",
         calibration_images=None,
+        calibration_split="train",
         calibration_cache=None,
         calibration_batch_size=8,
         calibration_max_images=512,

@@ -1,0 +1,60 @@
+"""`refinedet eval --artifact`: an exported model scored through the same path as its checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.errors import UserError
+from model.evaluation.artifact import load_artifact_network
+from tests.model.evaluation.test_eval_cli import run_cli
+
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def fixed_batch_onnx(tiny_model, tmp_path_factory):
+    """The tiny model exported with a fixed batch of 2 (so an odd image count needs padding)."""
+    from conversion.onnx_export import export_model
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny_b2.onnx"
+    export_model(tiny_model, path, batch=2)
+    return path
+
+
+def evaluate(source: list[str], voc_tree, out) -> dict:
+    argv = ["eval", *source, "--data", str(voc_tree), "--output", str(out), "--batch-size", "3",
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert run_cli(argv) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_an_onnx_export_scores_like_its_checkpoint(tiny_checkpoint, fixed_batch_onnx, voc_tree, tmp_path):
+    reference = evaluate(["--checkpoint", str(tiny_checkpoint)], voc_tree, tmp_path / "ckpt")
+    exported = evaluate(["--artifact", str(fixed_batch_onnx)], voc_tree, tmp_path / "onnx")
+    assert exported["num_images"] == reference["num_images"] == 3  # batches of 3 -> calls of 2 + 1 padded
+    assert exported["per_class"] == reference["per_class"] and exported["mAP"] == reference["mAP"]
+    assert exported["precision"] == "fp32" and exported["artifact_kind"] == "onnx"
+    assert len(exported["artifact_sha256"]) == 64 and "checkpoint" not in exported
+
+
+def test_the_artifact_network_pads_a_fixed_batch_and_keeps_the_input_size(tiny_model, fixed_batch_onnx):
+    network = load_artifact_network(fixed_batch_onnx, torch.device("cpu"))
+    images = torch.randn(3, 3, 64, 64) * 60
+    with torch.no_grad():
+        expected = tiny_model(images)
+    got = network(images)
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UserError, match="runs at its input size 64 only"):
+        network(torch.zeros(1, 3, 128, 128))
+
+
+def test_artifact_user_errors(tiny_checkpoint, fixed_batch_onnx, voc_tree):
+    with pytest.raises(UserError, match="--multiscale needs --checkpoint"):
+        run_cli(["eval", "--artifact", str(fixed_batch_onnx), "--data", str(voc_tree), "--multiscale"])
+    with pytest.raises(SystemExit):  # argparse: not allowed with
+        run_cli(["eval", "--artifact", str(fixed_batch_onnx), "--checkpoint", str(tiny_checkpoint)])
