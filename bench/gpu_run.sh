@@ -8,9 +8,10 @@
 #       the service benchmark (<4 min: refinedet serve with JPEG decoding on the GPU
 #       (REFINEDET_GPU_DECODE=on) with 1 and with 4 uvicorn workers, then the naive app; concurrency
 #       1/4/16/64, 6 s each).
-# Writes 9 files to $OUT: model_bench.{json,log}, model_bench_cpu.json, gpu_decode_check.json,
-# service_bench.{json,log}, service_server.log (both worker counts), naive_server.log, run.log
-# (environment + the CPU comparison's and the decode check's output).
+# Writes 5 files to $OUT (the device tool returns at most 8): model_bench.json, model_bench_cpu.json,
+# gpu_decode_check.json, service_bench.json and logs.tar.gz (model_bench.log, service_bench.log,
+# service_server.log for both worker counts, naive_server.log, run.log: the environment and the CPU
+# comparison's and the decode check's output)
 #
 # Local dry run (CPU, tiny durations):  OUT=/tmp/out PYTHON=.venv/bin/python BENCH_DEVICE=cpu \
 #   BENCH_QUICK=1 SKIP_WHEELS=1 [BENCH_CHECKPOINT=small.pth] bash bench/gpu_run.sh
@@ -120,3 +121,5 @@ timeout -k 40 "$LIMIT_SERVICE" "$PYTHON" -m bench.service_bench --device "$DEVIC
   "${IMAGES[@]}" "${MODEL[@]}" --log-dir "$OUT" --json "$OUT/service_bench.json" 2>&1 | tee "$OUT/service_bench.log" | tail -n 30
 echo "service benchmark exit ${PIPESTATUS[0]}" | tee -a "$RUNLOG"
 ls -la "$OUT" | tee -a "$RUNLOG"
+# The device tool returns at most 8 files: the logs travel as one archive.
+(cd "$OUT" && tar -czf logs.tar.gz -- *.log && rm -f -- *.log)

@@ -184,22 +184,30 @@ class Run:
         device, opts = self.opts.device, self.opts
         label = row_precision(name, precision)
         try:
+            post_runner = None
             if name == TRUNK:
                 runner: Any = Trunk(checkpoint, device, precision, opts.batch_sizes)
             else:
                 runner = make_backend(name, checkpoint, device, precision, opts.batch_sizes, self.workdir,
                                       opts.threads, self.calibration)  # fmt: skip
+                if getattr(runner, "use_graphs", False):  # torch on CUDA: net+post rows use the fused graphs
+                    post_runner = make_backend(name, checkpoint, device, precision, opts.batch_sizes,
+                                               self.workdir, fuse_postprocess=True)  # fmt: skip
             for batch in opts.batch_sizes:
-                self.measure(name, label, size, batch, runner)
+                self.measure(name, label, size, batch, runner, post_runner or runner)
         except Exception as exc:  # CUDA out of memory, a runtime's own error...: note it in the row, go on
             self.add(name, label, size, None, None, skipped=f"error: {str(exc).splitlines()[0][:160]}")
         finally:
-            runner = None
+            runner = post_runner = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def measure(self, name: str, precision: str, size: int, batch: int, runner: Any) -> None:
+    def measure(
+        self, name: str, precision: str, size: int, batch: int, runner: Any, post_runner: Any
+    ) -> None:
+        """``runner`` times the network; ``post_runner`` (the same backend, or for torch on CUDA the one
+        whose graphs hold the post-processing too) network + post-processing + the copy to the host."""
         from service.detector import Detector
 
         o = self.opts
@@ -208,15 +216,15 @@ class Run:
         self.add(name, precision, size, batch, "net", **summarize(samples, batch))
         if name == TRUNK:
             return
-        detector = Detector(runner)
-        real = self.photos.batch(batch, runner.loaded_config, o.device)
+        detector = Detector(post_runner)
+        real = self.photos.batch(batch, post_runner.loaded_config, o.device)
         with torch.inference_mode():
-            detections = detector.postprocess(runner.infer(real)).to("cpu")
+            detections = detector.postprocess(post_runner.infer(real))
         per_image = round(float(detections.valid.sum()) / batch, 2)
 
         @torch.inference_mode()
         def step() -> None:
-            detector.postprocess(runner.infer(real)).to("cpu")
+            detector.postprocess(post_runner.infer(real))  # detections on the host
 
         samples = time_iterations(step, o.device, o.warmup, o.iters, o.time_budget)
         self.add(name, precision, size, batch, "net+post", **summarize(samples, batch),

@@ -107,17 +107,20 @@ def make_backend(
     workdir: Path,
     threads: int | None = None,
     calibration: Sequence[Path] = (),
+    fuse_postprocess: bool = False,
 ) -> Backend:
     """A loaded and warmed-up backend for the row kind ``name`` (any of ``BACKENDS`` but the trunk);
-    ``calibration``: images for the INT8 model's calibration."""
+    ``calibration``: images for the INT8 model's calibration; ``fuse_postprocess``: torch with CUDA
+    graphs captures the post-processing too (the service's default)."""
     max_batch = max(batch_sizes)
     if name in ("torch", "torch-eager"):
         from service.backends.torch import TorchBackend
 
         fast = name == "torch"
         backend: Backend = TorchBackend(
-            checkpoint, device, max_batch, fp16=precision == "fp16", channels_last=fast, cuda_graphs=fast
-        )
+            checkpoint, device, max_batch, fp16=precision == "fp16", channels_last=fast, cuda_graphs=fast,
+            fuse_postprocess=fast and fuse_postprocess,
+        )  # fmt: skip
         backend.buckets = sorted(set(batch_sizes))  # type: ignore[attr-defined]  # graphs only for these
     elif name == "onnxruntime":
         backend = ThreadedOnnxRuntimeBackend(exported_onnx(checkpoint, workdir), device, max_batch, threads)
@@ -192,7 +195,8 @@ class Trunk:
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         self.size = model.config.input_size
-        trunk = model.backbone.features.to(device, self.dtype).to(memory_format=self.memory_format)
+        features: torch.nn.Module = model.backbone.features  # type: ignore[assignment]
+        trunk = features.to(device, self.dtype).to(memory_format=self.memory_format)
         self.trunk = trunk.eval().requires_grad_(False)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         if cuda:

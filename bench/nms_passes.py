@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in photos:
         x = preprocess([load_image(path)], cfg.input_size, cfg.normalization)
         with torch.inference_mode():
-            boxes, scores = decode_predictions(*model(x), model.anchors, cfg)
+            arm_loc, arm_conf, odm_loc, odm_conf = model(x)
+            boxes, scores = decode_predictions(arm_loc, arm_conf, odm_loc, odm_conf, model.anchors, cfg)
             per_class = scores[0].T  # [C-1, A]
             top_scores, top_idx = per_class.topk(min(pp.top_k, per_class.shape[1]), dim=-1)
             counts[passes_needed(boxes[0][top_idx], top_scores > pp.score_threshold, pp.nms_threshold)] += 1

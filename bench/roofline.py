@@ -32,7 +32,8 @@ def network_flops(checkpoint: Path) -> dict[str, int]:
     size = model.config.input_size
     x = torch.zeros(1, 3, size, size)
     counts = {}
-    for name, module in (("network", model), ("trunk", model.backbone.features)):
+    trunk: torch.nn.Module = model.backbone.features  # type: ignore[assignment]
+    for name, module in (("network", model), ("trunk", trunk)):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             module(x)
         counts[name] = int(counter.get_total_flops())

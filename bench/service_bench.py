@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", help="the service's --backend (default torch)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="both apps' device")
     p.add_argument("--max-batch-size", type=int, default=32, help="service: REFINEDET_MAX_BATCH_SIZE")
-    p.add_argument("--max-delay-ms", type=float, default=0.0, help="service: REFINEDET_MAX_DELAY_MS (default 0)")
+    p.add_argument("--max-delay-ms", type=float, default=0.0, help="service: REFINEDET_MAX_DELAY_MS")
     p.add_argument("--max-queue-size", type=int, default=1024, help="service: REFINEDET_MAX_QUEUE_SIZE")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="more REFINEDET_* settings for the service (repeatable)")  # fmt: skip
