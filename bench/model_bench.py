@@ -149,19 +149,23 @@ class Run:
         return limit is not None and time.perf_counter() - self.started > limit
 
     def all(self) -> None:
+        """Row groups in the order precision, backend, size (the targets' FP16 fast-path and trunk rows
+        first, so a ``--max-seconds`` cut drops the least important ones)."""
         backbone = self.ckpt["config"].get("backbone", "vgg16")
+        sized = {}
         for size in self.opts.sizes:
-            sized = checkpoint_at_size(self.checkpoint, self.ckpt, size, self.workdir)
-            self.flops[size] = roofline.network_flops(sized)
+            sized[size] = checkpoint_at_size(self.checkpoint, self.ckpt, size, self.workdir)
+            self.flops[size] = roofline.network_flops(sized[size])
+        for precision in self.opts.precisions:
             for name in self.opts.backends:
-                for precision in self.opts.precisions:
+                for size in self.opts.sizes:
                     reason = skip_reason(name, self.opts.device, precision, backbone)
                     if reason is None and self.out_of_time():
                         reason = "--max-seconds reached"
                     if reason:
                         self.add(name, row_precision(name, precision), size, None, None, skipped=reason)
                     else:
-                        self.group(name, precision, size, sized)
+                        self.group(name, precision, size, sized[size])
                     self.save()
 
     def add(self, backend: str, precision: str, size: int, batch: int | None, mode: str | None, **fields):
