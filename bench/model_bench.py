@@ -231,8 +231,9 @@ class Run:
             detector.postprocess(post_runner.infer(real))  # detections on the host
 
         samples = time_iterations(step, o.device, o.warmup, o.iters, o.time_budget)
+        fused = getattr(post_runner, "fuse_postprocess", None)  # False: the fused capture fell back
         self.add(name, precision, size, batch, "net+post", **summarize(samples, batch),
-                 detections_per_image=per_image)  # fmt: skip
+                 detections_per_image=per_image, **({} if fused is None else {"fused_postprocess": fused}))  # fmt: skip
 
 
 def measure_all(opts: Options) -> dict[str, Any]:

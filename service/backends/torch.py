@@ -4,7 +4,8 @@ On CUDA it runs in float16 (``fp16``), channels-last (``channels_last``), with c
 and replays one CUDA graph per batch bucket (``cuda_graphs``: buckets 1, 2, 4, ..., max_batch; a batch
 is padded up to its bucket). With ``fuse_postprocess`` (the service's default) each graph holds the
 network *and* the whole post-processing (decoding, then ``select_detections`` in its sync-free mode),
-so one replay and one copy to the host serve a batch, and ``infer`` returns ``SelectedOutput``.
+so one replay and one copy to the host serve a batch, and ``infer`` returns ``SelectedOutput``. If that
+capture fails, the backend logs why and captures the network alone (post-processing then runs after it).
 Graphs share one memory pool and are captured largest first; they are replayed one at a time from
 the engine thread, and their static outputs are copied before the next replay.
 """
@@ -102,7 +103,21 @@ class TorchBackend(Backend):
 
     def warmup(self, iterations: int = 1) -> None:
         if self.use_graphs and not self._graphs:
-            self._capture_graphs()
+            try:
+                self._capture_graphs()
+            except RuntimeError as exc:
+                if not self.fuse_postprocess:
+                    raise
+                # The fused step is an optimisation: never let it cost the service its start.
+                log.warning(
+                    "capturing the post-processing in the CUDA graphs failed (%s); "
+                    "capturing the network alone and post-processing outside the graphs",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                self._graphs.clear()
+                self.fuse_postprocess = False
+                torch.cuda.synchronize(self.device)
+                self._capture_graphs()
         super().warmup(iterations)
 
     @torch.inference_mode()

@@ -255,6 +255,35 @@ def test_fused_postprocess_plumbing_on_the_cpu(tiny_checkpoint, tiny_backend):
             torch.testing.assert_close(x.boxes_xyxy, y.boxes_xyxy)
 
 
+def test_a_failed_fused_capture_falls_back_to_network_only_graphs(tiny_checkpoint, monkeypatch, caplog):
+    """Capturing the post-processing is an optimisation: if it fails, the backend still starts, with
+    graphs of the network alone, and says so in the log."""
+    from service.backends.torch import TorchBackend
+
+    backend = TorchBackend(tiny_checkpoint, torch.device("cpu"), max_batch=2, fuse_postprocess=True)
+    backend.load()
+    backend.use_graphs = backend.fuse_postprocess = True  # as on CUDA
+    s = backend.loaded_config.input_size
+
+    def capture():
+        if backend.fuse_postprocess:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        with torch.inference_mode():
+            for b in backend.buckets:
+                static_in = torch.zeros(b, 3, s, s)
+                graph = EagerGraph(backend.model, static_in)
+                backend._graphs[b] = (graph, static_in, tuple(graph.outputs))
+
+    monkeypatch.setattr(backend, "_capture_graphs", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with caplog.at_level("WARNING", logger="refinedet.service"):
+        backend.warmup(1)
+    assert not backend.fuse_postprocess and sorted(backend._graphs) == [1, 2]
+    assert "capturing the network alone" in caplog.text
+    images = [torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8) for _ in range(2)]
+    assert len(Detector(backend)(images)) == 2
+
+
 @pytest.mark.gpu
 def test_torch_cuda_graphs_with_fused_postprocess_match_separate_postprocess(tiny_checkpoint):
     """The default CUDA path captures network + decoding + sync-free selection in one graph per bucket:
