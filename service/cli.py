@@ -27,7 +27,10 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--port", {"type": int, "help": "default 8000"}),
     ("--workers", {"type": int, "help": "uvicorn worker processes, each with its own model (default 1)"}),
     ("--max-batch-size", {"type": int, "help": "largest dynamic batch (default 8 on a GPU, 2 on the CPU)"}),
-    ("--max-delay-ms", {"type": float, "help": "longest wait for a batch to fill (default 0: run when the engine is free)"}),
+    (
+        "--max-delay-ms",
+        {"type": float, "help": "longest wait for a batch to fill (default 0: run when the engine is free)"},
+    ),
     ("--max-queue-size", {"type": int, "help": "queued images beyond this get 503 (default 64)"}),
     (
         "--gpu-decode",

@@ -72,7 +72,11 @@ def test_an_unresolvable_host_fails_before_any_download(hub_dir, monkeypatch, no
 
 
 def test_a_stuck_name_lookup_is_abandoned_after_the_timeout(hub_dir, monkeypatch, no_proxy):
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(5))  # getaddrinfo hanging
+    def stuck_lookup(*args, **kwargs):  # getaddrinfo hanging, then failing (in the abandoned thread)
+        time.sleep(5)
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "create_connection", stuck_lookup)
     start = time.monotonic()
     with pytest.raises(hub.DownloadError, match="no answer"):
         hub.fetch_checkpoint("https://download.example/m/net-0123abcd.pth", timeout_s=0.3)
