@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 #
 # RefineDet GPU image: `refinedet serve` with a TensorRT engine built on first start.
 #
@@ -10,7 +9,9 @@
 #   - the NVIDIA Container Toolkit (docker run --gpus all / compose device reservations).
 # The engine builder targets the TensorRT 10 API: a base with TensorRT 11 is refused at build time.
 # An engine only runs on the GPU model + TensorRT version + precision it was built for, so none is baked
-# in: `python -m conversion.deploy` builds it into the cache volume on first start (docs/deployment.md).
+# in: `refinedet serve` builds it into the cache volume on first start (docs/deployment.md).
+# Every step that is not about the base image runs docker/build.sh, shared with docker/Dockerfile.cpu,
+# which scripts/container_check.sh builds and runs.
 #
 #   docker build -t refinedet:gpu .
 #   docker run --gpus all -p 8000:8000 -v refinedet-cache:/var/cache/refinedet refinedet:gpu
@@ -27,32 +28,28 @@ ARG TORCHVISION_VERSION=0.23.0
 ARG ONNXRUNTIME_GPU_VERSION=1.22.0
 ARG PIP_VERSION=25.1.1
 
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# --system-site-packages: the venv sees the TensorRT Python bindings that come with the base image
+# (whose Python has no ensurepip: the base's pip installs the venv's own).
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:${PATH}
-
-# --system-site-packages: the venv sees the TensorRT Python bindings that come with the base image.
-RUN python3 -m venv --system-site-packages --without-pip /opt/venv \
-    && /opt/venv/bin/python -m pip install --no-cache-dir "pip==${PIP_VERSION}" \
-    && pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+    VENV_ARGS="--system-site-packages --without-pip" \
+    TORCH_INDEX_URL= \
+    WHEELS=/src/docker/wheels \
+    ONNXRUNTIME=onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION} \
+    EXPECT=gpu
 
 WORKDIR /src
+# torch first, in its own layer: changing the project's code does not reinstall it.
+COPY docker/build.sh docker/check_install.py docker/
+COPY docker/wheels/ docker/wheels/
+RUN sh docker/build.sh torch
+
+# The serve extra brings the CPU onnxruntime; build.sh swaps it for the CUDA build (same import name).
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY conversion ./conversion
 COPY service ./service
-
-# The serve extra brings the CPU onnxruntime; swap it for the CUDA build (same import name).
-# DL3013: this installs the local project, whose dependency ranges live in pyproject.toml.
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[serve,export]" \
-    && pip uninstall --yes onnxruntime \
-    && pip install --no-cache-dir "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
-    && python -c "import tensorrt, torch, onnxruntime; \
-v = tensorrt.__version__; print('TensorRT', v, '| torch', torch.__version__, '| onnxruntime', onnxruntime.__version__); \
-assert v.split('.')[0] == '10', f'TensorRT {v}: the engine builder needs TensorRT 10 (see docs/deployment.md)'; \
-assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), 'onnxruntime-gpu is not in place'"
+RUN sh docker/build.sh project
 
 # --- runtime -------------------------------------------------------------------------------------
 FROM ${TENSORRT_IMAGE}
@@ -61,13 +58,11 @@ LABEL org.opencontainers.image.title="refinedet-gpu" \
       org.opencontainers.image.description="RefineDet detection service: TensorRT engine built on first start, ONNX Runtime / torch fallback" \
       org.opencontainers.image.licenses="MIT"
 
-RUN groupadd --system --gid 10001 refinedet \
-    && useradd --system --uid 10001 --gid refinedet --create-home --home-dir /home/refinedet refinedet \
-    && mkdir -p /var/cache/refinedet /models /triton-repo \
-    && chown refinedet:refinedet /var/cache/refinedet /triton-repo
-
+COPY docker/build.sh /usr/local/lib/refinedet/build.sh
+RUN sh /usr/local/lib/refinedet/build.sh runtime /triton-repo
 COPY --from=build /opt/venv /opt/venv
 
+# The same ENV keys, volume, port, user, healthcheck and command as the CPU image (a test checks it).
 # Engines, ONNX exports and timing caches go to /var/cache/refinedet: mount a volume there so they
 # survive restarts. Models are read from /models (set REFINEDET_MODEL=/models/<file>).
 ENV PATH=/opt/venv/bin:${PATH} \
@@ -88,8 +83,8 @@ USER 10001:10001
 WORKDIR /home/refinedet
 
 # The first start may spend several minutes building the engine: a long start period.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=15m --retries=3 \
-    CMD ["python", "-m", "conversion.deploy", "--check-ready"]
+HEALTHCHECK --interval=10s --timeout=5s --start-period=15m --retries=3 \
+    CMD ["refinedet", "healthcheck"]
 
 # The base image's ENTRYPOINT (NVIDIA's, which sets up CUDA forward compatibility) runs this command.
-CMD ["python", "-m", "conversion.deploy"]
+CMD ["refinedet", "serve"]
