@@ -49,6 +49,7 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY conversion ./conversion
 COPY service ./service
+COPY deploy ./deploy
 RUN sh docker/build.sh project
 
 # --- runtime -------------------------------------------------------------------------------------
