@@ -40,11 +40,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /src
 # torch first, in its own layer: changing the project's code does not reinstall it.
-COPY docker/build.sh docker/check_install.py docker/
+COPY docker/build.sh docker/
 COPY docker/wheels/ docker/wheels/
 RUN sh docker/build.sh torch
 
 # The serve extra brings the CPU onnxruntime; build.sh swaps it for the CUDA build (same import name).
+COPY docker/check_install.py docker/
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY conversion ./conversion
@@ -66,16 +67,14 @@ COPY --from=build /opt/venv /opt/venv
 # The same ENV keys, volume, port, user, healthcheck and command as the CPU image (a test checks it).
 # Engines, ONNX exports and timing caches go to /var/cache/refinedet: mount a volume there so they
 # survive restarts. Models are read from /models (set REFINEDET_MODEL=/models/<file>).
+# Everything else is the service's own default (service/settings.py): backend and device auto, fp16
+# engines, batches of up to 8 on a GPU.
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     CUDA_DEVICE_ORDER=PCI_BUS_ID \
     REFINEDET_HOST=0.0.0.0 \
     REFINEDET_PORT=8000 \
-    REFINEDET_BACKEND=auto \
-    REFINEDET_DEVICE=auto \
-    REFINEDET_PRECISION=fp16 \
-    REFINEDET_MAX_BATCH_SIZE=8 \
     REFINEDET_CACHE_DIR=/var/cache/refinedet
 
 VOLUME ["/var/cache/refinedet"]

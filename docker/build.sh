@@ -60,8 +60,8 @@ project_step() {
     if [ "${TORCHVISION_VERSION:?}" = none ]; then
         pip uninstall --yes torchvision
     fi
-    "$VENV/bin/python" docker/check_install.py --expect "${EXPECT:?}"
     prune
+    "$VENV/bin/python" docker/check_install.py --expect "${EXPECT:?}"
     du -sh "$VENV"
 }
 
@@ -70,7 +70,7 @@ project_step() {
 prune() {
     site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     pip uninstall --yes pip setuptools wheel >/dev/null 2>&1 || true
-    rm -rf "$site/torch/include" "$site/torch/test" "$site/torchgen" \
+    rm -rf "$site/torch/include" "$site/torch/test" \
         "$site/torch/lib/libtorchbind_test.so" "$site/torch/lib/libaoti_custom_ops.so"
     find "$site/torch/bin" -mindepth 1 ! -name torch_shm_manager -exec rm -rf {} +
     rm -rf "$site/onnx/backend/test"

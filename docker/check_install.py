@@ -18,7 +18,14 @@ def main() -> None:
     import torch
 
     # What `refinedet serve` and its first-start ONNX export import (heavy imports in the project are lazy).
-    for module in ("model.cli", "service.app", "conversion.onnx_export", "onnx", "onnxslim", "uvicorn"):
+    for module in (
+        "model.cli",
+        "deploy.cli",
+        "deploy.prepare",
+        "service.server",
+        "conversion.onnx_export",
+        "onnxslim",
+    ):
         importlib.import_module(module)
     if importlib.util.find_spec("torchvision") is not None:
         import torchvision  # installed: it must work (PyPI's CUDA build fails next to a CPU torch)

@@ -200,6 +200,71 @@ def test_images_run_as_non_root_and_serve_on_the_exposed_port(dockerfile: Path):
     assert text.rstrip().endswith('CMD ["refinedet", "serve"]')
 
 
+def stages(dockerfile: Path) -> list[list[str]]:
+    """The instructions of each build stage (continuation lines joined, comments dropped)."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
+    out: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            out.append([])
+        if out and line.strip() and not line.startswith("#"):
+            out[-1].append(re.sub(r"\s+", " ", line.strip()))
+    return out
+
+
+def test_both_images_share_every_step_but_the_base():
+    """The CPU image, which scripts/container_check.sh builds and runs, covers the GPU image: the same
+    docker/build.sh steps, sources, user, volume, port, healthcheck and command; only the base, the
+    torch/onnxruntime build arguments and the device-specific ENV differ."""
+    gpu, cpu = (stages(path) for path in DOCKERFILES)
+    assert len(gpu) == len(cpu) == 2, "a build stage and a runtime stage"
+    for name, (build, runtime) in (("Dockerfile", gpu), ("docker/Dockerfile.cpu", cpu)):
+        assert build[0].endswith(" AS build") and runtime[0].startswith("FROM ${"), name
+        assert runtime[0].split()[1] == build[0].split()[1], (
+            f"{name}: the venv runs on the base it was built on"
+        )
+        runs = [i for i in build + runtime if i.startswith("RUN ")]
+        assert runs == [
+            "RUN sh docker/build.sh torch",
+            "RUN sh docker/build.sh project",
+            runs[2],
+        ] and runs[2].startswith("RUN sh /usr/local/lib/refinedet/build.sh runtime"), f"{name}: {runs}"
+    same = ("COPY", "VOLUME", "EXPOSE", "USER", "WORKDIR", "HEALTHCHECK", "CMD")
+
+    def shared(stage: list[str]) -> list[str]:
+        return [re.sub(r"--start-period=\S+ ", "", i) for i in stage if i.split()[0] in same]
+
+    assert shared(gpu[0]) == shared(cpu[0]) and shared(gpu[1]) == shared(cpu[1])
+    gpu_env, cpu_env = (
+        dict(kv for i in stages_[1] if i.startswith("ENV ") for kv in re.findall(r"(\w+)=(\S+)", i))
+        for stages_ in (gpu, cpu)
+    )
+    assert {k: v for k, v in gpu_env.items() if k in cpu_env} == {
+        k: v for k, v in cpu_env.items() if k in gpu_env
+    }
+    assert set(gpu_env) ^ set(cpu_env) == {"CUDA_DEVICE_ORDER", "REFINEDET_DEVICE"}
+
+
+def test_no_buildkit_frontend_from_a_registry():
+    """``# syntax=`` makes BuildKit fetch its frontend image from a registry: the images must build
+    where none is reachable (the legacy builder, or BuildKit offline)."""
+    for path in DOCKERFILES:
+        assert not re.search(r"^#\s*syntax\s*=", path.read_text(), re.M | re.I), path
+
+
+def test_shell_scripts_parse():
+    for shell, script in (("sh", "docker/build.sh"), ("bash", "scripts/container_check.sh")):
+        done = subprocess.run([shell, "-n", str(REPO / script)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+
+
+def test_ci_runs_the_container_check_after_the_tests():
+    lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if not line.startswith("#")]
+    tests = [i for i, line in enumerate(lines) if "pytest" in line]
+    check = [i for i, line in enumerate(lines) if "scripts/container_check.sh" in line]
+    assert tests and check and tests[0] < check[0]
+
+
 # --- .dockerignore ---------------------------------------------------------------------------------
 
 
@@ -231,7 +296,8 @@ def test_dockerignore_keeps_data_engines_and_caches_out():
         "cache/engines/k.plan", "timing.cache", "models/custom.pth", ".pytest_cache/v", "tests/test_x.py",
     ]  # fmt: skip
     kept = ["pyproject.toml", "README.md", "model/config.py", "deploy/prepare.py", "service/app.py",
-            "model/checkpoints/refinedet320_vgg16_bccd.pth.xz", "Dockerfile", "docker/Dockerfile.cpu"]  # fmt: skip
+            "model/checkpoints/refinedet320_vgg16_bccd.pth.xz", "Dockerfile", "docker/Dockerfile.cpu",
+            "docker/build.sh", "docker/check_install.py", "docker/wheels/torch-2.13.0+cpu-cp311-cp311-linux.whl"]  # fmt: skip
     assert [p for p in out if not dockerignored(p, patterns)] == []
     assert [p for p in kept if dockerignored(p, patterns)] == []
 
