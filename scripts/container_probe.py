@@ -59,7 +59,7 @@ def ready(url: str, timeout_s: str) -> None:
                 return
         except OSError:
             pass
-        time.sleep(0.25)
+        time.sleep(0.5)
     fail(f"{url}/readyz not 200 within {timeout_s} s")
 
 
