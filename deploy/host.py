@@ -116,6 +116,8 @@ def _run_cli(args: Sequence[str]) -> None:
         done = subprocess.run(cmd, timeout=BUILD_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"`refinedet {' '.join(args[:2])}` ran longer than {BUILD_TIMEOUT_S}s") from None
+    if done.returncode == 2:  # the CLI's status for bad input (UserError): its reason is printed above
+        raise UserError(f"`refinedet {' '.join(args[:2])}` rejected its input (status 2, reason above)")
     if done.returncode != 0:
         raise RuntimeError(f"`refinedet {' '.join(args[:2])}` exited with status {done.returncode}")
 

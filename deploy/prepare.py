@@ -169,6 +169,8 @@ def prepare(settings: Settings, probes: Probes | None = None, builders: Builders
         return fallback(None, checkpoint, device, probes)
     try:
         onnx = model if checkpoint is None else cached_onnx(model, settings, builders)
+    except UserError as exc:  # the file itself is unusable (e.g. not a checkpoint): torch would fail too
+        raise UserError(f"ONNX export of {model} failed: {exc}") from exc
     except Exception as exc:
         if settings.backend != "auto":
             raise UserError(f"ONNX export of {model} failed: {exc}") from exc

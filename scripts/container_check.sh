@@ -111,6 +111,7 @@ cleanup() {
 }
 
 quiet() { "$@" >>"$LOG" 2>&1; }
+trap 'fail script 0 "command failed at scripts/container_check.sh line $LINENO"' ERR
 probe() { python3 scripts/container_probe.py "$@"; }
 
 # --- engine and compose ------------------------------------------------------------------------------
@@ -188,7 +189,9 @@ DOCKER_BUILDKIT=0 quiet nice -n 10 docker build --network host -f docker/Dockerf
     || { rm -f docker/wheels/*.whl; fail build "$(since "$t")" "docker build -f docker/Dockerfile.cpu failed"; }
 rm -f docker/wheels/*.whl
 size_mb=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f", $1/1e6}')
-record build "$(since "$t")" ok "$IMAGE $size_mb MB ($(grep -m1 '^torch ' "$LOG" || true))"
+versions=$(docker run --rm --entrypoint python "$IMAGE" -c \
+    'import torch, onnxruntime; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__)')
+record build "$(since "$t")" ok "$IMAGE $size_mb MB ($versions)"
 
 # --- up: first start ---------------------------------------------------------------------------------
 mkdir -p "$WORK/models"
@@ -227,13 +230,13 @@ record detect "$(since "$t")" ok "$note"
 
 t=$(now)
 id=$(compose ps -q "$SERVICE")
-uids=$(docker top "$id" -eo uid,args | tail -n +2)
+uids=$(docker top "$id" -eo pid,uid,args | tail -n +2 | cut -c1-200)
 echo "$uids" >>"$LOG"
 echo "$uids" | grep -q 'refinedet' || fail user 0 "no refinedet process in the container: $uids"
-if echo "$uids" | awk '$1 == 0 || $1 == "root" {found=1} END {exit !found}'; then
+if echo "$uids" | awk '$2 == 0 || $2 == "root" {found=1} END {exit !found}'; then
     fail user "$(since "$t")" "a process runs as root: $(echo "$uids" | tr '\n' ';')"
 fi
-record user "$(since "$t")" ok "uids $(echo "$uids" | awk '{print $1}' | sort -u | tr '\n' ' ')($(echo "$uids" | wc -l) processes)"
+record user "$(since "$t")" ok "uid $(echo "$uids" | awk '{print $2}' | sort -u | tr '\n' ' ')for all $(echo "$uids" | wc -l) processes: $(echo "$uids" | awk '{$1=$2=""; print substr($0, 3)}' | paste -sd ';')"
 
 # --- restart: the cache volume is kept ---------------------------------------------------------------
 t=$(now)
@@ -249,6 +252,7 @@ record restart "$second" ok "$note"
 
 # --- drain: stop with requests in flight -------------------------------------------------------------
 t=$(now)
+id=$(compose ps -q "$SERVICE")
 probe flood "$URL" "$PHOTO" 16 "$WORK/flood.json" >"$WORK/flood.txt" 2>&1 &
 flood_pid=$!
 inflight=$(probe in-flight "$URL" 4 60) || fail drain "$(since "$t")" "$inflight"
@@ -257,7 +261,7 @@ quiet compose stop "$SERVICE" || fail drain "$(since "$t")" "compose stop failed
 stop_s=$(since "$stop_t")
 wait "$flood_pid" || true
 answered=$(cat "$WORK/flood.txt")
-exit_code=$(docker inspect -f '{{.State.ExitCode}}' "$id" 2>/dev/null || docker inspect -f '{{.State.ExitCode}}' "$(compose ps -aq "$SERVICE")")
+exit_code=$(docker inspect -f '{{.State.ExitCode}}' "$id")
 grep -q '^16/16 answered 200' "$WORK/flood.txt" \
     || fail drain "$(since "$t")" "requests lost on stop ($inflight when stopped): $answered"
 record drain "$(since "$t")" ok "$inflight at stop; $answered; stop took $(printf '%.1f' "$stop_s") s, exit code $exit_code"

@@ -129,6 +129,9 @@ def test_failed_export_raises_with_the_status(fake_cli, tmp_path):
     (tmp_path / "status").write_text("3")
     with pytest.raises(RuntimeError, match="`refinedet export engine` exited with status 3"):
         host.run_build_engine(Path("a.onnx"), Path("k.plan"), "fp16", 8, Path("t.cache"))
+    (tmp_path / "status").write_text("2")  # the CLI's status for bad input: a UserError, not a crash
+    with pytest.raises(UserError, match="`refinedet export onnx` rejected its input"):
+        host.run_export_onnx(Path("corrupt.pth"), Path("model.onnx"))
 
 
 class ReadyHandler(BaseHTTPRequestHandler):

@@ -198,6 +198,14 @@ def test_failed_onnx_export_falls_back_to_torch(settings, checkpoint, caplog):
     assert "ONNX export failed" in caplog.text and "onnx is not installed" in caplog.text
 
 
+def test_an_unreadable_checkpoint_stops_the_start_instead_of_falling_back(settings, checkpoint):
+    def rejecting_export(checkpoint: Path, out: Path) -> None:
+        raise UserError("`refinedet export onnx` rejected its input (status 2, reason above)")
+
+    with pytest.raises(UserError, match=r"ONNX export of .* failed: .*rejected its input"):
+        prepare(settings, probes(), Builders(export_onnx=rejecting_export))
+
+
 def test_backend_tensorrt_is_strict(settings):
     with pytest.raises(UserError, match=r"backend tensorrt but no engine.*boom"):
         prepare(replace(settings, backend="tensorrt"), probes(), FakeBuilders(RuntimeError("boom")).bundle())
