@@ -111,13 +111,18 @@ cleanup() {
 }
 
 quiet() { "$@" >>"$LOG" 2>&1; }
+APT_UPDATED=""
+apt_install() {  # Debian's packages, the lists fetched once
+    [ -n "$APT_UPDATED" ] || { quiet apt-get update -q && APT_UPDATED=1; } || return 1
+    DEBIAN_FRONTEND=noninteractive quiet apt-get install -y -q --no-install-recommends "$@"
+}
 trap 'fail script 0 "command failed at scripts/container_check.sh line $LINENO"' ERR
 probe() { python3 scripts/container_probe.py "$@"; }
 
 # --- engine and compose ------------------------------------------------------------------------------
 t=$(now)
 if ! command -v dockerd >/dev/null 2>&1; then
-    if ! { quiet apt-get update -q && DEBIAN_FRONTEND=noninteractive quiet apt-get install -y -q docker.io; }; then
+    if ! apt_install docker.io; then
         skip engine "$(since "$t")" "cannot install docker.io from Debian's packages (apt-get failed: see the log)"
     fi
 fi
@@ -147,7 +152,7 @@ if ! quiet docker image inspect "$BASE_IMAGE"; then
     tarball=$WORK/base-$SUITE.tar
     note="imported the cached $(basename "$tarball")"
     if [ ! -s "$tarball" ]; then
-        command -v debootstrap >/dev/null || quiet apt-get install -y -q debootstrap \
+        command -v debootstrap >/dev/null || apt_install debootstrap \
             || skip base "$(since "$t")" "cannot install debootstrap"
         rootfs=$WORK/rootfs
         rm -rf "$rootfs"
