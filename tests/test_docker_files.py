@@ -306,7 +306,13 @@ def test_dockerignore_keeps_data_engines_and_caches_out():
 
 
 def compose_command() -> list[str] | None:
-    for cmd in (["docker", "compose"], ["docker-compose"]):
+    # scripts/container_check.sh installs Compose v2 into its cache folder
+    checked = Path(os.environ.get("REFINEDET_CHECK_DIR", "/var/tmp/refinedet-check"))
+    for cmd in (
+        ["docker", "compose"],
+        ["docker-compose"],
+        [str(checked / "compose-venv/bin/docker-compose")],
+    ):
         if shutil.which(cmd[0]) is None:
             continue
         try:
