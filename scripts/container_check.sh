@@ -131,7 +131,11 @@ if ! quiet docker info; then
     # through docker-proxy, builds use the host's network.
     dockerd --iptables=false --ip-masq=false >"$WORK/dockerd.log" 2>&1 &
     STARTED_DOCKERD=$!
-    for _ in $(seq 60); do quiet docker info && break; sleep 0.5; done
+    for _ in $(seq 60); do
+        quiet docker info && break
+        kill -0 "$STARTED_DOCKERD" 2>/dev/null || break  # it exited: no point in waiting
+        sleep 0.5
+    done
     quiet docker info || skip engine "$(since "$t")" "dockerd does not start here (see $WORK/dockerd.log)"
 fi
 if [ ! -x "$WORK/compose-venv/bin/docker-compose" ]; then
@@ -204,7 +208,10 @@ wait_healthy() {  # seconds until Docker reports the container healthy; fails on
     local id status
     for _ in $(seq 1200); do
         id=$(compose ps -q "$SERVICE" 2>/dev/null || true)
-        status=$([ -n "$id" ] && docker inspect -f '{{.State.Status}}/{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id" || true)
+        status=""
+        if [ -n "$id" ]; then
+            status=$(docker inspect -f '{{.State.Status}}/{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id" || true)
+        fi
         case "$status" in
             running/healthy) return 0 ;;
             */unhealthy | exited/* | dead/*) echo "container $status"; return 1 ;;
@@ -227,8 +234,9 @@ record up "$first" ok "/readyz 200 after $(printf '%.1f' "$first_ready") s, heal
 # --- detect, user ------------------------------------------------------------------------------------
 t=$(now)
 photo=$(head -n1 "$BCCD/ImageSets/Main/test.txt" 2>/dev/null || true)
-[ -n "$photo" ] && [ -f "$BCCD/JPEGImages/$photo.jpg" ] \
-    || fail detect 0 "no BCCD test photo under $BCCD (set BCCD=/path/to/BCCD)"
+if [ -z "$photo" ] || [ ! -f "$BCCD/JPEGImages/$photo.jpg" ]; then
+    fail detect 0 "no BCCD test photo under $BCCD (set BCCD=/path/to/BCCD)"
+fi
 PHOTO=$BCCD/JPEGImages/$photo.jpg
 note=$(probe detect "$URL" "$PHOTO" "$BCCD/Annotations/$photo.xml") || fail detect "$(since "$t")" "$note"
 record detect "$(since "$t")" ok "$note"

@@ -256,6 +256,11 @@ def test_shell_scripts_parse():
     for shell, script in (("sh", "docker/build.sh"), ("bash", "scripts/container_check.sh")):
         done = subprocess.run([shell, "-n", str(REPO / script)], capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
+        if shutil.which("shellcheck"):  # Debian's shellcheck, where installed
+            done = subprocess.run(
+                ["shellcheck", str(REPO / script)], capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 0, done.stdout
 
 
 def test_ci_runs_the_container_check_after_the_tests():
