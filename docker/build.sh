@@ -65,8 +65,9 @@ project_step() {
     du -sh "$VENV"
 }
 
-# What serving never loads: build tools, C++ headers and test binaries, byte code compiled at install
-# time (Python keeps it in memory; PYTHONDONTWRITEBYTECODE is set and the venv is read-only anyway).
+# What serving never loads: build tools, C++ headers and test binaries, and the byte code pip compiled
+# for every module at install time. check_install.py then compiles again only what serving imports, so
+# that a start (as uid 10001, which cannot write to the venv) does not compile it each time.
 prune() {
     site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     pip uninstall --yes pip setuptools wheel >/dev/null 2>&1 || true
