@@ -197,6 +197,9 @@ DOCKER_BUILDKIT=0 quiet nice -n 10 docker build --network host -f docker/Dockerf
     --build-arg TORCH_INDEX_URL= --build-arg TORCHVISION_VERSION=none . \
     || { rm -f docker/wheels/*.whl; fail build "$(since "$t")" "docker build -f docker/Dockerfile.cpu failed"; }
 rm -f docker/wheels/*.whl
+config=$(docker image inspect -f '{{json .Config.User}} {{json .Config.Cmd}} {{json .Config.Healthcheck.Test}}' "$IMAGE")
+[ "$config" = '"10001:10001" ["refinedet","serve"] ["CMD","refinedet","healthcheck"]' ] \
+    || fail build "$(since "$t")" "the image's user, command or HEALTHCHECK is not what the Dockerfile says: $config"
 size_mb=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f", $1/1e6}')
 versions=$(docker run --rm --entrypoint python "$IMAGE" -c \
     'import torch, onnxruntime; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__)')
