@@ -113,7 +113,9 @@ def _register_triton(targets: argparse._SubParsersAction) -> None:
 
 def _register_verify(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("verify", help="compare an ONNX model or engine with its checkpoint on images")
-    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument(
+        "--checkpoint", type=Path, help="the artifact's source checkpoint (default: the shipped BCCD model)"
+    )
     p.add_argument(
         "--artifact", required=True, type=Path, help="model.onnx or model.plan (with its .json manifest)"
     )
@@ -154,8 +156,10 @@ def quantize_options(args: argparse.Namespace):
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from conversion.onnx_export import export_checkpoint, parse_batch
+    from conversion.onnx_export import check_onnx_path, check_opset, export_checkpoint, parse_batch
 
+    check_onnx_path(args.output)  # every option is checked before the checkpoint is read
+    check_opset(args.opset)
     batch = parse_batch(args.batch)
     int8 = quantize_options(args)
     export = {"opset": args.opset, "batch": batch, "outputs": args.outputs, "simplify": args.simplify}
@@ -247,8 +251,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from model.errors import UserError
     from model.runtime import load_runner
 
+    from model.devices import resolve_device
+    from model.zoo import shipped_checkpoint
+
     manifest = read_manifest(args.artifact)
-    device = args.device or ("cuda" if manifest.kind == "tensorrt" else "cpu")
+    device = resolve_device(args.device or ("cuda" if manifest.kind == "tensorrt" else "cpu"))
+    args.checkpoint = args.checkpoint or shipped_checkpoint()
     model, _ = load_model(args.checkpoint)
     if model.config != manifest.config:
         raise UserError(f"{args.checkpoint} and {args.artifact} describe different models (configs differ)")

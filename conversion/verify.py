@@ -206,10 +206,20 @@ def image_files(directory: str | Path, max_images: int | None = None) -> list[Pa
 
 def image_batches(files: Sequence[Path], size: int, norm, batch_size: int) -> Iterable[Tensor]:
     """Decode, resize and normalise files with the shared contract (``model.preprocess``), in batches."""
-    from model.preprocess import load_image, preprocess
+    from model.preprocess import preprocess
 
     for start in range(0, len(files), batch_size):
-        yield preprocess([load_image(f) for f in files[start : start + batch_size]], size, norm)
+        yield preprocess([_decode(f) for f in files[start : start + batch_size]], size, norm)
+
+
+def _decode(path: Path) -> Tensor:
+    """The image at ``path`` (uint8 RGB [3, H, W]); a ``UserError`` naming it when it cannot be decoded."""
+    from model.preprocess import load_image
+
+    try:
+        return load_image(path)
+    except (OSError, ValueError) as exc:  # PIL: UnidentifiedImageError (an OSError), truncated data
+        raise UserError(f"{path} is not a readable image ({exc})") from None
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.devices import resolve_device
+
 METRICS = ("voc07", "voc12", "coco")
 
 
@@ -14,8 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint or an exported model: VOC07/VOC12 AP or COCO AP, per class"
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint written by `refinedet train`")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--checkpoint", help="checkpoint written by `refinedet train` (default: the shipped BCCD model)"
+    )
     source.add_argument(
         "--artifact",
         help="exported model (model.onnx, model.int8.onnx, model.plan) with its .json manifest",
@@ -72,23 +76,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.set_defaults(handler=cmd_predict)
 
 
-def resolve_device(name: str) -> Any:
-    """ "auto" -> cuda when available, else cpu; a clear error for unknown or unavailable devices."""
-    import torch
-
-    from model.errors import UserError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
 def _check_options(args: argparse.Namespace) -> None:
     from model.errors import UserError
 
@@ -135,7 +122,10 @@ def load_evaluated(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     from model.checkpoint import file_sha256, load_model
     from model.errors import UserError
 
-    if args.checkpoint:
+    if not args.artifact:
+        from model.zoo import shipped_checkpoint
+
+        args.checkpoint = args.checkpoint or str(shipped_checkpoint())
         model, _ = load_model(args.checkpoint)
         device = resolve_device(args.device)
         return (
