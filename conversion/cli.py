@@ -248,10 +248,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from conversion.verify import image_batches, image_files, verify_artifact
     from model.artifacts import read_manifest
     from model.checkpoint import file_sha256, load_model
+    from model.devices import resolve_device
     from model.errors import UserError
     from model.runtime import load_runner
-
-    from model.devices import resolve_device
     from model.zoo import shipped_checkpoint
 
     manifest = read_manifest(args.artifact)

@@ -81,7 +81,9 @@ def check_onnx_path(path: Path) -> Path:
     """The output of ``export onnx`` is named ``*.onnx``: serving, ``eval --artifact`` and ``verify`` tell
     an ONNX model from an engine by that suffix."""
     if path.suffix.lower() != ".onnx":
-        raise UserError(f"-o {path}: an ONNX model's file name ends in .onnx (e.g. {path.with_suffix('.onnx')})")
+        raise UserError(
+            f"-o {path}: an ONNX model's file name ends in .onnx (e.g. {path.with_suffix('.onnx')})"
+        )
     return path
 
 
