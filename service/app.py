@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from service.docs_ui import install_swagger_ui
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -51,7 +52,9 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         version=_package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # /docs comes from install_swagger_ui: the package's assets, no CDN
     )
+    install_swagger_ui(app)
     app.state.service = state
     install_error_handlers(app)
     app.include_router(detect.router(settings))

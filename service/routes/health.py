@@ -18,7 +18,8 @@ from service.schemas import ErrorResponse, ModelInfoResponse, Status
 from service.settings import Settings
 from service.state import ServiceState
 
-PLATFORMS = {"torch": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+# The torch backend runs the eager nn.Module rebuilt from a checkpoint (no TorchScript anywhere).
+PLATFORMS = {"torch": "pytorch_eager", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "model not loaded yet"}
 }
