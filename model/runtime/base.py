@@ -9,12 +9,10 @@ limits) and is called with already-preprocessed images on its device::
 
 ``__call__`` returns ``RefineDetOutput`` (the four raw head tensors, float32) for a "raw" artifact
 and ``DecodedOutput`` (boxes_xyxy, scores) for a "decoded" one, where ``decode_predictions`` already
-ran inside the graph and only ``select_detections`` remains.
+ran inside the graph; ``model.postprocess.PostProcessor`` finishes either.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,13 +21,7 @@ from model.anchors import generate_anchors
 from model.artifacts import ArtifactError, Manifest
 from model.config import PostprocessConfig
 from model.network import RefineDetOutput
-from model.postprocess import Detections, decode_predictions, select_detections
-
-
-class DecodedOutput(NamedTuple):
-    boxes_xyxy: Tensor  # [B, A, 4] normalised corners, not clipped
-    scores: Tensor  # [B, A, C-1] class probabilities after negative anchor filtering (no background)
-
+from model.postprocess import DecodedOutput, Detections, PostProcessor
 
 RunnerOutput = RefineDetOutput | DecodedOutput
 
@@ -75,10 +67,5 @@ class ArtifactRunner:
 def run_postprocess(
     runner: ArtifactRunner, outputs: RunnerOutput, postprocess: PostprocessConfig | None = None
 ) -> Detections:
-    """The shared selection on a runner's outputs (decoding first when the graph did not)."""
-    pp = postprocess or runner.config.postprocess
-    if isinstance(outputs, DecodedOutput):
-        boxes, scores = outputs
-    else:
-        boxes, scores = decode_predictions(*outputs, runner.anchors, runner.config)
-    return select_detections(boxes, scores, pp)
+    """The shared post-processing of a runner's outputs, whichever kind (on the runner's device)."""
+    return PostProcessor(runner.config, postprocess)(outputs, runner.anchors)

@@ -17,25 +17,13 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from model.config import RefineDetConfig
-from model.postprocess import Detections
-from model.runtime.base import DecodedOutput, RunnerOutput
-
-
-class SelectedOutput(NamedTuple):
-    """What a backend returns when it ran the post-processing too, on the device with no host sync (the
-    torch backend's CUDA graphs): ``detections`` in the sync-free mode (``converged`` set) and the decoded
-    boxes and scores they came from, for ``model.postprocess.detections_to_host``'s exact redo."""
-
-    detections: Detections
-    boxes_xyxy: Tensor  # [B, A, 4]
-    scores: Tensor  # [B, A, C-1]
-
+from model.postprocess import DecodedOutput, SelectedOutput
+from model.runtime.base import RunnerOutput
 
 BackendOutput = RunnerOutput | SelectedOutput
 
