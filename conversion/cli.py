@@ -264,14 +264,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"note: {args.artifact} was exported from another checkpoint file (hash differs)", file=sys.stderr
         )
     runner = load_runner(args.artifact, device=device)
-    files = image_files(args.images, args.max_images)
-    if manifest.batch is not None:  # a fixed-batch artifact takes exactly that many images per call
-        args.batch_size = manifest.batch
-        files = files[: len(files) // manifest.batch * manifest.batch]
-        if not files:
-            raise UserError(
-                f"{args.artifact} has a fixed batch of {manifest.batch}: give at least that many images"
-            )
+    files = image_files(args.images, args.max_images)  # any count: the runner pads a fixed batch
     batches = image_batches(files, runner.config.input_size, runner.config.normalization, args.batch_size)
     total = (len(files) + args.batch_size - 1) // args.batch_size
     report = verify_artifact(

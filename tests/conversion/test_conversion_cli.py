@@ -140,7 +140,7 @@ def test_verify_passes_for_a_fixed_batch_export(tiny_checkpoint, fixed_onnx, ima
         == 0
     )
     data = json.loads(report.read_text())
-    assert data["images"] == 4  # two full batches of the fixed batch 2; the fifth image is left out
+    assert data["images"] == 5  # calls of the fixed batch 2: the fifth image's call is padded
     assert data["passed"] and "PASS" in capsys.readouterr().out
 
 
