@@ -31,7 +31,9 @@ def test_heads_must_predict_the_generators_anchors_per_location(config):
     three = config.anchors.anchors_per_location
     assert three == 3
     wrong = MultiLevelHead([512, 512, 1024, 512], 5, 4)  # 5 anchors per location, the generator makes 3
-    with pytest.raises(ValueError, match="arm_loc predicts 5 anchors per location; the anchor generator makes 3"):
+    with pytest.raises(
+        ValueError, match="arm_loc predicts 5 anchors per location; the anchor generator makes 3"
+    ):
         RefineDet(config, dataclasses.replace(parts, arm_loc=wrong))
     # the other way round: the config asks for more aspect ratios than the heads were sized for
     wider = config.replace(anchors={"aspect_ratios": (2.0, 3.0)})
