@@ -54,7 +54,7 @@ def decode_predictions(
     scores = torch.softmax(odm_conf.float(), dim=-1)[..., 1:]
     if config.ablation.negative_filtering:
         arm_bg = torch.softmax(arm_conf.float(), dim=-1)[..., :1]
-        scores = scores * (arm_bg <= config.postprocess.filter_threshold)
+        scores = scores * (arm_bg <= config.filter_threshold)
     return boxes, scores
 
 
