@@ -242,7 +242,7 @@ def verify_artifact(
         images = images.to(runner.device)
         reference: RefineDetOutput = model(images)
         candidate = runner(images)
-        ref_tensors = postprocessor.like(reference, candidate, anchors)  # the candidate's stage
+        ref_tensors = postprocessor.to_stage_of(reference, candidate, anchors)  # the candidate's stage
         for name, r, c in zip(candidate._fields, ref_tensors, candidate, strict=True):
             diff = (r.float() - c.float()).abs()
             s = sums.setdefault(name, [0.0, 0.0, 0])  # max, sum, count

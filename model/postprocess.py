@@ -311,7 +311,9 @@ class PostProcessor:
             raise ValueError("raw head outputs need the anchors to be decoded")
         return DecodedOutput(*decode_predictions(*outputs, anchors_cxcywh, self.config))
 
-    def like(self, raw: RefineDetOutput, other: ModelOutput, anchors_cxcywh: Tensor) -> tuple[Tensor, ...]:
+    def to_stage_of(
+        self, raw: RefineDetOutput, other: ModelOutput, anchors_cxcywh: Tensor
+    ) -> tuple[Tensor, ...]:
         """``raw`` brought to the stage of ``other`` (raw or decoded), to compare them tensor by tensor."""
         if isinstance(other, SelectedOutput):
             raise ValueError("selected detections have no tensor-by-tensor counterpart")

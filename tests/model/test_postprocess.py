@@ -245,7 +245,7 @@ def test_post_processor_finishes_any_stage_with_the_same_detections():
         same_detections(pp.to_host(outputs, anchors_or_none), exact)
         torch.testing.assert_close(tuple(pp.decode(outputs, anchors_or_none)), tuple(decoded))
     # verify compares an artifact's tensors with the reference brought to the same stage
-    torch.testing.assert_close(tuple(pp.like(raw, decoded, anchors)), tuple(decoded))
-    assert pp.like(raw, raw, anchors) is raw
+    torch.testing.assert_close(tuple(pp.to_stage_of(raw, decoded, anchors)), tuple(decoded))
+    assert pp.to_stage_of(raw, raw, anchors) is raw
     with pytest.raises(ValueError, match="anchors"):
         pp(raw)
