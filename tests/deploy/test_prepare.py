@@ -177,7 +177,9 @@ def test_missing_gpu_or_tensorrt_falls_back_without_building(settings, caplog, p
         assert reason in caplog.text
     if probe_args.get("gpu", H100) is None:  # asked for explicitly, the missing GPU is the reason given
         with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
-            result = prepare(replace(settings, device="cuda"), probes(**probe_args), fake.bundle())
+            result = prepare(
+                replace(settings, device="cuda"), probes(**probe_args, torch_cuda=False), fake.bundle()
+            )
         assert (result.backend, result.device) == (
             "onnxruntime",
             "cpu",
