@@ -24,6 +24,7 @@ from model.errors import UserError
 from model.network import RefineDet, build_model
 
 FORMAT = "refinedet-checkpoint"
+XZ_MAGIC = b"\xfd7zXZ\x00"  # the first bytes of an xz stream (the shipped checkpoint is compressed)
 FORMAT_VERSION = 1
 
 
@@ -93,10 +94,10 @@ def save_checkpoint(
 
 
 def stored_bytes(path: Path) -> io.BytesIO:
-    """A saved file's bytes for ``torch.load``, decompressed when the name ends in ``.xz`` (the shipped
-    default is stored xz-compressed, see model/zoo.py). Raises OSError or ``lzma.LZMAError``."""
+    """A saved file's bytes for ``torch.load``, decompressed when they are xz data (the shipped default
+    is stored xz-compressed, see model/zoo.py). Raises OSError or ``lzma.LZMAError``."""
     data = path.read_bytes()
-    return io.BytesIO(lzma.decompress(data) if path.suffix == ".xz" else data)
+    return io.BytesIO(lzma.decompress(data) if data.startswith(XZ_MAGIC) else data)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
