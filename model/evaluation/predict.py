@@ -28,8 +28,9 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -262,8 +263,12 @@ def save_annotated(batch: Sequence[Loaded], rows: Sequence[dict[str, Any]], fold
         if isinstance(pixels, Tensor) and "detections" in row:
             name = f"{Path(file).stem}_{hashlib.sha1(file.encode()).hexdigest()[:8]}_pred.jpg"
             canvas = draw_detections(pixels, row["detections"])
-            atomic_write(folder / name, lambda f, c=canvas: c.save(f, format="JPEG", quality=92))
+            atomic_write(folder / name, partial(_save_jpeg, canvas))
             row["annotated"] = name
+
+
+def _save_jpeg(canvas: Image.Image, f: BinaryIO) -> None:
+    canvas.save(f, format="JPEG", quality=92)
 
 
 def draw_detections(image: Tensor, records: Sequence[dict[str, Any]]) -> Image.Image:
