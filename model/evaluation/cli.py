@@ -64,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "OUTPUT/detections.jsonl (a bad image is an error row). Rerunning with the same OUTPUT skips the "
         "images already there. class_id is the 0-based index into the model's class_names.",
     )
+    add_predict_arguments(q)
+    q.set_defaults(handler=cmd_predict)
+
+
+def add_predict_arguments(q: argparse.ArgumentParser) -> None:
+    """The options ``refinedet predict`` and ``refinedet ray-predict`` share."""
     q.add_argument(
         "images", nargs="*", metavar="IMAGES", help="image files and/or folders (walked recursively)"
     )
@@ -74,9 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="a file with one image path per line (repeatable)",
     )
-    model = q.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="checkpoint written by `refinedet train`")
-    model.add_argument("--artifact", help="exported model (model.onnx, model.plan) with its .json manifest")
+    source = q.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint written by `refinedet train`")
+    source.add_argument("--artifact", help="exported model (model.onnx, model.plan) with its .json manifest")
     q.add_argument("--output", default="predictions", help="output folder (default: predictions)")
     q.add_argument(
         "--score-threshold", type=float, default=0.5, help="keep detections above this (default 0.5)"
@@ -90,7 +96,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--retry-errors", action="store_true", help="on resume, run the images that had errors again"
     )
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
-    q.set_defaults(handler=cmd_predict)
 
 
 def resolve_device(name: str) -> Any:
@@ -236,23 +241,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_run_record(args: argparse.Namespace, source: dict[str, Any], config: Any) -> dict[str, Any]:
-    """What ``run.json`` records, and what a resumed run must match."""
-    return {
-        **source,
-        "model": config.name,
-        "class_names": list(config.class_names),
-        "class_id": "0-based index into class_names",
-        "score_threshold": args.score_threshold,
-        "annotate": args.annotate,
-    }
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def check_predict_options(args: argparse.Namespace) -> None:
+    """Usage errors of ``predict`` / ``ray-predict``, before anything loads."""
     from model.errors import UserError
-    from model.evaluation.predict import ImagePredictor, PredictionLog, iter_inputs, predict_files
 
     _check_options(args)
     if not args.images and not args.list:
@@ -264,11 +255,47 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.device != "auto":
         resolve_device(args.device)  # a bad --device is reported before the model loads
+
+
+def predict_source(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """(what run.json records about the model, its config) without building the network."""
+    if args.checkpoint:
+        from model.checkpoint import file_sha256, read_checkpoint
+        from model.config import RefineDetConfig
+
+        config = RefineDetConfig.from_dict(read_checkpoint(args.checkpoint)["config"])
+        return {"checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint)}, config
+    from model.artifacts import read_manifest
+
+    manifest = read_manifest(args.artifact)
+    return {"artifact": args.artifact, "artifact_sha256": manifest.artifact_sha256}, manifest.config
+
+
+def predict_run_record(args: argparse.Namespace, source: dict[str, Any], config: Any) -> dict[str, Any]:
+    """What ``run.json`` records, and what a resumed run must match (``predict`` and ``ray-predict`` alike)."""
+    return {
+        **source,
+        "model": config.name,
+        "class_names": list(config.class_names),
+        "class_id": "0-based index into class_names",
+        "score_threshold": args.score_threshold,
+        "annotate": getattr(args, "annotate", False),
+    }
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from model.evaluation.predict import ImagePredictor, PredictionLog, iter_inputs, predict_files
+
+    check_predict_options(args)
+    source, config = predict_source(args)
+    log = PredictionLog(
+        args.output, predict_run_record(args, source, config), args.overwrite, args.retry_errors
+    )
     args.multiscale = False
-    model, device, source = load_evaluated(args)
+    model, device, _ = load_evaluated(args)
     predictor = ImagePredictor(model, device, args.score_threshold)
-    record = predict_run_record(args, source, predictor.config)
-    log = PredictionLog(args.output, record, args.overwrite, args.retry_errors)
     bar = tqdm(desc="predict", unit="img", disable=args.no_progress)
     start = time.perf_counter()
     try:
