@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "conversion.cli",
     "conversion.deploy",
     "service.cli",
+    "scaleout.cli",
 )
 
 

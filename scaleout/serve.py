@@ -12,7 +12,8 @@ a deployment handle and, when that replica dies before answering, sends it to an
 idempotent); when none answers it says so as the service does: a JSON 503 with ``Retry-After``. Serve's
 proxy alone would answer a plain-text 500 for a request whose replica died.
 
-Every answer carries ``X-Served-By: <node id[:12]>/<replica id>``.
+Every answer carries ``X-Served-By: <node id[:12]>/<replica id>``, and ``X-Attempts: n`` when it took more
+than one replica.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 from service.settings import Settings
 
 log = logging.getLogger("refinedet.scaleout")
+APP_NAME = "refinedet"
 RETRYABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")
 
 
@@ -51,7 +53,7 @@ class Answer:
 class Detector:
     """One replica: the service app with its model loaded, driven over ASGI without a socket."""
 
-    async def __init__(self, settings: Settings) -> None:
+    async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]  # Serve awaits it
         from service.app import create_app, default_loader
 
         backend = await asyncio.to_thread(default_loader, settings)  # loaded and warmed up
@@ -134,7 +136,7 @@ class Ingress:
         last = "no replica answered"
         for attempt in range(1, self.attempts + 1):
             try:
-                return await self.detector.remote(request)
+                answer: Answer = await self.detector.remote(request)
             except Exception as exc:  # Ray's errors for a dead replica differ by version: matched by name
                 names = {cls.__name__ for cls in type(exc).__mro__}
                 if "BackPressureError" in names:
@@ -143,6 +145,10 @@ class Ingress:
                     raise
                 last = type(exc).__name__
                 log.warning("replica failed (%s), attempt %d of %d", last, attempt, self.attempts)
+                continue
+            if attempt > 1:
+                answer.headers.append((b"x-attempts", str(attempt).encode()))
+            return answer
         return _error(503, "unavailable", f"no replica could serve the request ({last}); retry shortly")
 
 
@@ -180,16 +186,19 @@ def gpus_per_replica(requested: float | None) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def build_app(settings: Settings, replicas: int, num_gpus: float, num_cpus: float = 1.0) -> Any:
-    """The Serve application: ``Ingress`` (one per replica, CPU) in front of ``Detector`` replicas."""
+def build_app(
+    settings: Settings, replicas: int, num_gpus: float, actor_options: dict[str, Any] | None = None
+) -> Any:
+    """The Serve application: ``Ingress`` (one per replica, CPU) in front of ``Detector`` replicas, each
+    with ``num_gpus`` GPUs, one CPU and ``actor_options`` (Ray actor options, e.g. ``resources``)."""
     from ray import serve
 
-    detector = serve.deployment(
+    detector = serve.deployment(  # type: ignore[attr-defined]
         Detector,
         name="Detector",
         num_replicas=replicas,
         max_ongoing_requests=max(2 * settings.max_queue_size, 8),
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        ray_actor_options={"num_cpus": 1, "num_gpus": num_gpus, **(actor_options or {})},
         health_check_period_s=5,
         graceful_shutdown_timeout_s=settings.graceful_timeout_s,
     ).bind(settings)
@@ -221,23 +230,31 @@ def build_app(settings: Settings, replicas: int, num_gpus: float, num_cpus: floa
             }
             return Response(answer.body, status_code=answer.status, headers=headers)
 
-    return IngressDeployment.bind(detector)
+    return IngressDeployment.bind(detector)  # type: ignore[attr-defined]
 
 
 def run(
-    settings: Settings, address: str, host: str, port: int, replicas: int, gpus: float | None, blocking: bool
+    settings: Settings,
+    address: str,
+    host: str,
+    port: int,
+    replicas: int,
+    gpus: float | None,
+    blocking: bool,
+    proxy_location: str = "EveryNode",
 ) -> None:
-    """Connect to the Ray cluster at ``address``, start Serve's HTTP proxy on ``host:port`` (every node) and
-    deploy; with ``blocking`` keep running until interrupted."""
+    """Connect to the Ray cluster at ``address``, start Serve's HTTP proxy on ``host:port`` (on every node by
+    default) and deploy; with ``blocking`` keep running until interrupted."""
     import ray
     from ray import serve
 
     ray.init(address=address, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port, "location": "EveryNode"})
+    serve.start(http_options={"host": host, "port": port, "location": proxy_location})
     num_gpus = gpus_per_replica(gpus)
-    serve.run(build_app(settings, replicas, num_gpus), name="refinedet", route_prefix="/", blocking=False)
-    log.info(
-        "refinedet on Ray Serve: %d replica(s), %g GPU each, http://%s:%d", replicas, num_gpus, host, port
+    serve.run(build_app(settings, replicas, num_gpus), name=APP_NAME, route_prefix="/", blocking=False)
+    print(
+        f"refinedet on Ray Serve: {replicas} replica(s), {num_gpus:g} GPU each, http://{host}:{port}",
+        flush=True,
     )
     if blocking:
         while True:
