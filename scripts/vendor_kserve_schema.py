@@ -29,16 +29,21 @@ def class_fields(source: str) -> dict[str, dict[str, str]]:
             continue
         values = {}
         for item in node.body:
-            if isinstance(item, ast.Assign) and isinstance(item.targets[0], ast.Name):
-                if item.targets[0].id in ("openapi_types", "attribute_map"):
-                    values[item.targets[0].id] = ast.literal_eval(item.value)
+            if not isinstance(item, ast.Assign):
+                continue
+            target = item.targets[0]
+            if isinstance(target, ast.Name) and target.id in ("openapi_types", "attribute_map"):
+                values[target.id] = ast.literal_eval(item.value)
         if len(values) == 2:
             found[node.name] = {values["attribute_map"][k]: t for k, t in values["openapi_types"].items()}
     return found
 
 
 def main(wheel: str) -> None:
-    version = re.search(r"kserve-([^-]+)-", Path(wheel).name).group(1)
+    match = re.search(r"kserve-([^-]+)-", Path(wheel).name)
+    if match is None:
+        raise SystemExit(f"{wheel}: not a kserve wheel")
+    version = match.group(1)
     types: dict[str, dict[str, str]] = {}
     with zipfile.ZipFile(wheel) as archive:
         for name in archive.namelist():
