@@ -97,7 +97,7 @@ def run_job(
                 "score_threshold": score_threshold,
             },
             batch_size=batch_size,
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus_per_actor,
             num_cpus=1,
             max_restarts=-1,

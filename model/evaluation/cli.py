@@ -264,11 +264,13 @@ def predict_source(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         from model.config import RefineDetConfig
 
         config = RefineDetConfig.from_dict(read_checkpoint(args.checkpoint)["config"])
-        return {"checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint)}, config
+        source = {"checkpoint_path": str(Path(args.checkpoint).absolute())}
+        return {**source, "checkpoint_sha256": file_sha256(args.checkpoint)}, config
     from model.artifacts import read_manifest
 
     manifest = read_manifest(args.artifact)
-    return {"artifact": args.artifact, "artifact_sha256": manifest.artifact_sha256}, manifest.config
+    source = {"artifact_path": str(Path(args.artifact).absolute())}
+    return {**source, "artifact_sha256": manifest.artifact_sha256}, manifest.config
 
 
 def predict_run_record(args: argparse.Namespace, source: dict[str, Any], config: Any) -> dict[str, Any]:

@@ -15,7 +15,8 @@ boxes are in the original image's pixels. A bad image is an error row, never the
 Rows are appended and flushed to disk batch by batch, so the file is its own checkpoint: a rerun with the
 same output skips every file that already has a row (``retry_errors`` re-runs the error rows; the later row
 of a file wins), and a torn last line from a crash is cut off. ``<output>/run.json`` records the model
-and options; a rerun with other ones is refused rather than mixing two runs in one file.
+and options; a rerun with other ones (``*_path`` keys aside: the model's sha256 is what counts) is refused
+rather than mixing two runs in one file.
 The Ray Data job (``scaleout.data_job``) writes the same rows through ``ImagePredictor``.
 """
 
@@ -48,11 +49,12 @@ Loaded = tuple[str, Tensor | str]  # (file, uint8 RGB [3, H, W] or why it could 
 
 
 def iter_inputs(sources: Iterable[str | Path], lists: Iterable[str | Path] = ()) -> Iterator[str]:
-    """Image paths from files and folders (recursive, sorted, image suffixes only) and list files, lazily.
+    """Absolute image paths from files and folders (recursive, sorted, image suffixes only) and list files,
+    lazily (a file's path is its key in the output, so the same file resumes whatever the working directory).
     A source that does not exist is a ``UserError`` when reached; a listed path that does not exist is
     passed on (it becomes an error row)."""
     for source in sources:
-        path = Path(source)
+        path = Path(source).absolute()
         if path.is_dir():
             yield from _walk(path)
         elif path.is_file():
@@ -78,7 +80,7 @@ def _read_list(list_file: Path) -> Iterator[str]:
         for line in lines:
             entry = line.strip()
             if entry and not entry.startswith("#"):
-                yield entry if os.path.isabs(entry) else str(list_file.parent / entry)
+                yield entry if os.path.isabs(entry) else str(list_file.parent.absolute() / entry)
 
 
 def read_image_file(file: str) -> Loaded:
@@ -176,8 +178,12 @@ class PredictionLog:
             self.path.unlink(missing_ok=True)
         elif run_path.is_file() and self.path.is_file():
             before = json.loads(run_path.read_text())
-            if before != run:
-                changed = sorted(k for k in run.keys() | before.keys() if run.get(k) != before.get(k))
+            changed = sorted(
+                k
+                for k in run.keys() | before.keys()
+                if run.get(k) != before.get(k) and not k.endswith("_path")
+            )
+            if changed:
                 raise UserError(
                     f"{self.output} holds a run with other settings ({', '.join(changed)}); "
                     "use --overwrite to start over or another --output"

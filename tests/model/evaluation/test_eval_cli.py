@@ -224,3 +224,26 @@ def test_a_checkpoint_from_refinedet_train_is_evaluated_on_bccd(bccd, tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["num_images"] == 72 and result["input_size"] == 64
     assert list(result["per_class"]) == ["RBC", "WBC", "Platelets"]
+
+
+def test_predict_resumes_whatever_the_paths_look_like(tiny_checkpoint, images, tmp_path, capsys, monkeypatch):
+    """Files are keyed by their absolute path and the model by its sha256: a rerun from another working
+    directory, with a relative folder and a copy of the checkpoint, skips everything already done."""
+    import shutil
+
+    out = tmp_path / "pred"
+    first = [
+        "predict",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        str(images[0]),
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
+    assert run_cli(first) == 0
+    copy = shutil.copy(tiny_checkpoint, tmp_path / "copy.pth")
+    monkeypatch.chdir(images[0].parent.parent)
+    assert run_cli(["predict", "--checkpoint", str(copy), "in", "--output", str(out), "--no-progress"]) == 0
+    assert "1 images in" in capsys.readouterr().out.splitlines()[-1]  # two.png only; one.jpg was done
+    assert [Path(r["file"]) for r in read_rows(out)] == images
