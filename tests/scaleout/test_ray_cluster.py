@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import bccd_root
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-BCCD = Path(os.environ.get("REFINEDET_BCCD", "/work/shared/data/BCCD")) / "JPEGImages"
+BCCD = (bccd_root() or Path("/work/shared/data/BCCD")) / "JPEGImages"
 TIMEOUT_S = 420
 
 pytestmark = pytest.mark.ray

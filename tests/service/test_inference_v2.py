@@ -179,3 +179,29 @@ def test_api_key_error_in_oip_shape(tiny_checkpoint):
             f"/v2/models/{name}/infer", json={"inputs": image_input(B64)}, headers={"X-API-Key": "k3y"}
         )
         assert ok.status_code == 200 and [o["name"] for o in ok.json()["outputs"]][-1] == "count"
+
+
+@pytest.mark.slow
+def test_shipped_model_on_a_bccd_image_through_tritonclient():
+    """The shipped BCCD model: tritonclient's answer equals /detect's on a real blood smear."""
+    http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] not installed (extra 'scale')")
+    from model.zoo import default_checkpoint
+    from tests.conftest import bccd_root
+
+    root, checkpoint = bccd_root(), default_checkpoint()
+    if root is None or checkpoint is None:
+        pytest.skip("needs BCCD and the shipped checkpoint")
+    data = (root / "JPEGImages" / "BloodImage_00000.jpg").read_bytes()
+    with (
+        serving(create_app(settings(model=checkpoint))) as (url, _),
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        name = client.get("/v1/model").json()["name"]
+        want = detect_rows(detect(client, data))
+        triton = http.InferenceServerClient(url.removeprefix("http://"), network_timeout=60)
+        image = http.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([data], dtype=np.object_))
+        result = triton.infer(name, [image], parameters={"score_threshold": THRESHOLD})
+        tensors = [result.as_numpy(n) for n in ("boxes", "scores", "labels", "count")]
+    assert len(want) >= 5  # a smear has many cells
+    assert_same(as_rows(*tensors, 0), want)
