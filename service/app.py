@@ -17,7 +17,7 @@ from service.docs_ui import install_swagger_ui
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.routes import benchmark, detect, health
+from service.routes import benchmark, detect, health, inference_v2
 from service.settings import Settings
 from service.state import Loader, ServiceState
 
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     install_error_handlers(app)
     app.include_router(detect.router(settings))
     app.include_router(health.router(settings))
+    app.include_router(inference_v2.router(settings))
     app.include_router(benchmark.router(settings))
     if settings.cors_origins:
         app.add_middleware(

@@ -105,3 +105,24 @@ def test_eval_on_a_min_batch_engine_pads_the_odd_last_batch(tiny_model, fixed_ba
     for a, b in zip(expected, ArtifactNetwork(runner)(images), strict=True):  # 4, then 1 padded to 2
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert runner.calls == [4, 2]
+
+
+def test_predict_with_an_artifact_gives_the_checkpoint_rows(
+    tiny_checkpoint, fixed_batch_onnx, voc_tree, tmp_path
+):
+    """`refinedet predict --artifact` runs the ONNX model through the same rows as the checkpoint."""
+    from tests.model.evaluation.test_eval_cli import read_rows
+
+    folder = voc_tree / "JPEGImages"
+    rows = {}
+    for flag, path in (("--checkpoint", tiny_checkpoint), ("--artifact", fixed_batch_onnx)):
+        out = tmp_path / flag.strip("-")
+        argv = ["predict", flag, str(path), str(folder), "--output", str(out), "--score-threshold", "0.05"]
+        assert run_cli([*argv, "--device", "cpu", "--no-progress", "--batch-size", "3"]) == 0
+        rows[flag] = read_rows(out)
+    assert len(rows["--artifact"]) == len(rows["--checkpoint"]) == 3
+    for a, b in zip(rows["--artifact"], rows["--checkpoint"], strict=True):
+        assert a["file"] == b["file"] and len(a["detections"]) == len(b["detections"])
+        for x, y in zip(a["detections"], b["detections"], strict=True):
+            assert x["class_id"] == y["class_id"] and abs(x["score"] - y["score"]) < 1e-3
+    assert sum(len(r["detections"]) for r in rows["--artifact"]) > 0
