@@ -111,29 +111,36 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--score-threshold must lie in [0, 1), got {args.score_threshold}")
 
 
+def check_data_options(args: argparse.Namespace) -> None:
+    """The data set options make sense and name existing folders (checked before the model loads)."""
+    from model.errors import UserError
+
+    coco = args.coco_images or args.coco_ann
+    if coco and args.data:
+        raise UserError("give either --data or --coco-images/--coco-ann, not both")
+    if coco and not (args.coco_images and args.coco_ann):
+        raise UserError("--coco-images and --coco-ann go together")
+    if not coco and not args.data:
+        raise UserError("give --data ROOT (VOC layout) or --coco-images DIR --coco-ann FILE")
+    for root in args.data:
+        if not Path(root).is_dir():
+            raise UserError(f"--data {root}: not a folder (expected a PASCAL VOC-layout root)")
+
+
 def open_dataset(args: argparse.Namespace, class_names: tuple[str, ...]) -> Any:
     """The evaluation data set named by the options (VOC roots or a COCO folder + JSON)."""
     from model.errors import UserError
 
     dataset: Any
-    coco = args.coco_images or args.coco_ann
-    if coco and args.data:
-        raise UserError("give either --data or --coco-images/--coco-ann, not both")
-    if coco:
-        if not (args.coco_images and args.coco_ann):
-            raise UserError("--coco-images and --coco-ann go together")
+    check_data_options(args)
+    if args.coco_images:
         from model.data.coco import COCODetection
 
         dataset = COCODetection(args.coco_images, args.coco_ann)
-    elif args.data:
-        for root in args.data:
-            if not Path(root).is_dir():
-                raise UserError(f"--data {root}: not a folder (expected a PASCAL VOC-layout root)")
+    else:
         from model.data.voc import VOCDetection
 
         dataset = VOCDetection(args.data, args.split, class_names=class_names, keep_difficult=True)
-    else:
-        raise UserError("give --data ROOT (VOC layout) or --coco-images DIR --coco-ann FILE")
     if len(dataset) == 0:
         raise UserError("the evaluation data set has no images")
     if tuple(dataset.class_names) != tuple(class_names):
@@ -152,8 +159,8 @@ def load_evaluated(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
         from model.zoo import shipped_checkpoint
 
         args.checkpoint = args.checkpoint or str(shipped_checkpoint())
+        device = resolve_device(args.device)  # a bad --device is reported before the model loads
         model, _ = load_model(args.checkpoint)
-        device = resolve_device(args.device)
         return (
             model,
             device,
@@ -186,6 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model.evaluation.runner import evaluate_coco, evaluate_voc
 
     _check_options(args)
+    check_data_options(args)
     model, device, source = load_evaluated(args)
     config = model.config
     dataset = open_dataset(args, config.class_names)
