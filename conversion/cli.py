@@ -255,6 +255,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.artifact)
     device = resolve_device(args.device or ("cuda" if manifest.kind == "tensorrt" else "cpu"))
+    files = image_files(args.images, args.max_images)  # any count: the runner pads a fixed batch
     args.checkpoint = args.checkpoint or shipped_checkpoint()
     model, _ = load_model(args.checkpoint)
     if model.config != manifest.config:
@@ -264,7 +265,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"note: {args.artifact} was exported from another checkpoint file (hash differs)", file=sys.stderr
         )
     runner = load_runner(args.artifact, device=device)
-    files = image_files(args.images, args.max_images)  # any count: the runner pads a fixed batch
     batches = image_batches(files, runner.config.input_size, runner.config.normalization, args.batch_size)
     total = (len(files) + args.batch_size - 1) // args.batch_size
     report = verify_artifact(

@@ -54,6 +54,11 @@ def test_verify_errors_are_one_line(tiny_checkpoint, tiny_onnx, image_dir, tmp_p
     assert main([*base, "--images", str(image_dir), "--device", "banana"]) == 2
     err = capsys.readouterr().err
     assert "unknown device 'banana'" in err and "Traceback" not in err
+    # argument errors come before the checkpoint is read (it does not exist here)
+    missing = ["verify", "--checkpoint", str(tmp_path / "none.pth"), "--artifact", str(tiny_onnx)]
+    assert main([*missing, "--images", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--images must be a directory" in err and "checkpoint not found" not in err
 
 
 def test_verify_defaults_to_the_shipped_model(tiny_checkpoint, tiny_onnx, image_dir, monkeypatch, capsys):
