@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         description=DESCRIPTION,
         lifespan=lifespan,
         docs_url=None,  # /docs comes from install_swagger_ui: the package's assets, no CDN
+        redoc_url=None,  # FastAPI's ReDoc page needs a CDN too: /docs is the one API page
     )
     install_swagger_ui(app)
     app.state.service = state
