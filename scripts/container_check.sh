@@ -197,6 +197,7 @@ DOCKER_BUILDKIT=0 quiet nice -n 10 docker build --network host -f docker/Dockerf
     --build-arg TORCH_INDEX_URL= --build-arg TORCHVISION_VERSION=none . \
     || { rm -f docker/wheels/*.whl; fail build "$(since "$t")" "docker build -f docker/Dockerfile.cpu failed"; }
 rm -f docker/wheels/*.whl
+quiet docker image prune -f  # earlier builds' images that nothing refers to any more (not the build cache)
 config=$(docker image inspect -f '{{json .Config.User}} {{json .Config.Cmd}} {{json .Config.Healthcheck.Test}}' "$IMAGE")
 [ "$config" = '"10001:10001" ["refinedet","serve"] ["CMD","refinedet","healthcheck"]' ] \
     || fail build "$(since "$t")" "the image's user, command or HEALTHCHECK is not what the Dockerfile says: $config"
