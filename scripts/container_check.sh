@@ -192,12 +192,14 @@ rm -f docker/wheels/*.whl
 quiet python3 -m pip download --no-deps --only-binary :all: --python-version "$python_version" \
     --platform manylinux_2_28_x86_64 -d docker/wheels "torch==$TORCH_CPU_VERSION" \
     || skip build "$(since "$t")" "no CPU build of torch==$TORCH_CPU_VERSION for $python_tag reachable by pip"
+# Untagged images older than a day: earlier builds' leftovers. (Not younger ones: the build stage's
+# image is untagged too, and it is the layer cache that makes the next build take seconds.)
+quiet docker image prune -f --filter until=24h
 DOCKER_BUILDKIT=0 quiet nice -n 10 docker build --network host -f docker/Dockerfile.cpu -t "$IMAGE" \
     --build-arg PYTHON_IMAGE="$BASE_IMAGE" --build-arg TORCH_VERSION="$TORCH_CPU_VERSION" \
     --build-arg TORCH_INDEX_URL= --build-arg TORCHVISION_VERSION=none . \
     || { rm -f docker/wheels/*.whl; fail build "$(since "$t")" "docker build -f docker/Dockerfile.cpu failed"; }
 rm -f docker/wheels/*.whl
-quiet docker image prune -f  # earlier builds' images that nothing refers to any more (not the build cache)
 config=$(docker image inspect -f '{{json .Config.User}} {{json .Config.Cmd}} {{json .Config.Healthcheck.Test}}' "$IMAGE")
 [ "$config" = '"10001:10001" ["refinedet","serve"] ["CMD","refinedet","healthcheck"]' ] \
     || fail build "$(since "$t")" "the image's user, command or HEALTHCHECK is not what the Dockerfile says: $config"
