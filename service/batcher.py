@@ -10,7 +10,8 @@ so are those whose client disconnected, asked only of requests that waited at le
 is cheaper to run than to ask about). The engine call runs on a single worker thread, never on the
 event loop, and every submitted future is resolved exactly once: with its own result (results are
 matched to requests by position; an ``Exception`` instance in the results fails that request alone),
-with the batch's exception, or with ``ClientGone`` / ``ShuttingDown``.
+with the batch's exception, or with ``ClientGone`` / ``ShuttingDown``. It also keeps the recent batch time (``batch_seconds``, a moving
+average), from which admission control estimates a new request's wait (``expected_wait_s``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger("refinedet.service")
+BATCH_TIME_WEIGHT = 0.3  # of the newest batch in the moving average
 
 
 class QueueFull(Exception):
@@ -81,6 +83,14 @@ class DynamicBatcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinedet-engine")
         self._task: asyncio.Task | None = None
         self._closing = False
+        self.batch_seconds: float | None = None  # moving average of recent engine calls (wall time)
+
+    def expected_wait_s(self, ahead: int) -> float:
+        """Expected seconds until a request with ``ahead`` images before it is answered: its batch and
+        those ahead of it, at the recent batch time (0 before the first batch)."""
+        if self.batch_seconds is None:
+            return 0.0
+        return (ahead // self.max_batch_size + 1) * self.batch_seconds
 
     @property
     def depth(self) -> int:
@@ -179,6 +189,8 @@ class DynamicBatcher(Generic[T, R]):
             log.exception("batch of %d failed", len(batch))
             _fail(batch, exc)
             return
+        finally:
+            self._record(time.monotonic() - started)
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
                 continue
@@ -186,6 +198,10 @@ class DynamicBatcher(Generic[T, R]):
                 pending.future.set_exception(result)
             else:
                 pending.future.set_result((result, started - pending.enqueued))
+
+    def _record(self, seconds: float) -> None:
+        last = self.batch_seconds
+        self.batch_seconds = seconds if last is None else last + BATCH_TIME_WEIGHT * (seconds - last)
 
     def _fail_queued(self, exc: Exception) -> None:
         queued = []

@@ -7,7 +7,6 @@ options given here win. Only argparse is imported at import time.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -82,12 +81,9 @@ def settings_from(overrides: dict[str, Any]):
 
 def to_env(overrides: dict[str, Any]) -> dict[str, str]:
     """Command-line overrides as REFINEDET_* variables, for worker processes that read the environment."""
-    from service.settings import ENV_PREFIX
+    from service.server import env_values
 
-    return {
-        f"{ENV_PREFIX}{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
-        for k, v in overrides.items()
-    }
+    return env_values(overrides)
 
 
 def announce(choice: Any, default: bool) -> None:
@@ -112,23 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     choice = resolve_backend(settings)  # fail fast with a clear message, before uvicorn starts
     announce(choice, default=settings.model is None)
-    import uvicorn
+    from service.server import run
 
-    from service.logs import log_config
-
-    common = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_config": log_config(settings.log_level, json_logs=not args.plain_logs),
-        "access_log": False,
-        "timeout_graceful_shutdown": int(settings.graceful_timeout_s),
-        "proxy_headers": True,
-    }
-    if settings.workers == 1:
-        from service.app import create_app
-
-        uvicorn.run(create_app(settings), **common)
-    else:
-        os.environ.update(to_env(overrides))
-        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **common)
+    run(settings, json_logs=not args.plain_logs)
     return 0

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from model.postprocess import to_pixels
+from service.admission import pixel_reserver, request_deadline, shutting_down
 from service.batcher import ClientGone, QueueFull, ShuttingDown
 from service.detector import ImageDetections
 from service.errors import ServiceError
@@ -77,7 +78,12 @@ def router(settings: Settings) -> APIRouter:
                 422, "too_many_files", "send one image to /detect; use /detect/batch for several"
             )
         # The annotated image is drawn on host pixels: decode it here (PIL) rather than in the engine.
-        [(image, decode_ms)] = await read_images(uploads, state.settings, state.engine_jpeg and not annotated)
+        [(image, decode_ms)] = await read_images(
+            uploads,
+            state.settings,
+            state.engine_jpeg and not annotated,
+            pixel_reserver(request.scope, state.pixels),
+        )
         [(result, queue_ms)] = await run_detection(state, request, [image])
         body = build_response(
             state, image, result, decode_ms, queue_ms, start, score_threshold, class_mask, max_detections
@@ -112,7 +118,9 @@ def router(settings: Settings) -> APIRouter:
         state.require_ready()
         class_mask = parse_classes(classes, state)
         uploads = await read_uploads(request, BATCH_FIELDS, max_files=state.settings.max_images_per_request)
-        decoded = await read_images(uploads, state.settings, state.engine_jpeg)
+        decoded = await read_images(
+            uploads, state.settings, state.engine_jpeg, pixel_reserver(request.scope, state.pixels)
+        )
         results = await run_detection(
             state, request, [image for image, _ in decoded], [u.filename for u in uploads]
         )
@@ -170,26 +178,33 @@ async def run_detection(
         raise ServiceError(
             503, "overloaded", f"the service is at capacity ({exc}); retry shortly", {"Retry-After": "1"}
         ) from None
-    except ShuttingDown as exc:
-        raise ServiceError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
+    except ShuttingDown:
+        for future in futures:
+            future.cancel()
+        raise shutting_down() from None
     timeout = state.settings.request_timeout_s
+    remaining = request_deadline(request.scope.setdefault("state", {}), timeout) - time.monotonic()
     try:
-        done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
-    except asyncio.TimeoutError:
+        _, waiting = await asyncio.wait(futures, timeout=max(remaining, 0.0))
+    finally:  # also when the drain's end cancels this request: nothing is left to run for it
+        for future in futures:
+            future.cancel()
+    if waiting:
         raise ServiceError(
             504, "timeout", f"no answer within {timeout:g} s; the service is overloaded"
         ) from None
     answers = []
-    for index, outcome in enumerate(done):
+    for index, future in enumerate(futures):
+        outcome = future.exception()
         if isinstance(outcome, ServiceError):
             raise name_file(outcome, index, filenames[index]) if len(images) > 1 and filenames else outcome
         if isinstance(outcome, ClientGone):
             raise ServiceError(499, "client_closed_request", "client disconnected before inference")
         if isinstance(outcome, ShuttingDown):
-            raise ServiceError(503, "shutting_down", str(outcome), {"Retry-After": "5"})
-        if isinstance(outcome, BaseException):
+            raise shutting_down()
+        if outcome is not None:
             raise outcome
-        result, queue_s = outcome
+        result, queue_s = future.result()
         answers.append((result, queue_s * 1e3))
     return answers
 

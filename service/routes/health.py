@@ -19,6 +19,7 @@ from service.settings import Settings
 from service.state import ServiceState
 
 PLATFORMS = {"torch": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+LOAD_FAILED = "the model failed to load; the reason is in the service log"
 NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "model not loaded yet"}
 }
@@ -34,16 +35,15 @@ def router(settings: Settings) -> APIRouter:
         """Liveness: the process serves requests (503 only if the model failed to load)."""
         state = get_state(request)
         if state.status == "failed":
-            return JSONResponse({"status": "failed", "detail": state.error}, status_code=503)
+            return JSONResponse({"status": "failed", "detail": LOAD_FAILED}, status_code=503)
         return JSONResponse({"status": "ok", "detail": None})
 
     @open_routes.get("/readyz", response_model=Status, responses={503: {"model": Status}})
     async def readyz(request: Request) -> JSONResponse:
         """Readiness: 200 once the model is loaded and warmed up; 503 before, after a failure, while stopping."""
         state = get_state(request)
-        return JSONResponse(
-            {"status": state.status, "detail": state.error}, status_code=200 if state.ready else 503
-        )
+        detail = LOAD_FAILED if state.status == "failed" else None
+        return JSONResponse({"status": state.status, "detail": detail}, status_code=200 if state.ready else 503)
 
     @open_routes.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
     async def metrics(request: Request) -> Response:
@@ -114,7 +114,7 @@ def describe_model(state: ServiceState, name: str | None = None) -> dict[str, An
         "classes": list(cfg.class_names),
         "input_size": cfg.input_size,
         "max_batch_size": batcher.max_batch_size,
-        "artifact": str(info.artifact) if info and info.artifact else None,
+        "artifact": info.artifact.name if info and info.artifact else None,  # never the server's path
         "artifact_sha256": info.artifact_sha256 if info else None,
         "trained": info.trained if info else False,
         "weights": info.weights if info else "unknown",

@@ -113,15 +113,20 @@ def running(app: FastAPI) -> Iterator[TestClient]:
 
 @contextlib.contextmanager
 def serving(app: FastAPI) -> Iterator[tuple[str, object]]:
-    """Run ``app`` under uvicorn on 127.0.0.1:<free port> in a thread; yields (base URL, uvicorn.Server)."""
+    """Run ``app`` under uvicorn on 127.0.0.1:<free port> in a thread, with the options ``refinedet serve``
+    uses (``service.server.uvicorn_options``); yields (base URL, uvicorn.Server)."""
     import httpx
     import uvicorn
+
+    from service.server import uvicorn_options
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    options = uvicorn_options(app.state.service.settings)  # the service's protocol, timeouts and drain
+    served = {k: options[k] for k in ("http", "timeout_keep_alive", "timeout_graceful_shutdown")}
+    config = uvicorn.Config(app, log_level="warning", access_log=False, **served)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -1,0 +1,95 @@
+"""How uvicorn runs the service: ``run(settings)`` (what ``refinedet serve`` calls) and the options it uses.
+
+- HTTP protocol: ``service.protocol.LimitedHttpToolsProtocol`` (httptools with a connection cap, a
+  header-size limit (431) and a header timeout); its limits come from the app's lifespan state.
+- ``timeout_keep_alive``: ``keep_alive_timeout_s``.
+- Graceful shutdown: on SIGTERM/SIGINT uvicorn stops accepting, the app drains (``service.admission``):
+  every request in flight is answered within ``graceful_timeout_s``, a result or 503 ``shutting_down``.
+  uvicorn's own graceful timeout is ``DRAIN_MARGIN_S`` longer, so it never has to cancel a request itself
+  (which would answer a bare 500).
+- One worker: the app object. Several: the ``create_app_from_env`` factory, each worker reading the
+  settings from ``REFINEDET_*`` variables exported here.
+- glibc: large buffers (decoded images) are allocated with ``mmap`` from ``MMAP_THRESHOLD`` up, so their
+  memory goes back to the system when they are freed (glibc's adaptive threshold would keep it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+from typing import Any
+
+from service.settings import ENV_PREFIX, Settings
+
+log = logging.getLogger("refinedet.service")
+PROTOCOL = "service.protocol:LimitedHttpToolsProtocol"
+DRAIN_MARGIN_S = 3.0
+MMAP_THRESHOLD = 16 * 1024 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def uvicorn_options(settings: Settings, json_logs: bool = True) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` (without the app and workers)."""
+    from service.logs import log_config
+
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "http": PROTOCOL,
+        "log_config": log_config(settings.log_level, json_logs=json_logs),
+        "access_log": False,  # the service writes its own, with request ids
+        "proxy_headers": True,
+        "timeout_keep_alive": max(1, math.ceil(settings.keep_alive_timeout_s)),
+        "timeout_graceful_shutdown": math.ceil(settings.graceful_timeout_s + DRAIN_MARGIN_S),
+    }
+
+
+def run(settings: Settings, json_logs: bool = True) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (see the module docstring)."""
+    import uvicorn
+
+    cap_mmap_threshold()
+    options = uvicorn_options(settings, json_logs)
+    if settings.workers == 1:
+        from service.app import create_app
+
+        uvicorn.run(create_app(settings), **options)
+    else:
+        os.environ.update(settings_env(settings))
+        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **options)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings that were given (options or environment) as ``REFINEDET_*`` variables, for worker
+    processes, which read the environment."""
+    return env_values(
+        {name: getattr(settings, name) for name in settings.model_fields_set}  # type: ignore[attr-defined]
+    )
+
+
+def env_values(values: dict[str, Any]) -> dict[str, str]:
+    """Settings values as ``REFINEDET_*`` variables (booleans lower-case, lists JSON, secrets revealed)."""
+    env = {}
+    for name, value in values.items():
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, (list, dict)):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = text
+    return env
+
+
+def cap_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold (True if set; False where there is no glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
