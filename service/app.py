@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         metrics=metrics,
         log_requests=settings.access_log,
         known_paths=docs,
-        routes=app.router.routes,
+        route_paths=lambda: app.openapi().get("paths", {}),
     )
     return app
 

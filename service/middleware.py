@@ -18,10 +18,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import DEADLINE_KEY
@@ -45,13 +44,14 @@ class RequestContextMiddleware:
         metrics: Metrics,
         log_requests: bool = True,
         known_paths: frozenset[str] = frozenset(),
-        routes: Sequence[BaseRoute] = (),
+        route_paths: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.log_requests = log_requests
         self.known_paths = known_paths  # non-API routes (docs) that may be metric labels as they are
-        self.routes = routes  # the app's, to label requests answered before routing
+        self._route_paths = route_paths  # the app's route templates, to label requests answered before routing
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,13 +83,12 @@ class RequestContextMiddleware:
                 self._log(scope, request_id, status, elapsed, sent)
 
     def _route_label(self, scope: Scope) -> str:
-        if scope["path"] in self.known_paths:
-            return scope["path"]
-        for route in self.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return getattr(route, "path", "unmatched")
-        return "unmatched"
+        path = scope["path"]
+        if path in self.known_paths:
+            return path
+        if self._patterns is None:  # built on first use, once every route is registered
+            self._patterns = [(template_pattern(t), t) for t in self._route_paths()]
+        return next((t for pattern, t in self._patterns if pattern.fullmatch(path)), "unmatched")
 
     @staticmethod
     def _log(scope: Scope, request_id: str, status: int, elapsed: float, sent: int) -> None:
@@ -108,6 +107,12 @@ class RequestContextMiddleware:
         access_log.info(
             "%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1e3, extra={"fields": fields}
         )
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    """``/v2/models/{name}`` -> a pattern matching ``/v2/models/<one segment>``."""
+    parts = re.split(r"(\{[^}]*\})", template)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
 
 
 def too_large(limit: int) -> ServiceError:

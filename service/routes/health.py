@@ -6,6 +6,7 @@ them); model metadata does when a key is configured.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,6 +20,7 @@ from service.settings import Settings
 from service.state import ServiceState
 
 PLATFORMS = {"torch": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+_DIRECTORIES = re.compile(r"[^\s]*[\\/]")  # a token up to its last slash
 LOAD_FAILED = "the model failed to load; the reason is in the service log"
 NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "model not loaded yet"}
@@ -117,5 +119,10 @@ def describe_model(state: ServiceState, name: str | None = None) -> dict[str, An
         "artifact": info.artifact.name if info and info.artifact else None,  # never the server's path
         "artifact_sha256": info.artifact_sha256 if info else None,
         "trained": info.trained if info else False,
-        "weights": info.weights if info else "unknown",
+        "weights": without_directories(info.weights) if info else "unknown",
     }
+
+
+def without_directories(text: str) -> str:
+    """``text`` with every file path cut to its file name (the server's directories are nobody's business)."""
+    return _DIRECTORIES.sub("", text)

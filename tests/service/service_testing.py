@@ -78,6 +78,48 @@ class StandInBackend(Backend):
         return self.net(images)
 
 
+class GatedBackend(StandInBackend):
+    """A stand-in whose every batch waits for a permit (``release(n)`` lets n batches run); ``running`` is
+    set while a batch waits, so tests know the engine is busy without sleeping."""
+
+    def __init__(self, max_batch: int = 8, delay_s: float = 0.0) -> None:
+        super().__init__(max_batch, delay_s)
+        self.permits = threading.Semaphore(0)
+        self.running = threading.Event()
+
+    def release(self, batches: int = 1) -> None:
+        self.permits.release(batches)
+
+    @torch.inference_mode()
+    def infer(self, images: torch.Tensor) -> RefineDetOutput:
+        self.running.set()
+        if not self.permits.acquire(timeout=60):
+            raise RuntimeError("the test never let this batch run")
+        self.running.clear()
+        return super().infer(images)
+
+
+def gated_loader(max_batch: int = 1, delay_s: float = 0.0):
+    """A loader returning one loaded GatedBackend (``loader.backend``)."""
+    backend = GatedBackend(max_batch, delay_s)
+    backend.load()
+
+    def loader(settings: Settings) -> GatedBackend:
+        return backend
+
+    loader.backend = backend  # type: ignore[attr-defined]
+    return loader
+
+
+def poll(condition, timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Wait until ``condition()`` is true (checked every 10 ms), or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
 def standin_loader(max_batch: int = 8, delay_s: float = 0.0):
     """A loader returning one loaded StandInBackend (also reachable as ``loader.backend``)."""
     backend = StandInBackend(max_batch, delay_s)

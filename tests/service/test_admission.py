@@ -1,0 +1,135 @@
+"""What every inference request is held to (service/admission.py), under a real uvicorn server: a request
+that cannot be served in time is answered 503 + Retry-After at once (before its body is read), decoded
+pixels in flight stay within their budget, and a shutdown answers every request it cannot serve with a
+JSON 503 ``shutting_down``, never a bare 500. The engine is a stand-in that runs a batch only when the
+test lets it, so nothing here synchronises by sleeping."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import logging.config
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from PIL import Image
+from service_testing import encode, gated_loader, noise_image, poll, serving, settings, standin_loader
+from test_protocol import connect, read_response
+from test_server import metric_samples
+
+from service.app import create_app
+from service.logs import log_config
+
+IMAGE = encode(noise_image(64, 48, seed=11))
+JPEG = {"content": IMAGE, "headers": {"content-type": "image/jpeg"}}
+
+
+def post(url: str, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}/detect", timeout=60, **{**JPEG, **kwargs})
+
+
+def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
+    loader = gated_loader(max_batch=1, delay_s=0.2)
+    app = create_app(
+        settings(max_batch_size=1, max_delay_ms=0, request_timeout_s=2.0, admission_headroom=0.5),
+        loader=loader,
+    )
+    engine, state = loader.backend, app.state.service
+    with serving(app) as (url, _):
+        engine.release()  # one batch of ~0.2 s: the recent batch time
+        assert post(url).status_code == 200
+        pool = ThreadPoolExecutor(12)
+        first = pool.submit(post, url)
+        poll(engine.running.is_set, what="the engine to hold a batch")
+        rest = [pool.submit(post, url) for _ in range(11)]
+        # While the engine holds its batch, what cannot fit in 0.5 x 2 s is refused, without waiting.
+        poll(lambda: sum(f.done() for f in rest) >= 8, what="the refusals")
+        refused = [f.result() for f in rest if f.done()]
+        # A request whose body has not even been sent is refused from its headers alone.
+        raw = connect(url)
+        raw.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 99999\r\n\r\n")
+        raw_status, raw_headers, raw_body = read_response(raw)
+        assert not first.done() and engine.running.is_set()  # all of that while the engine was busy
+        engine.release(12)
+        served = [first.result()] + [f.result() for f in rest if f.result() not in refused]
+    assert {(r.status_code, r.json()["error"]["code"]) for r in refused} == {(503, "overloaded")}
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert (raw_status, raw_body["error"]["code"]) == (503, "overloaded") and "retry-after" in raw_headers
+    assert 1 <= len(served) <= 4 and {r.status_code for r in served} == {200}, [r.text for r in served]
+    assert state.admitted == 0
+
+
+def test_decoded_pixels_in_flight_stay_within_the_budget():
+    big = io.BytesIO()
+    Image.new("RGB", (1000, 1000), (200, 30, 30)).save(big, format="PNG")  # tiny file, 1 M pixels
+    loader = gated_loader(max_batch=1)
+    app = create_app(
+        settings(max_batch_size=1, max_delay_ms=0, max_pixels_in_flight=2_000_000), loader=loader
+    )
+    engine, state = loader.backend, app.state.service
+    send = {"content": big.getvalue(), "headers": {"content-type": "image/png"}}
+    with serving(app) as (url, _):
+        pool = ThreadPoolExecutor(3)
+        held = [pool.submit(post, url, **send) for _ in range(2)]
+        poll(lambda: state.pixels.used == 2_000_000, what="two images to hold the budget")
+        third = post(url, **send)
+        assert state.pixels.used == 2_000_000  # the third never took pixels
+        engine.release(2)
+        answers = [f.result() for f in held]
+        poll(lambda: state.pixels.used == 0, what="the budget to be released")
+    assert (third.status_code, third.json()["error"]["code"]) == (503, "overloaded")
+    assert "retry-after" in third.headers
+    assert [a.status_code for a in answers] == [200, 200]
+
+
+def test_shutdown_answers_every_request_it_cannot_serve_with_json_503():
+    """The issue's case: requests that would wait past the drain (request timeout 120 s, longer than the
+    graceful timeout) are answered 503 shutting_down when it ends, never a bare 500; one that the engine
+    serves during the drain gets its result."""
+    loader = gated_loader(max_batch=1)
+    app = create_app(
+        settings(max_batch_size=1, max_delay_ms=0, request_timeout_s=120, graceful_timeout_s=2.0),
+        loader=loader,
+    )
+    engine, state = loader.backend, app.state.service
+    with serving(app) as (url, server):
+        pool = ThreadPoolExecutor(4)
+        pending = [pool.submit(post, url) for _ in range(4)]
+        poll(lambda: engine.running.is_set() and state.admitted == 4, what="1 running + 3 queued")
+        server.should_exit = True  # what SIGTERM does
+        poll(lambda: state.drain_deadline is not None, what="the drain to start")
+        engine.release(1)  # the running batch finishes during the drain; the rest cannot
+        answers = [p.result() for p in pending]
+        poll(lambda: not state.batcher.depth, what="the queue to empty")
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200, 503, 503, 503], [a.text for a in answers]
+    for answer in answers:
+        if answer.status_code == 503:
+            assert answer.json()["error"]["code"] == "shutting_down"
+            assert answer.headers["content-type"] == "application/json"
+    assert engine.calls == [1]  # the cancelled requests never reached the engine
+
+
+def test_a_413_from_content_length_counts_under_its_route():
+    app = create_app(settings(max_upload_bytes=1024), loader=standin_loader())
+    with serving(app) as (url, _):
+        r = httpx.post(f"{url}/detect", content=b"x" * 4096, headers={"content-type": "image/jpeg"})
+        metrics = metric_samples(httpx.get(f"{url}/metrics").text)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    key = ("refinedet_http_requests_total", (("method", "POST"), ("route", "/detect"), ("status", "413")))
+    assert metrics.get(key) == 1
+
+
+def test_library_log_lines_are_json(capsys):
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        logging.config.dictConfig(log_config("info"))
+        logging.getLogger("python_multipart.multipart").warning("Skipping data after last boundary")
+        logging.getLogger("asyncio").error("Future exception was never retrieved")
+    finally:
+        root.handlers[:], root.level = saved
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 2
+    assert [json.loads(line)["logger"] for line in lines] == ["python_multipart.multipart", "asyncio"]
