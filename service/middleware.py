@@ -50,7 +50,9 @@ class RequestContextMiddleware:
         self.metrics = metrics
         self.log_requests = log_requests
         self.known_paths = known_paths  # non-API routes (docs) that may be metric labels as they are
-        self._route_paths = route_paths  # the app's route templates, to label requests answered before routing
+        self._route_paths = (
+            route_paths  # the app's route templates, to label requests answered before routing
+        )
         self._patterns: list[tuple[re.Pattern[str], str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

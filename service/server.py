@@ -1,4 +1,5 @@
-"""How uvicorn runs the service: ``run(settings)`` (what ``refinedet serve`` calls) and the options it uses.
+"""How uvicorn runs the service: ``run(settings)`` and the options it uses, in one place. ``deploy.cli``
+(``refinedet serve``) decides what to serve, then calls ``run``.
 
 - HTTP protocol: ``service.protocol.LimitedHttpToolsProtocol`` (httptools with a connection cap, a
   header-size limit (431) and a header timeout); its limits come from the app's lifespan state.
@@ -16,13 +17,12 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import math
 import os
 from typing import Any
 
-from service.settings import ENV_PREFIX, Settings
+from service.settings import Settings
 
 log = logging.getLogger("refinedet.service")
 PROTOCOL = "service.protocol:LimitedHttpToolsProtocol"
@@ -58,32 +58,8 @@ def run(settings: Settings, json_logs: bool = True) -> None:
 
         uvicorn.run(create_app(settings), **options)
     else:
-        os.environ.update(settings_env(settings))
+        os.environ.update(settings.to_env())
         uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **options)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings that were given (options or environment) as ``REFINEDET_*`` variables, for worker
-    processes, which read the environment."""
-    return env_values(
-        {name: getattr(settings, name) for name in settings.model_fields_set}  # type: ignore[attr-defined]
-    )
-
-
-def env_values(values: dict[str, Any]) -> dict[str, str]:
-    """Settings values as ``REFINEDET_*`` variables (booleans lower-case, lists JSON, secrets revealed)."""
-    env = {}
-    for name, value in values.items():
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        if isinstance(value, bool):
-            text = str(value).lower()
-        elif isinstance(value, (list, dict)):
-            text = json.dumps(value)
-        else:
-            text = str(value)
-        env[f"{ENV_PREFIX}{name.upper()}"] = text
-    return env
 
 
 def cap_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:

@@ -45,7 +45,9 @@ def router(settings: Settings) -> APIRouter:
         """Readiness: 200 once the model is loaded and warmed up; 503 before, after a failure, while stopping."""
         state = get_state(request)
         detail = LOAD_FAILED if state.status == "failed" else None
-        return JSONResponse({"status": state.status, "detail": detail}, status_code=200 if state.ready else 503)
+        return JSONResponse(
+            {"status": state.status, "detail": detail}, status_code=200 if state.ready else 503
+        )
 
     @open_routes.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
     async def metrics(request: Request) -> Response:

@@ -52,7 +52,9 @@ def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
         refused = [f.result() for f in rest if f.done()]
         # A request whose body has not even been sent is refused from its headers alone.
         raw = connect(url)
-        raw.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 99999\r\n\r\n")
+        raw.sendall(
+            b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 99999\r\n\r\n"
+        )
         raw_status, raw_headers, raw_body = read_response(raw)
         assert not first.done() and engine.running.is_set()  # all of that while the engine was busy
         engine.release(12)

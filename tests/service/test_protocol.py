@@ -76,7 +76,7 @@ def test_idle_and_slow_connections_are_closed():
         idle = [connect(url) for _ in range(5)]
         slow = connect(url)
         slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
-        status, headers, body = read_response(slow)
+        status, _, body = read_response(slow)
         assert (status, body["error"]["code"]) == (408, "request_timeout")
         poll(lambda: all(closed_by_server(s) for s in idle), 10, "idle connections to be closed")
 
