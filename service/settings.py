@@ -158,7 +158,7 @@ class Settings(BaseSettings):
         "would exceed it is answered 503 + Retry-After (bounds the memory decoding takes)",
     )
     admission_headroom: float = Field(
-        default=0.8,
+        default=0.5,
         gt=0,
         le=1.0,
         description="a request is admitted only if its expected wait (work ahead x recent batch time) fits "

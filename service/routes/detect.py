@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from model.postprocess import to_pixels
 from service.admission import pixel_reserver, request_deadline, shutting_down
-from service.batcher import ClientGone, QueueFull, ShuttingDown
+from service.batcher import ClientGone, QueueFull, ShuttingDown, TooLate
 from service.detector import ImageDetections
 from service.errors import ServiceError
 from service.imaging import DecodedImage, annotate
@@ -167,11 +167,13 @@ async def run_detection(
     timeout); returns (detections, queue ms) each. An image the engine could not decode fails the
     request with its 4xx, naming the file when there are several."""
     _, batcher = state.require_ready()
+    timeout = state.settings.request_timeout_s
+    deadline = request_deadline(request.scope.setdefault("state", {}), timeout)
     futures: list[asyncio.Future] = []
     try:
         for image in images:
             item = image.pixels if isinstance(image, DecodedImage) else image
-            futures.append(batcher.submit(item, request.is_disconnected))
+            futures.append(batcher.submit(item, request.is_disconnected, deadline))
     except QueueFull as exc:
         for future in futures:
             future.cancel()
@@ -182,17 +184,16 @@ async def run_detection(
         for future in futures:
             future.cancel()
         raise shutting_down() from None
-    timeout = state.settings.request_timeout_s
-    remaining = request_deadline(request.scope.setdefault("state", {}), timeout) - time.monotonic()
     try:
-        _, waiting = await asyncio.wait(futures, timeout=max(remaining, 0.0))
+        _, waiting = await asyncio.wait(futures, timeout=max(deadline - time.monotonic(), 0.0))
+        running = any(batcher.started(f) for f in waiting)
     finally:  # also when the drain's end cancels this request: nothing is left to run for it
         for future in futures:
             future.cancel()
-    if waiting:
-        raise ServiceError(
-            504, "timeout", f"no answer within {timeout:g} s; the service is overloaded"
-        ) from None
+    if waiting and running:
+        raise ServiceError(504, "timeout", f"no answer within {timeout:g} s; the service is overloaded")
+    if waiting:  # never reached the engine: nothing was done, retrying elsewhere is safe
+        raise too_late()
     answers = []
     for index, future in enumerate(futures):
         outcome = future.exception()
@@ -202,11 +203,22 @@ async def run_detection(
             raise ServiceError(499, "client_closed_request", "client disconnected before inference")
         if isinstance(outcome, ShuttingDown):
             raise shutting_down()
+        if isinstance(outcome, TooLate):
+            raise too_late()
         if outcome is not None:
             raise outcome
         result, queue_s = future.result()
         answers.append((result, queue_s * 1e3))
     return answers
+
+
+def too_late() -> ServiceError:
+    return ServiceError(
+        503,
+        "overloaded",
+        "the service could not reach this request before its deadline; retry shortly",
+        {"Retry-After": "1"},
+    )
 
 
 def build_response(

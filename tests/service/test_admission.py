@@ -36,7 +36,7 @@ def queue_depth(url: str) -> float:
 def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
     loader = gated_loader(max_batch=1, delay_s=0.2)
     app = create_app(
-        settings(max_batch_size=1, max_delay_ms=0, request_timeout_s=2.0, admission_headroom=0.5),
+        settings(max_batch_size=1, max_delay_ms=0, request_timeout_s=20.0, admission_headroom=0.05),
         loader=loader,
     )
     engine, state = loader.backend, app.state.service
@@ -47,7 +47,7 @@ def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
         first = pool.submit(post, url)
         poll(engine.running.is_set, what="the engine to hold a batch")
         rest = [pool.submit(post, url) for _ in range(11)]
-        # While the engine holds its batch, what cannot fit in 0.5 x 2 s is refused, without waiting.
+        # While the engine holds its batch, what cannot fit in 0.05 x 20 s is refused, without waiting.
         poll(lambda: sum(f.done() for f in rest) >= 8, what="the refusals")
         refused = [f.result() for f in rest if f.done()]
         # A request whose body has not even been sent is refused from its headers alone.
