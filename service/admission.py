@@ -99,7 +99,9 @@ class GuardMiddleware:
         if inference:
             refusal = state.admit(scope_state[DEADLINE_KEY])
             if refusal is not None:
-                await send_error(send, refusal, close=False)
+                settings = state.settings
+                clean = await discard_body(scope, receive, settings.max_upload_bytes, settings.body_timeout_s)
+                await send_error(send, refusal, close=not clean)
                 return
         started = False
 
@@ -127,6 +129,32 @@ class GuardMiddleware:
             held = scope_state.get(PIXELS_KEY)
             if held:
                 state.pixels.release(held)
+
+
+async def discard_body(scope: Scope, receive: Receive, limit: int, idle_s: float) -> bool:
+    """Read and drop a refused request's body (never buffered or decoded), so that answering it early does
+    not reset the connection under the client while it is still sending (a close with unread bytes is
+    a TCP reset, which can destroy the answer). False if it could not be read cleanly (over ``limit``,
+    a pause over ``idle_s``, the client left): then the answer closes the connection."""
+    headers = {k.lower(): v for k, v in scope.get("headers", ())}
+    if headers.get(b"expect", b"").lower() == b"100-continue":
+        return True  # the client waits for a go-ahead before sending the body: it will not send it
+    if headers.get(b"content-length", b"0") in (b"0", b"") and b"transfer-encoding" not in headers:
+        return True
+    received = 0
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                message = await receive()
+        except TimeoutError:
+            return False
+        if message["type"] != "http.request":
+            return False
+        received += len(message.get("body", b""))
+        if received > limit:
+            return False
+        if not message.get("more_body", False):
+            return True
 
 
 def shutting_down() -> ServiceError:

@@ -32,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("refinedet.service")
 LINGER_S = 1.0  # after an early answer, how long unread request bytes are discarded before closing
+IDLE_RECHECK_S = 1.0  # a connection idle at its header timeout is closed if still idle this much later
 
 
 LIMITS_KEY = "refinedet.http_limits"
@@ -81,6 +82,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = False  # between a request's first byte and its complete headers
         self._header_timer: asyncio.TimerHandle | None = None
         self._refused = False  # answered here: discard whatever else arrives
+        self._idle_strike = False  # the idle timer fired once with nothing read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -126,6 +128,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
+        self._idle_strike = False
         self._arm_header_timer()  # the headers must be complete this long after their first byte
 
     def on_headers_complete(self) -> None:
@@ -161,7 +164,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_headers and self._header_bytes:
             self._refuse(HEADER_TIMEOUT)
+        elif self.cycle is None and not self._idle_strike:
+            # Nothing read yet. uvloop runs due timers before it polls the sockets, so after a stall of
+            # the event loop the request may be waiting unread: look once more after the next poll.
+            self._idle_strike = True
+            self._header_timer = self.loop.call_later(IDLE_RECHECK_S, self._header_timeout)
         elif self.cycle is None:  # opened and never sent a byte
+            log.debug("closing a connection that sent nothing")
             self.transport.close()
 
     def _refuse(self, response: bytes) -> None:
