@@ -69,8 +69,8 @@ async def http(port: int, method: str, path: str, body: bytes = b"", headers: di
             data = await reader.read()
             writer.close()
         return int(status_line.split()[1]), got, data, time.perf_counter() - start
-    except (OSError, IndexError, ValueError, TimeoutError):
-        return 0, {}, b"", time.perf_counter() - start
+    except (OSError, IndexError, ValueError, TimeoutError) as exc:
+        return 0, {"x-client-error": type(exc).__name__}, b"", time.perf_counter() - start
 
 
 def is_json_error(answer: tuple[int, dict[str, str], bytes, float]) -> bool:
@@ -148,8 +148,10 @@ def latency(values: list[float]) -> dict[str, float | None]:
 
 def summarise(answers: list[tuple[int, dict[str, str], bytes, float]]) -> dict[str, Any]:
     statuses = Counter(a[0] for a in answers)
+    errors = Counter(a[1].get("x-client-error") for a in answers if a[0] == 0)
     return {
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "no_answer": dict(errors),
         "non_json_errors": sum(1 for a in answers if a[0] != 200 and not is_json_error(a)),
         "latency_200": latency([a[3] for a in answers if a[0] == 200]),
         "latency_503": latency([a[3] for a in answers if a[0] == 503]),
@@ -161,11 +163,29 @@ async def wave(port: int, clients: int, body: bytes, content_type: str) -> list:
     return await asyncio.gather(*(http(port, "POST", "/detect", body, headers) for _ in range(clients)))
 
 
+def server_latency(log_path: Path, since: float, until: float, status: int) -> dict[str, float | None]:
+    """Latency of ``/detect`` answers with ``status`` as the server logged it (from the app's call)."""
+    from datetime import datetime
+
+    values = []
+    for line in log_path.read_text().splitlines():
+        if '"event": "access"' not in line:
+            continue
+        entry = json.loads(line)
+        ts = datetime.fromisoformat(entry["ts"]).timestamp()
+        if entry["path"] == "/detect" and entry["status"] == status and since <= ts <= until:
+            values.append(entry["duration_ms"] / 1e3)
+    return latency(values)
+
+
 def phase_load(server: ServerProcess, clients: int, waves: int, image: bytes) -> dict[str, Any]:
-    since, answers = time.monotonic(), []
+    since, wall, answers = time.monotonic(), time.time(), []
     for _ in range(waves):
         answers += asyncio.run(wave(server.port, clients, image, "image/jpeg"))
-    return {"clients": clients, "waves": waves, **summarise(answers), **server.window(since)}
+    server.log.flush()
+    server_side = server_latency(Path(server.log.name), wall, time.time() + 1, 503)
+    return {"clients": clients, "waves": waves, **summarise(answers),
+            "server_latency_503": server_side, **server.window(since)}  # fmt: skip
 
 
 def phase_pixels(server: ServerProcess, bombs: int, baseline: int) -> dict[str, Any]:
@@ -263,10 +283,11 @@ def phase_shutdown(port: int, log_dir: Path, image: bytes, grace_s: float, after
     answers = asyncio.run(run())
     code = server.stop()
     log_lines = (log_dir / "soak_shutdown_server.log").read_text().splitlines()
-    non_json_log = [line for line in log_lines if line.startswith("{") is False and line.strip()]
+    started = next((i for i, line in enumerate(log_lines) if "Started server process" in line), 0)
+    non_json_log = [line for line in log_lines[started:] if line.strip() and not line.startswith("{")]
     return {"requests": 32, "graceful_timeout_s": grace_s, "signal_after_s": after_s, "exit_code": code,
             **summarise([a[:4] for a in answers]),
-            "non_json_log_lines": len(non_json_log)}  # fmt: skip
+            "non_json_log_lines_after_start": len(non_json_log)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

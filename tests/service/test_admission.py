@@ -50,10 +50,11 @@ def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
         # While the engine holds its batch, what cannot fit in 0.05 x 20 s is refused, without waiting.
         poll(lambda: sum(f.done() for f in rest) >= 8, what="the refusals")
         refused = [f.result() for f in rest if f.done()]
-        # A request whose body has not even been sent is refused from its headers alone.
+        # A client that waits for a go-ahead (Expect: 100-continue) is refused from its headers alone.
         raw = connect(url)
         raw.sendall(
-            b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 99999\r\n\r\n"
+            b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 99999\r\n"
+            b"Expect: 100-continue\r\n\r\n"
         )
         raw_status, raw_headers, raw_body = read_response(raw)
         assert not first.done() and engine.running.is_set()  # all of that while the engine was busy
