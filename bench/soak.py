@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -112,10 +113,8 @@ class ServerProcess:
     def sockets(self) -> int:
         count = 0
         for fd in Path(f"/proc/{self.proc.pid}/fd").iterdir():
-            try:
+            with contextlib.suppress(OSError):
                 count += os.readlink(fd).startswith("socket:")
-            except OSError:
-                pass
         return count
 
     def _sample(self) -> None:
@@ -243,7 +242,7 @@ async def idle_connections(port: int, count: int, hold_s: float) -> dict[str, in
             refused += 1
     answered_503 = closed = 0
     deadline = time.monotonic() + hold_s
-    for reader, writer in socks:
+    for reader, _ in socks:
         try:
             line = await asyncio.wait_for(reader.readline(), max(0.01, deadline - time.monotonic()))
             answered_503 += line.startswith(b"HTTP/1.1 503")
@@ -334,14 +333,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"baseline RSS {report.get('baseline_rss_mb')} MB, peak {report.get('overall', {}).get('rss_peak_mb', 0):.0f} MB")
+    print(
+        f"baseline RSS {report.get('baseline_rss_mb')} MB, peak {report.get('overall', {}).get('rss_peak_mb', 0):.0f} MB"
+    )
     for name in ("load", "pixels", "headers", "idle", "shutdown"):
         if name not in report:
             continue
         row = report[name]
         keys = [k for k in row if not isinstance(row[k], dict)]
         nested = [k for k in row if isinstance(row[k], dict)]
-        print(f"\n[{name}] " + ", ".join(f"{k}={row[k]:.1f}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys))
+        print(
+            f"\n[{name}] "
+            + ", ".join(f"{k}={row[k]:.1f}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys)
+        )
         for k in nested:
             print(f"    {k}: {row[k]}")  # fmt: skip
 

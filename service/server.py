@@ -52,6 +52,7 @@ def run(settings: Settings, json_logs: bool = True) -> None:
     import uvicorn
 
     cap_mmap_threshold()
+    logging.captureWarnings(True)  # warnings become log records (JSON lines), not bare stderr text
     options = uvicorn_options(settings, json_logs)
     if settings.workers == 1:
         from service.app import create_app
