@@ -52,6 +52,7 @@ async def http(port: int, method: str, path: str, body: bytes = b"", headers: di
     try:
         async with asyncio.timeout(CLIENT_TIMEOUT_S):
             reader, writer = await asyncio.open_connection(HOST, port)
+            connected = time.perf_counter() - start
             writer.write(raw.encode())
             if slow_s:  # the body in 8 pieces over slow_s seconds
                 step = max(1, len(body) // 8)
@@ -62,6 +63,7 @@ async def http(port: int, method: str, path: str, body: bytes = b"", headers: di
             else:
                 writer.write(body)
             await writer.drain()
+            sent = time.perf_counter() - start
             status_line = await reader.readline()
             got: dict[str, str] = {}
             while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -69,6 +71,7 @@ async def http(port: int, method: str, path: str, body: bytes = b"", headers: di
                 got[name.strip().lower()] = value.strip()
             data = await reader.read()
             writer.close()
+        got["x-client-connect-s"], got["x-client-sent-s"] = str(connected), str(sent)
         return int(status_line.split()[1]), got, data, time.perf_counter() - start
     except (OSError, IndexError, ValueError, TimeoutError) as exc:
         return 0, {"x-client-error": type(exc).__name__}, b"", time.perf_counter() - start
@@ -154,6 +157,8 @@ def summarise(answers: list[tuple[int, dict[str, str], bytes, float]]) -> dict[s
         "non_json_errors": sum(1 for a in answers if a[0] != 200 and not is_json_error(a)),
         "latency_200": latency([a[3] for a in answers if a[0] == 200]),
         "latency_503": latency([a[3] for a in answers if a[0] == 503]),
+        "latency_503_connect": latency([float(a[1]["x-client-connect-s"]) for a in answers if a[0] == 503]),
+        "latency_503_sent": latency([float(a[1]["x-client-sent-s"]) for a in answers if a[0] == 503]),
     }
 
 

@@ -145,7 +145,10 @@ class ServiceState:
             deadline = self.drain_deadline  # type: ignore[assignment]
         batcher = self.batcher
         if batcher is None or not self.serving:
-            return shutting_down() if draining else None  # the route answers not_ready
+            if draining:
+                return shutting_down()
+            self.admitted += 1  # the route answers not_ready; counted like any admitted request
+            return None
         ahead = self.admitted
         expected = batcher.expected_wait_s(ahead)
         allowed = self.settings.admission_headroom * (deadline - now)

@@ -89,7 +89,8 @@ def test_not_ready_until_loaded_then_ready():
 
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(settings(), loader=slow_loader)) as c:
+    app = create_app(settings(), loader=slow_loader)
+    with TestClient(app) as c:
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 503 and c.get("/readyz").json()["status"] == "loading"
         assert c.get("/v2/health/ready").status_code == 503
@@ -103,6 +104,7 @@ def test_not_ready_until_loaded_then_ready():
 
         wait_ready(c.get)
         assert c.post("/detect", content=IMAGE, headers={"content-type": "image/jpeg"}).status_code == 200
+    assert app.state.service.admitted == 0  # refusals while loading released what they were counted as
 
 
 def test_failed_load_is_reported_not_ready_without_internals(caplog):
