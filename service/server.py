@@ -51,8 +51,7 @@ def run(settings: Settings, json_logs: bool = True) -> None:
     """Serve until SIGTERM/SIGINT, then drain (see the module docstring)."""
     import uvicorn
 
-    cap_mmap_threshold()
-    logging.captureWarnings(True)  # warnings become log records (JSON lines), not bare stderr text
+    prepare_process()
     options = uvicorn_options(settings, json_logs)
     if settings.workers == 1:
         from service.app import create_app
@@ -61,6 +60,13 @@ def run(settings: Settings, json_logs: bool = True) -> None:
     else:
         os.environ.update(settings.to_env())
         uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **options)
+
+
+def prepare_process() -> None:
+    """Per serving process (``run``, and each worker through ``create_app_from_env``): the glibc mmap
+    threshold, and warnings as log records (JSON lines), not bare stderr text."""
+    cap_mmap_threshold()
+    logging.captureWarnings(True)
 
 
 def cap_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
