@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "model.evaluation.cli",
     "conversion.cli",
     "deploy.cli",
+    "scaleout.cli",
 )
 
 

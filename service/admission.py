@@ -14,9 +14,10 @@ share of the decoded-pixel budget, and an answer (never a silent drop) when the 
   flight gets until ``graceful_timeout_s`` from then; one still unanswered at that point is cancelled
   and answered 503 ``shutting_down``. A request that arrives during the drain and cannot be served
   before it ends is answered 503 ``shutting_down`` at once.
-- **Pixels.** ``PixelBudget`` counts the decoded pixels of every image being served; a route reserves
-  an image's width*height (read from its header) before decoding it, 503 if over budget; the
-  middleware releases the request's reservations when it ends.
+- **Pixels.** ``PixelBudget`` counts the decoded pixels of every image being served; ``read_images``
+  reserves an image's width*height (read from its header) before decoding it, 503 if over budget,
+  through ``current_reserver`` (set here for each request, so every route that decodes uploads is
+  covered); the middleware releases the request's reservations when it ends.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -76,6 +78,11 @@ def pixel_reserver(scope: Scope, budget: PixelBudget) -> Callable[[int], None]:
     return lambda pixels: budget.reserve(pixels, held)
 
 
+# The current request's ``reserve(pixels)``, set by GuardMiddleware, so that whatever decodes an upload
+# (``service.routes.uploads.read_images``, for every route) takes from the budget without being told to.
+current_reserver: ContextVar[Callable[[int], None] | None] = ContextVar("refinedet_reserve", default=None)
+
+
 def request_deadline(scope_state: dict[str, Any], timeout_s: float) -> float:
     """The request's deadline (``time.monotonic()`` seconds); ``timeout_s`` from now if none was set."""
     deadline = scope_state.get(DEADLINE_KEY)
@@ -103,6 +110,7 @@ class GuardMiddleware:
                 clean = await discard_body(scope, receive, settings.max_upload_bytes, settings.body_timeout_s)
                 await send_error(send, refusal, close=not clean)
                 return
+        current_reserver.set(pixel_reserver(scope, state.pixels))  # this request's task (and its threads)
         started = False
 
         async def tracking_send(message: Message) -> None:

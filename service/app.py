@@ -19,7 +19,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.protocol import DRAIN_KEY, LIMITS_KEY, HttpLimits
-from service.routes import benchmark, detect, health
+from service.routes import benchmark, detect, health, inference_v2
 from service.settings import Settings
 from service.state import Loader, ServiceState
 
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     install_error_handlers(app)
     app.include_router(detect.router(settings))
     app.include_router(health.router(settings))
+    app.include_router(inference_v2.router(settings))
     app.include_router(benchmark.router(settings))
     if settings.cors_origins:
         app.add_middleware(

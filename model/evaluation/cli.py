@@ -58,18 +58,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_eval)
 
     q = subparsers.add_parser(
-        "predict", help="detect objects on image files; writes JSON and annotated images"
+        "predict",
+        help="detect objects on image files, folders or list files; one JSONL row per image, resumable",
+        description="Streams any number of images through the model and appends one row per image to "
+        "OUTPUT/detections.jsonl (a bad image is an error row). Rerunning with the same OUTPUT skips the "
+        "images already there. class_id is the 0-based index into the model's class_names.",
     )
-    q.add_argument("images", nargs="+", metavar="IMAGES", help="image files")
-    q.add_argument("--checkpoint", required=True, help="checkpoint written by `refinedet train`")
+    add_predict_arguments(q)
+    q.set_defaults(handler=cmd_predict)
+
+
+def add_predict_arguments(q: argparse.ArgumentParser) -> None:
+    """The options ``refinedet predict`` and ``refinedet ray-predict`` share."""
+    q.add_argument(
+        "images", nargs="*", metavar="IMAGES", help="image files and/or folders (walked recursively)"
+    )
+    q.add_argument(
+        "--list",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file with one image path per line (repeatable)",
+    )
+    source = q.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint written by `refinedet train`")
+    source.add_argument("--artifact", help="exported model (model.onnx, model.plan) with its .json manifest")
     q.add_argument("--output", default="predictions", help="output folder (default: predictions)")
     q.add_argument(
         "--score-threshold", type=float, default=0.5, help="keep detections above this (default 0.5)"
     )
     q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--threads", type=int, default=2, help="image decoding threads (default 2)")
     q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    q.add_argument("--annotate", action="store_true", help="also write annotated JPEGs to OUTPUT/annotated/")
+    q.add_argument("--overwrite", action="store_true", help="start over instead of resuming OUTPUT")
+    q.add_argument(
+        "--retry-errors", action="store_true", help="on resume, run the images that had errors again"
+    )
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
-    q.set_defaults(handler=cmd_predict)
 
 
 def resolve_device(name: str) -> Any:
@@ -215,23 +241,81 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from model.checkpoint import load_model
-    from model.evaluation.predict import predict_files
+def check_predict_options(args: argparse.Namespace) -> None:
+    """Usage errors of ``predict`` / ``ray-predict``, before anything loads."""
+    from model.errors import UserError
 
     _check_options(args)
-    model, _ = load_model(args.checkpoint)
-    device = resolve_device(args.device)
-    document = predict_files(
-        model,
-        args.images,
-        args.output,
-        device,
-        args.score_threshold,
-        args.batch_size,
-        progress=not args.no_progress,
+    if not args.images and not args.list:
+        raise UserError("give image files, folders or --list FILE")
+    for path in args.images:
+        if not Path(path).exists():
+            raise UserError(f"{path}: no such image file or folder")
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.device != "auto":
+        resolve_device(args.device)  # a bad --device is reported before the model loads
+
+
+def predict_source(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """(what run.json records about the model, its config) without building the network."""
+    if args.checkpoint:
+        from model.checkpoint import file_sha256, read_checkpoint
+        from model.config import RefineDetConfig
+
+        config = RefineDetConfig.from_dict(read_checkpoint(args.checkpoint)["config"])
+        source = {"checkpoint_path": str(Path(args.checkpoint).absolute())}
+        return {**source, "checkpoint_sha256": file_sha256(args.checkpoint)}, config
+    from model.artifacts import read_manifest
+
+    manifest = read_manifest(args.artifact)
+    source = {"artifact_path": str(Path(args.artifact).absolute())}
+    return {**source, "artifact_sha256": manifest.artifact_sha256}, manifest.config
+
+
+def predict_run_record(args: argparse.Namespace, source: dict[str, Any], config: Any) -> dict[str, Any]:
+    """What ``run.json`` records, and what a resumed run must match (``predict`` and ``ray-predict`` alike)."""
+    return {
+        **source,
+        "model": config.name,
+        "class_names": list(config.class_names),
+        "class_id": "0-based index into class_names",
+        "score_threshold": args.score_threshold,
+        "annotate": getattr(args, "annotate", False),
+    }
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from model.evaluation.predict import ImagePredictor, PredictionLog, iter_inputs, predict_files
+
+    check_predict_options(args)
+    source, config = predict_source(args)
+    log = PredictionLog(
+        args.output, predict_run_record(args, source, config), args.overwrite, args.retry_errors
     )
-    for image in document["images"]:
-        print(f"{image['file']}: {len(image['detections'])} detections")
-    print(f"wrote {Path(args.output) / 'detections.json'} and {len(document['images'])} annotated images")
+    args.multiscale = False
+    model, device, _ = load_evaluated(args)
+    predictor = ImagePredictor(model, device, args.score_threshold)
+    bar = tqdm(desc="predict", unit="img", disable=args.no_progress)
+    start = time.perf_counter()
+    try:
+        counts = predict_files(
+            predictor,
+            iter_inputs(args.images, args.list),
+            log,
+            args.batch_size,
+            args.threads,
+            Path(args.output) / "annotated" if args.annotate else None,
+            on_batch=lambda rows: bar.update(len(rows)),
+        )
+    finally:
+        bar.close()
+        log.close()
+    seconds = time.perf_counter() - start
+    print(
+        f"{counts['images']} images in {seconds:.1f} s on {device} ({counts['errors']} errors), "
+        f"{counts['skipped']} already done; rows in {log.path}"
+    )
     return 0

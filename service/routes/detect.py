@@ -18,7 +18,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from model.postprocess import to_pixels
-from service.admission import pixel_reserver, request_deadline, shutting_down
+from service.admission import request_deadline, shutting_down
 from service.batcher import ClientGone, QueueFull, ShuttingDown, TooLate
 from service.detector import ImageDetections
 from service.errors import ServiceError
@@ -78,12 +78,7 @@ def router(settings: Settings) -> APIRouter:
                 422, "too_many_files", "send one image to /detect; use /detect/batch for several"
             )
         # The annotated image is drawn on host pixels: decode it here (PIL) rather than in the engine.
-        [(image, decode_ms)] = await read_images(
-            uploads,
-            state.settings,
-            state.engine_jpeg and not annotated,
-            pixel_reserver(request.scope, state.pixels),
-        )
+        [(image, decode_ms)] = await read_images(uploads, state.settings, state.engine_jpeg and not annotated)
         [(result, queue_ms)] = await run_detection(state, request, [image])
         body = build_response(
             state, image, result, decode_ms, queue_ms, start, score_threshold, class_mask, max_detections
@@ -118,9 +113,7 @@ def router(settings: Settings) -> APIRouter:
         state.require_ready()
         class_mask = parse_classes(classes, state)
         uploads = await read_uploads(request, BATCH_FIELDS, max_files=state.settings.max_images_per_request)
-        decoded = await read_images(
-            uploads, state.settings, state.engine_jpeg, pixel_reserver(request.scope, state.pixels)
-        )
+        decoded = await read_images(uploads, state.settings, state.engine_jpeg)
         results = await run_detection(
             state, request, [image for image, _ in decoded], [u.filename for u in uploads]
         )

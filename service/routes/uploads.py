@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from service.admission import current_reserver
 from service.errors import ServiceError
 from service.imaging import (
     SUPPORTED_TEXT,
@@ -95,8 +96,10 @@ async def read_images(
     """Check every upload and decode it off the event loop, except (with ``engine_jpeg``) the JPEGs the
     engine decodes, which stay encoded; returns (image, ms spent here) each. A failing file names itself.
     ``reserve(width * height)`` is called for each image once its header passed the checks, before it is
-    decoded here or queued for the engine (``service.admission.PixelBudget``: it raises 503 when over)."""
+    decoded here or queued for the engine (``service.admission.PixelBudget``: it raises 503 when over);
+    by default the current request's (``service.admission.current_reserver``)."""
     limits = (settings.max_image_pixels, settings.min_image_side)
+    reserve = reserve or current_reserver.get()
 
     async def read(upload: Upload) -> tuple[UploadedImage, float]:
         start = time.perf_counter()

@@ -139,3 +139,40 @@ def test_library_log_lines_are_json(capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 2
     assert [json.loads(line)["logger"] for line in lines] == ["python_multipart.multipart", "asyncio"]
+
+
+def test_every_inference_route_is_guarded():
+    """The OIP route (/v2/models/{name}/infer) gets the same admission and pixel budget as /detect,
+    without doing anything for it: the guard and the budget sit under every route."""
+    import base64
+
+    big = io.BytesIO()
+    Image.new("RGB", (1000, 1000), (20, 90, 30)).save(big, format="PNG")
+    infer = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1, 1],
+                "data": [[base64.b64encode(big.getvalue()).decode()]],
+            }
+        ]
+    }
+    loader = gated_loader(max_batch=1)
+    app = create_app(
+        settings(max_batch_size=1, max_delay_ms=0, max_queue_size=2, max_pixels_in_flight=1_500_000),
+        loader=loader,
+    )
+    engine = loader.backend
+    with serving(app) as (url, _):
+        pool = ThreadPoolExecutor(2)
+        held = pool.submit(httpx.post, f"{url}/v2/models/standin/infer", json=infer, timeout=60)
+        poll(engine.running.is_set, what="the OIP request to hold the engine and 1 M pixels")
+        over_budget = httpx.post(f"{url}/v2/models/standin/infer", json=infer, timeout=60)
+        blocker = pool.submit(post, url)  # admitted: 2 of max_queue_size 2
+        poll(lambda: queue_depth(url) == 1, what="a second request queued")
+        refused = httpx.post(f"{url}/v2/models/standin/infer", json=infer, timeout=60)
+        engine.release(2)
+        assert held.result().status_code == 200 and blocker.result().status_code == 200
+    assert over_budget.status_code == 503 and "retry-after" in over_budget.headers
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"

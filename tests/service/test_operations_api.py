@@ -31,9 +31,14 @@ def test_model_metadata(client, tiny_checkpoint):
     assert info["max_batch_size"] == 4 and info["artifact"] == tiny_checkpoint.name  # never the path
     assert str(tiny_checkpoint.parent) not in client.get("/v1/model").text
     v2 = client.get(f"/v2/models/{info['name']}").json()
-    assert v2["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 3, 64, 64]}]
-    assert [o["name"] for o in v2["outputs"]] == ["arm_loc", "arm_conf", "odm_loc", "odm_conf"]
-    assert v2["outputs"][3]["shape"] == [-1, 255, 3]
+    assert v2["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert [(o["name"], o["datatype"]) for o in v2["outputs"]] == [
+        ("boxes", "FP32"),
+        ("scores", "FP32"),
+        ("labels", "INT32"),
+        ("count", "INT32"),
+    ]
+    assert v2["outputs"][0]["shape"] == [-1, -1, 4] and v2["parameters"]["class_names"] == "a,b"
     assert client.get(f"/v2/models/{info['name']}/ready").json()["ready"] is True
     missing = client.get("/v2/models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"

@@ -58,3 +58,24 @@ def test_artifact_user_errors(tiny_checkpoint, fixed_batch_onnx, voc_tree):
         run_cli(["eval", "--artifact", str(fixed_batch_onnx), "--data", str(voc_tree), "--multiscale"])
     with pytest.raises(SystemExit):  # argparse: not allowed with
         run_cli(["eval", "--artifact", str(fixed_batch_onnx), "--checkpoint", str(tiny_checkpoint)])
+
+
+def test_predict_with_an_artifact_gives_the_checkpoint_rows(
+    tiny_checkpoint, fixed_batch_onnx, voc_tree, tmp_path
+):
+    """`refinedet predict --artifact` runs the ONNX model through the same rows as the checkpoint."""
+    from tests.model.evaluation.test_eval_cli import read_rows
+
+    folder = voc_tree / "JPEGImages"
+    rows = {}
+    for flag, path in (("--checkpoint", tiny_checkpoint), ("--artifact", fixed_batch_onnx)):
+        out = tmp_path / flag.strip("-")
+        argv = ["predict", flag, str(path), str(folder), "--output", str(out), "--score-threshold", "0.05"]
+        assert run_cli([*argv, "--device", "cpu", "--no-progress", "--batch-size", "3"]) == 0
+        rows[flag] = read_rows(out)
+    assert len(rows["--artifact"]) == len(rows["--checkpoint"]) == 3
+    for a, b in zip(rows["--artifact"], rows["--checkpoint"], strict=True):
+        assert a["file"] == b["file"] and len(a["detections"]) == len(b["detections"])
+        for x, y in zip(a["detections"], b["detections"], strict=True):
+            assert x["class_id"] == y["class_id"] and abs(x["score"] - y["score"]) < 1e-3
+    assert sum(len(r["detections"]) for r in rows["--artifact"]) > 0
