@@ -34,21 +34,22 @@ def queue_depth(url: str) -> float:
 
 
 def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
-    loader = gated_loader(max_batch=1, delay_s=0.2)
+    loader = gated_loader(max_batch=1, delay_s=1.0)
     app = create_app(
-        settings(max_batch_size=1, max_delay_ms=0, request_timeout_s=20.0, admission_headroom=0.05),
+        settings(max_batch_size=1, max_delay_ms=0, request_timeout_s=60.0, admission_headroom=0.1),
         loader=loader,
     )
     engine, state = loader.backend, app.state.service
     with serving(app) as (url, _):
-        engine.release()  # one batch of ~0.2 s: the recent batch time
+        engine.release()  # one batch of ~1 s: the recent batch time
         assert post(url).status_code == 200
         pool = ThreadPoolExecutor(12)
         first = pool.submit(post, url)
         poll(engine.running.is_set, what="the engine to hold a batch")
         rest = [pool.submit(post, url) for _ in range(11)]
-        # While the engine holds its batch, what cannot fit in 0.05 x 20 s is refused, without waiting.
-        poll(lambda: sum(f.done() for f in rest) >= 8, what="the refusals")
+        # While the engine holds its batch, what cannot fit in 0.1 x 60 s (~5 batches) is refused at once.
+        poll(lambda: sum(f.done() for f in rest) >= 6, what="the refusals")
+        poll(lambda: sum(f.done() for f in rest) + state.admitted == 12, what="every request decided")
         refused = [f.result() for f in rest if f.done()]
         # A client that waits for a go-ahead (Expect: 100-continue) is refused from its headers alone.
         raw = connect(url)
@@ -63,7 +64,7 @@ def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
     assert {(r.status_code, r.json()["error"]["code"]) for r in refused} == {(503, "overloaded")}
     assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
     assert (raw_status, raw_body["error"]["code"]) == (503, "overloaded") and "retry-after" in raw_headers
-    assert 1 <= len(served) <= 4 and {r.status_code for r in served} == {200}, [r.text for r in served]
+    assert 1 <= len(served) <= 6 and {r.status_code for r in served} == {200}, [r.text for r in served]
     assert state.admitted == 0
 
 
