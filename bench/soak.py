@@ -11,6 +11,8 @@ prints a table and writes JSON:
 - ``headers``: 8 connections each sending up to 64 MiB of header bytes: statuses, RSS.
 - ``idle``: 1,500 connections that send nothing: how many the server answered 503 (over its cap) and
   how many it still holds open after the header timeout.
+- ``refusals``: a server that refuses every request (0.1 s deadline): one wave of ``clients``, the server's
+  and the client's CPU seconds over it (what a refusal costs, apart from waiting for a CPU).
 - ``shutdown``: a second server with ``REQUEST_TIMEOUT_S=120`` and a short graceful timeout; 32 concurrent
   requests (4 of them uploading slowly across the signal), SIGTERM after ``signal_after_s``: every answer
   by status, and whether any was not the JSON error format.
@@ -268,6 +270,41 @@ def phase_idle(server: ServerProcess, count: int, hold_s: float) -> dict[str, An
     return {"connections": count, "held_s": hold_s, **result, **server.window(since)}
 
 
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid: int, timeout_s: float = 15.0) -> None:
+    """Until the process used under 10 ms of CPU in half a second (its last batch is done), bounded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = process_cpu_s(pid)
+        time.sleep(0.5)
+        if process_cpu_s(pid) - before < 0.01:
+            return
+
+
+def phase_refusals(port: int, log_dir: Path, image: bytes, clients: int) -> dict[str, Any]:
+    """What a refusal costs the server: a server whose every request is refused (a 0.1 s deadline, one
+    queue place), one wave of ``clients``; server and client CPU seconds over the wave."""
+    env = {"REFINEDET_REQUEST_TIMEOUT_S": "0.1", "REFINEDET_MAX_QUEUE_SIZE": "1"}
+    server = ServerProcess(port, env, log_dir / "soak_refusals_server.log")
+    try:
+        server.wait_ready()
+        asyncio.run(wave(port, 4, image, "image/jpeg"))  # a batch: the recent batch time is known
+        wait_idle(server.proc.pid)
+        cpu, client_cpu, wall = process_cpu_s(server.proc.pid), time.process_time(), time.perf_counter()
+        answers = asyncio.run(wave(port, clients, image, "image/jpeg"))
+        cpu, client_cpu = process_cpu_s(server.proc.pid) - cpu, time.process_time() - client_cpu
+        wall = time.perf_counter() - wall
+    finally:
+        server.stop()
+    return {"clients": clients, **summarise(answers), "server_cpu_s": round(cpu, 3),
+            "server_cpu_per_request_ms": round(cpu / clients * 1e3, 3), "client_cpu_s": round(client_cpu, 3),
+            "wall_s": round(wall, 3)}  # fmt: skip
+
+
 def phase_shutdown(port: int, log_dir: Path, image: bytes, grace_s: float, after_s: float) -> dict[str, Any]:
     env = {"REFINEDET_REQUEST_TIMEOUT_S": "120", "REFINEDET_GRACEFUL_TIMEOUT_S": str(grace_s)}
     server = ServerProcess(port, env, log_dir / "soak_shutdown_server.log")
@@ -303,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=int, default=1500)
     p.add_argument("--shutdown-grace-s", type=float, default=5.0)
     p.add_argument("--signal-after-s", type=float, default=3.0)
-    p.add_argument("--phases", default="load,pixels,headers,idle,shutdown")
+    p.add_argument("--phases", default="load,pixels,headers,idle,refusals,shutdown")
     p.add_argument("--out", type=Path, default=Path("/tmp/harden/soak.json"))
     args = p.parse_args(argv)
     phases = set(args.phases.split(","))
@@ -327,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         report["overall"] = server.window(0.0)
     finally:
         server.stop()
+    if "refusals" in phases:
+        report["refusals"] = phase_refusals(args.port + 2, args.out.parent, image, args.clients)
     if "shutdown" in phases:
         report["shutdown"] = phase_shutdown(
             args.port + 1, args.out.parent, image, args.shutdown_grace_s, args.signal_after_s
@@ -341,7 +380,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"baseline RSS {report.get('baseline_rss_mb')} MB, peak {report.get('overall', {}).get('rss_peak_mb', 0):.0f} MB"
     )
-    for name in ("load", "pixels", "headers", "idle", "shutdown"):
+    for name in ("load", "pixels", "headers", "idle", "refusals", "shutdown"):
         if name not in report:
             continue
         row = report[name]
