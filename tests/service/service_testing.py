@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import socket
 import threading
 import time
@@ -246,3 +247,27 @@ def assert_same_detections(
         assert abs(g["score"] - w["score"]) <= score_tol, (g, w)
         box = [g["box"][k] for k in ("x1", "y1", "x2", "y2")]
         assert np.allclose(box, w["box"], atol=box_tol), (box, w["box"])
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """Status, headers and JSON body of one response; reads until the server closes or the body is in."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed without a complete response: {data!r}")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, json.loads(body)

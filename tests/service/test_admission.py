@@ -14,8 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from PIL import Image
-from service_testing import encode, gated_loader, noise_image, poll, serving, settings, standin_loader
-from test_protocol import connect, read_response
+from service_testing import (
+    connect,
+    encode,
+    gated_loader,
+    noise_image,
+    poll,
+    read_response,
+    serving,
+    settings,
+    standin_loader,
+)
 from test_server import metric_samples
 
 from service.app import create_app

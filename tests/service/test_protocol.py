@@ -5,38 +5,13 @@ every answer is the service's JSON error format."""
 
 from __future__ import annotations
 
-import json
 import socket
 
-from service_testing import poll, serving, settings, standin_loader
+from service_testing import connect, poll, read_response, serving, settings, standin_loader
 
 from service.app import create_app
 
 LIMITS = {"max_header_bytes": 4096, "header_timeout_s": 0.5, "body_timeout_s": 0.5, "max_connections": 8}
-
-
-def connect(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=10)
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
-    """Status, headers and JSON body of one response; reads until the server closes or the body is in."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed without a complete response: {data!r}")
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return int(lines[0].split()[1]), headers, json.loads(body)
 
 
 def closed_by_server(sock: socket.socket) -> bool:
