@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.admission import GuardMiddleware
+from service.docs_ui import install_swagger_ui
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -55,7 +56,10 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         version=_package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # /docs comes from install_swagger_ui: the package's assets, no CDN
+        redoc_url=None,  # FastAPI's ReDoc page needs a CDN too: /docs is the one API page
     )
+    install_swagger_ui(app)
     app.state.service = state
     install_error_handlers(app)
     app.include_router(detect.router(settings))

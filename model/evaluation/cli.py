@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.devices import resolve_device
+
 METRICS = ("voc07", "voc12", "coco")
 
 
@@ -14,8 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint or an exported model: VOC07/VOC12 AP or COCO AP, per class"
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint written by `refinedet train`")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--checkpoint", help="checkpoint written by `refinedet train` (default: the shipped BCCD model)"
+    )
     source.add_argument(
         "--artifact",
         help="exported model (model.onnx, model.int8.onnx, model.plan) with its .json manifest",
@@ -98,23 +102,6 @@ def add_predict_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def resolve_device(name: str) -> Any:
-    """ "auto" -> cuda when available, else cpu; a clear error for unknown or unavailable devices."""
-    import torch
-
-    from model.errors import UserError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
 def _check_options(args: argparse.Namespace) -> None:
     from model.errors import UserError
 
@@ -124,29 +111,36 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--score-threshold must lie in [0, 1), got {args.score_threshold}")
 
 
+def check_data_options(args: argparse.Namespace) -> None:
+    """The data set options make sense and name existing folders (checked before the model loads)."""
+    from model.errors import UserError
+
+    coco = args.coco_images or args.coco_ann
+    if coco and args.data:
+        raise UserError("give either --data or --coco-images/--coco-ann, not both")
+    if coco and not (args.coco_images and args.coco_ann):
+        raise UserError("--coco-images and --coco-ann go together")
+    if not coco and not args.data:
+        raise UserError("give --data ROOT (VOC layout) or --coco-images DIR --coco-ann FILE")
+    for root in args.data:
+        if not Path(root).is_dir():
+            raise UserError(f"--data {root}: not a folder (expected a PASCAL VOC-layout root)")
+
+
 def open_dataset(args: argparse.Namespace, class_names: tuple[str, ...]) -> Any:
     """The evaluation data set named by the options (VOC roots or a COCO folder + JSON)."""
     from model.errors import UserError
 
     dataset: Any
-    coco = args.coco_images or args.coco_ann
-    if coco and args.data:
-        raise UserError("give either --data or --coco-images/--coco-ann, not both")
-    if coco:
-        if not (args.coco_images and args.coco_ann):
-            raise UserError("--coco-images and --coco-ann go together")
+    check_data_options(args)
+    if args.coco_images:
         from model.data.coco import COCODetection
 
         dataset = COCODetection(args.coco_images, args.coco_ann)
-    elif args.data:
-        for root in args.data:
-            if not Path(root).is_dir():
-                raise UserError(f"--data {root}: not a folder (expected a PASCAL VOC-layout root)")
+    else:
         from model.data.voc import VOCDetection
 
         dataset = VOCDetection(args.data, args.split, class_names=class_names, keep_difficult=True)
-    else:
-        raise UserError("give --data ROOT (VOC layout) or --coco-images DIR --coco-ann FILE")
     if len(dataset) == 0:
         raise UserError("the evaluation data set has no images")
     if tuple(dataset.class_names) != tuple(class_names):
@@ -161,9 +155,12 @@ def load_evaluated(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     from model.checkpoint import file_sha256, load_model
     from model.errors import UserError
 
-    if args.checkpoint:
+    if not args.artifact:
+        from model.zoo import shipped_checkpoint
+
+        args.checkpoint = args.checkpoint or str(shipped_checkpoint())
+        device = resolve_device(args.device)  # a bad --device is reported before the model loads
         model, _ = load_model(args.checkpoint)
-        device = resolve_device(args.device)
         return (
             model,
             device,
@@ -196,6 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model.evaluation.runner import evaluate_coco, evaluate_voc
 
     _check_options(args)
+    check_data_options(args)
     model, device, source = load_evaluated(args)
     config = model.config
     dataset = open_dataset(args, config.class_names)

@@ -20,7 +20,8 @@ from service.schemas import ErrorResponse, ModelInfoResponse, Status
 from service.settings import Settings
 from service.state import ServiceState
 
-PLATFORMS = {"torch": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+# The torch backend runs the eager nn.Module rebuilt from a checkpoint (no TorchScript anywhere).
+PLATFORMS = {"torch": "pytorch_eager", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 _DIRECTORIES = re.compile(r"[^\s]*[\\/]")  # a token up to its last slash
 LOAD_FAILED = "the model failed to load; the reason is in the service log"
 NOT_READY: dict[int | str, dict[str, Any]] = {

@@ -31,6 +31,7 @@ def test_model_metadata(client, tiny_checkpoint):
     assert info["max_batch_size"] == 4 and info["artifact"] == tiny_checkpoint.name  # never the path
     assert str(tiny_checkpoint.parent) not in client.get("/v1/model").text
     v2 = client.get(f"/v2/models/{info['name']}").json()
+    assert v2["platform"] == "pytorch_eager"  # an eager checkpoint, not TorchScript
     assert v2["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert [(o["name"], o["datatype"]) for o in v2["outputs"]] == [
         ("boxes", "FP32"),
@@ -81,6 +82,21 @@ def test_openapi_and_docs(client):
     body = schema["paths"]["/detect"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/jpeg", "image/png"} <= set(body)
     assert "swagger" in client.get("/docs").text.lower()
+
+
+def test_docs_page_loads_nothing_from_outside(client):
+    """Swagger UI comes from the swagger-ui-bundle package's files: the page works offline."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200
+    urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", page.text)
+    assert urls and all(u.startswith("/") for u in urls), urls  # every asset from this server
+    for asset in ("/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"):
+        assert asset in urls
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.content) > 10_000
+    assert client.get("/redoc").status_code == 404  # FastAPI's ReDoc page would need a CDN
 
 
 def test_not_ready_until_loaded_then_ready():

@@ -136,6 +136,38 @@ def test_eval_user_errors(tiny_checkpoint, voc_tree, tmp_path):
         run_cli([*base, "--data", str(voc_tree), "--device", "potato"])
 
 
+def test_eval_defaults_to_the_shipped_model(tiny_checkpoint, voc_tree, tmp_path, monkeypatch):
+    import hashlib
+
+    import model.zoo
+
+    monkeypatch.setattr(model.zoo, "DEFAULT_CHECKPOINT", tiny_checkpoint)  # stands in for the shipped file
+    out = tmp_path / "eval"
+    argv = ["eval", "--data", str(voc_tree), "--output", str(out), "--device", "cpu", "--no-progress"]
+    assert run_cli(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["checkpoint"] == str(tiny_checkpoint)
+    assert result["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+
+    monkeypatch.setattr(model.zoo, "DEFAULT_CHECKPOINT", tmp_path / "absent.pth.xz")
+    with pytest.raises(UserError, match="--checkpoint or --artifact"):
+        run_cli(argv)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "nowhere"], "--data nowhere: not a folder"),
+        ([], "give --data ROOT"),
+        (["--data", ".", "--device", "banana"], "unknown device 'banana'"),
+    ],
+)
+def test_eval_argument_errors_come_before_the_model_loads(tmp_path, extra, message):
+    # the checkpoint does not exist: an argument error reported first proves nothing was loaded
+    with pytest.raises(UserError, match=message):
+        run_cli(["eval", "--checkpoint", str(tmp_path / "missing.pth"), *extra])
+
+
 @pytest.mark.slow
 def test_eval_on_bccd_with_a_random_refinedet320(bccd, tmp_path, capsys):
     """The real BCCD test split (72 images) through a randomly initialised refinedet320_vgg16."""
