@@ -186,3 +186,27 @@ def test_every_inference_route_is_guarded():
         assert held.result().status_code == 200 and blocker.result().status_code == 200
     assert over_budget.status_code == 503 and "retry-after" in over_budget.headers
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+
+
+def test_a_refused_upload_still_being_sent_gets_its_answer():
+    """A refusal is answered after the body is read and dropped, so a client still sending (and asking
+    to close) reads its 503, rather than a reset connection."""
+    loader = gated_loader(max_batch=1)
+    app = create_app(settings(max_batch_size=1, max_delay_ms=0, max_queue_size=1), loader=loader)
+    engine, state = loader.backend, app.state.service
+    body = b"\xff" * (4 * 1024 * 1024)
+    with serving(app) as (url, _):
+        held = ThreadPoolExecutor(1).submit(post, url)
+        poll(engine.running.is_set, what="a request to hold the only place")
+        sock = connect(url)
+        sock.sendall(
+            b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        for start in range(0, len(body), 256 * 1024):  # the server decides before this is all sent
+            sock.sendall(body[start : start + 256 * 1024])
+        status, _, answer = read_response(sock)
+        engine.release()
+        assert held.result().status_code == 200
+    assert (status, answer["error"]["code"]) == (503, "overloaded")
+    assert state.admitted == 0
