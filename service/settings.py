@@ -87,6 +87,15 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="a request not answered by then gets 504"
     )
 
+    # CPU serving (service/README.md, "On a CPU").
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="intra-op threads of each worker's engine on a CPU (PyTorch and ONNX Runtime); default: the "
+        "usable cores (affinity mask and cgroup quota) divided by WORKERS, at least 1",
+    )
+
     # Request limits.
     max_upload_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1024, description="request bodies above this are answered 413"
@@ -142,6 +151,12 @@ class Settings(BaseSettings):
     def batch_limit(self, device: str) -> int:
         """``max_batch_size``, or its default for ``device`` ("cuda" / "cpu")."""
         return self.max_batch_size or (8 if device == "cuda" else 2)
+
+    def engine_threads(self) -> int:
+        """``cpu_threads``, else this worker's share of the usable cores (cores // workers, at least 1)."""
+        from model.runtime.cpu import threads_per_worker
+
+        return self.cpu_threads or threads_per_worker(self.workers)
 
     def engine_decodes_jpeg(self, device: str) -> bool:
         """Whether JPEG uploads are decoded in the engine (batched) rather than by PIL in the handler, for a

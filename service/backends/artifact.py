@@ -19,11 +19,17 @@ class RunnerBackend(Backend):
     """Base for artifact backends; subclasses implement ``make_runner``."""
 
     def __init__(
-        self, artifact: Path, device: torch.device, max_batch: int, model_name: str | None = None
+        self,
+        artifact: Path,
+        device: torch.device,
+        max_batch: int,
+        model_name: str | None = None,
+        cpu_threads: int | None = None,
     ) -> None:
         super().__init__(device, max_batch)
         self.artifact = artifact
         self.model_name = model_name
+        self.cpu_threads = cpu_threads  # intra-op threads on a CPU (None: the runtime's default)
         self.runner: ArtifactRunner | None = None
 
     def make_runner(self) -> ArtifactRunner:
@@ -80,7 +86,8 @@ class OnnxRuntimeBackend(RunnerBackend):
     def make_runner(self) -> ArtifactRunner:
         from model.runtime.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(self.artifact, device=self.device)
+        threads = self.cpu_threads if self.device.type == "cpu" else None
+        return OnnxRuntimeRunner(self.artifact, device=self.device, intra_op_threads=threads)
 
 
 class TensorRTBackend(RunnerBackend):
