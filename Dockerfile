@@ -10,7 +10,7 @@
 #   - the NVIDIA Container Toolkit (docker run --gpus all / compose device reservations).
 # The engine builder targets the TensorRT 10 API: a base with TensorRT 11 is refused at build time.
 # An engine only runs on the GPU model + TensorRT version + precision it was built for, so none is baked
-# in: `python -m conversion.deploy` builds it into the cache volume on first start (docs/deployment.md).
+# in: `refinedet serve` builds it into the cache volume on first start (docs/deployment.md).
 #
 #   docker build -t refinedet:gpu .
 #   docker run --gpus all -p 8000:8000 -v refinedet-cache:/var/cache/refinedet refinedet:gpu
@@ -42,6 +42,7 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY conversion ./conversion
 COPY service ./service
+COPY deploy ./deploy
 
 # The serve extra brings the CPU onnxruntime; swap it for the CUDA build (same import name).
 # DL3013: this installs the local project, whose dependency ranges live in pyproject.toml.
@@ -89,7 +90,7 @@ WORKDIR /home/refinedet
 
 # The first start may spend several minutes building the engine: a long start period.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=15m --retries=3 \
-    CMD ["python", "-m", "conversion.deploy", "--check-ready"]
+    CMD ["refinedet", "healthcheck"]
 
 # The base image's ENTRYPOINT (NVIDIA's, which sets up CUDA forward compatibility) runs this command.
-CMD ["python", "-m", "conversion.deploy"]
+CMD ["refinedet", "serve"]

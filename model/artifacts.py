@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from model.checkpoint import atomic_write, file_sha256
+from model.checkpoint import XZ_MAGIC, atomic_write, file_sha256
 from model.config import RefineDetConfig
 from model.errors import UserError
 from model.network import OUTPUT_NAMES
@@ -45,6 +45,17 @@ PRECISIONS = ("fp32", "fp16", "int8")
 OUTPUT_KINDS = ("raw", "decoded")
 
 ArtifactKind = Literal["onnx", "tensorrt"]
+FileKind = Literal["checkpoint", "onnx", "tensorrt"]
+
+# The one table of model file types, used by `refinedet serve`, the container, `eval`, `verify` and every
+# other command that takes "a model": suffix (lower case, compound first) -> kind.
+FILE_SUFFIXES: dict[str, FileKind] = {
+    ".pth.xz": "checkpoint", ".pt.xz": "checkpoint", ".pth": "checkpoint", ".pt": "checkpoint",
+    ".ckpt": "checkpoint", ".pth.tar": "checkpoint",
+    ".onnx": "onnx",
+    ".plan": "tensorrt", ".engine": "tensorrt", ".trt": "tensorrt",
+}  # fmt: skip
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 Precision = Literal["fp32", "fp16", "int8"]
 OutputKind = Literal["raw", "decoded"]
 
@@ -202,6 +213,34 @@ class Manifest:
                 f"manifest output_names {data['output_names']} do not match outputs={manifest.outputs!r}"
             )
         return manifest
+
+
+def file_kind(path: str | Path) -> FileKind:
+    """What kind of model file ``path`` is: ``checkpoint`` (torch, optionally xz-compressed), ``onnx``
+    or ``tensorrt`` (a serialized engine). Decided by, in order: the manifest beside it, the suffix
+    (``FILE_SUFFIXES``), the file's first bytes (xz or torch zip: a checkpoint). Raises ArtifactError
+    naming the accepted suffixes when none of these tells."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"model file not found: {path}")
+    manifest = manifest_path(path)
+    if manifest.is_file():
+        try:
+            kind = json.loads(manifest.read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind in KINDS:
+            return kind  # type: ignore[no-any-return]
+    name = path.name.lower()
+    for suffix, kind in FILE_SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head.startswith((XZ_MAGIC, ZIP_MAGIC)):
+        return "checkpoint"
+    accepted = ", ".join(FILE_SUFFIXES)
+    raise ArtifactError(f"{path}: unknown model file type; expected one of {accepted}")
 
 
 def manifest_path(artifact_path: str | Path) -> Path:

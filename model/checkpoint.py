@@ -24,6 +24,7 @@ from model.errors import UserError
 from model.network import RefineDet, build_model
 
 FORMAT = "refinedet-checkpoint"
+XZ_MAGIC = b"\xfd7zXZ\x00"  # the first bytes of an xz stream (the shipped checkpoint is compressed)
 FORMAT_VERSION = 1
 
 
@@ -99,7 +100,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         data = path.read_bytes()
-        if path.suffix == ".xz":  # the shipped default is stored xz-compressed (see model/zoo.py)
+        if data.startswith(XZ_MAGIC):  # the shipped default is stored xz-compressed (see model/zoo.py)
             data = lzma.decompress(data)
         ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged or foreign file

@@ -20,8 +20,7 @@ COMMAND_MODULES = (
     "model.training.cli",
     "model.evaluation.cli",
     "conversion.cli",
-    "conversion.deploy",
-    "service.cli",
+    "deploy.cli",
 )
 
 

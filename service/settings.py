@@ -7,8 +7,10 @@ passed into ``service.app.create_app(settings)``.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 GpuDecode = Literal["auto", "on", "off"]
+EnginePrecision = Literal["fp16", "fp32"]
 ON_OFF_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 ENV_PREFIX = "REFINEDET_"
 
@@ -52,6 +55,20 @@ class Settings(BaseSettings):
         default="auto",
         description="decode JPEG uploads in the engine, each batch in one torchvision decode_jpeg call (nvJPEG "
         "on CUDA; libjpeg-turbo in the engine thread on a CPU device); auto: on when the device is CUDA",
+    )
+
+    # Prepared artifacts (`refinedet serve` / `refinedet prepare`, the container).
+    cache_dir: Path = Field(
+        default_factory=lambda: (
+            Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "refinedet"
+        ),
+        description="where ONNX exports and TensorRT engines built from the model are kept (a volume in containers)",
+    )
+    precision: EnginePrecision = Field(
+        default="fp16", description="precision of a TensorRT engine built at start"
+    )
+    engine_lock_timeout_s: float = Field(
+        default=1800.0, gt=0, description="how long a replica waits for another one building the same engine"
     )
 
     # Server.
@@ -143,6 +160,25 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_model_is_none(cls, value: object) -> object:
         return None if value in ("", None) else value
+
+    def to_env(self) -> dict[str, str]:
+        """The fields that differ from their defaults, as ``REFINEDET_*`` variables (for worker processes,
+        which read the environment)."""
+
+        def text(value: Any) -> str:
+            if isinstance(value, SecretStr):
+                return value.get_secret_value()
+            if isinstance(value, bool):
+                return str(value).lower()
+            if isinstance(value, list):
+                return json.dumps(value)
+            return str(value)
+
+        return {
+            f"{ENV_PREFIX}{name.upper()}": text(getattr(self, name))
+            for name in self.model_fields_set
+            if getattr(self, name) is not None
+        }
 
     @property
     def max_delay_s(self) -> float:

@@ -126,7 +126,7 @@ def test_gpu_service(compose):
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert gpu["build"]["dockerfile"] == "Dockerfile"
     check = gpu["healthcheck"]
-    assert "--check-ready" in check["test"] and seconds(check["start_period"]) >= 10 * 60, (
+    assert "healthcheck" in check["test"] and seconds(check["start_period"]) >= 10 * 60, (
         "room for an engine build"
     )
     assert gpu["restart"] in ("unless-stopped", "always", "on-failure")
@@ -149,7 +149,7 @@ def test_cpu_profile(compose):
         cpu["build"]["dockerfile"] == "docker/Dockerfile.cpu"
         and cpu["environment"]["REFINEDET_DEVICE"] == "cpu"
     )
-    assert "--check-ready" in cpu["healthcheck"]["test"]
+    assert "healthcheck" in cpu["healthcheck"]["test"]
 
 
 def test_build_contexts_and_mounted_files_exist(compose):
@@ -196,8 +196,8 @@ def test_images_run_as_non_root_and_serve_on_the_exposed_port(dockerfile: Path):
     assert re.search(rf"^EXPOSE {env['REFINEDET_PORT']}$", text, re.M)
     assert env["REFINEDET_HOST"] == "0.0.0.0"
     assert re.search(r"^HEALTHCHECK .*--start-period=\d+m", text, re.M)
-    assert 'CMD ["python", "-m", "conversion.deploy", "--check-ready"]' in text
-    assert text.rstrip().endswith('CMD ["python", "-m", "conversion.deploy"]')
+    assert 'CMD ["refinedet", "healthcheck"]' in text
+    assert text.rstrip().endswith('CMD ["refinedet", "serve"]')
 
 
 # --- .dockerignore ---------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def test_dockerignore_keeps_data_engines_and_caches_out():
         "datasets/voc/x.xml", "runs/exp1/last.pth", "artifacts/vgg16_hed.pth", "model.onnx", "out/model.plan",
         "cache/engines/k.plan", "timing.cache", "models/custom.pth", ".pytest_cache/v", "tests/test_x.py",
     ]  # fmt: skip
-    kept = ["pyproject.toml", "README.md", "model/config.py", "conversion/deploy.py", "service/app.py",
+    kept = ["pyproject.toml", "README.md", "model/config.py", "deploy/prepare.py", "service/app.py",
             "model/checkpoints/refinedet320_vgg16_bccd.pth.xz", "Dockerfile", "docker/Dockerfile.cpu"]  # fmt: skip
     assert [p for p in out if not dockerignored(p, patterns)] == []
     assert [p for p in kept if dockerignored(p, patterns)] == []

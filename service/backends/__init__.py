@@ -1,9 +1,11 @@
 """Choosing and building the inference backend from the settings.
 
-``auto`` follows the artifact: ``.plan``/``.engine`` -> tensorrt (CUDA), ``.onnx`` -> onnxruntime (its
-CUDA provider where installed and a GPU is visible, else CPU), anything else is a checkpoint -> torch
-(CUDA with fp16 + CUDA graphs where a GPU is visible, else CPU). No model given: the project's default
-checkpoint, or an untrained default model until one ships (``model.zoo``).
+``auto`` follows the artifact's kind (``model.artifacts.file_kind``, the project's one table of model
+files): an engine -> tensorrt (CUDA), ONNX -> onnxruntime (its CUDA provider where installed and a GPU
+is visible, else CPU), a checkpoint -> torch (CUDA with fp16 + CUDA graphs where a GPU is visible, else
+CPU). No model given: the project's default checkpoint, or an untrained default model until one ships
+(``model.zoo``). Which artifact to serve in the first place (exporting to ONNX or building an engine
+first) is decided above this package, by ``deploy.prepare``.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.artifacts import file_kind
 from model.errors import UserError
 from service.backends.base import Backend, ModelInfo
 from service.settings import Settings
 
 log = logging.getLogger("refinedet.service")
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
-ONNX_SUFFIXES = (".onnx",)
+# model file kind -> the backend that runs it
+BACKEND_FOR_KIND = {"checkpoint": "torch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}
 
 
 @dataclass(frozen=True)
@@ -27,15 +30,6 @@ class BackendChoice:
     backend: str  # "torch" | "onnxruntime" | "tensorrt"
     artifact: Path | None  # None: the untrained default model
     device: str  # "cpu" | "cuda"
-
-
-def artifact_kind(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in ENGINE_SUFFIXES:
-        return "tensorrt"
-    if suffix in ONNX_SUFFIXES:
-        return "onnxruntime"
-    return "torch"
 
 
 def cuda_available() -> bool:
@@ -61,7 +55,7 @@ def resolve_backend(settings: Settings) -> BackendChoice:
         raise UserError(
             f"model file not found: {path} (pass --model with a .pth checkpoint, .onnx model or .plan engine)"
         )
-    kind = artifact_kind(path) if path is not None else "torch"
+    kind = BACKEND_FOR_KIND[file_kind(path)] if path is not None else "torch"
     backend = kind if settings.backend == "auto" else settings.backend
     if backend != kind:
         raise UserError(

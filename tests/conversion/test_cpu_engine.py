@@ -75,14 +75,23 @@ def test_int8_is_chosen_only_where_this_cpu_gains_from_it():
         return [_Candidate(n, Path(n), lambda x: x) for n in names]
 
     skipped: dict[str, str] = {}
-    ranked = _rank(cands(*ENGINES), {"onnxruntime-int8": 95.0, "onnxruntime-fp32": 100.0, "torch-fp32": 150.0}, skipped)
+    ranked = _rank(
+        cands(*ENGINES), {"onnxruntime-int8": 95.0, "onnxruntime-fp32": 100.0, "torch-fp32": 150.0}, skipped
+    )
     assert [c.engine for c in ranked] == ["onnxruntime-fp32", "torch-fp32"]
     assert "not faster on this CPU" in skipped["onnxruntime-int8"]
-    ranked = _rank(cands(*ENGINES), {"onnxruntime-int8": 40.0, "onnxruntime-fp32": 100.0, "torch-fp32": 90.0}, {})
+    ranked = _rank(
+        cands(*ENGINES), {"onnxruntime-int8": 40.0, "onnxruntime-fp32": 100.0, "torch-fp32": 90.0}, {}
+    )
     assert [c.engine for c in ranked] == ["onnxruntime-int8", "torch-fp32", "onnxruntime-fp32"]
 
 
 def test_the_answer_unpacks_and_names_its_backend(tmp_path):
     choice = CpuArtifact(tmp_path / "m.onnx", "onnxruntime-int8", "why", {})
     artifact, engine, reason, _ = choice
-    assert (artifact, engine, reason, choice.backend) == (tmp_path / "m.onnx", "onnxruntime-int8", "why", "onnxruntime")
+    assert (artifact, engine, reason, choice.backend) == (
+        tmp_path / "m.onnx",
+        "onnxruntime-int8",
+        "why",
+        "onnxruntime",
+    )

@@ -1,5 +1,6 @@
-"""The container entrypoint's decisions: engine cache key, build-or-reuse, fallback and the build lock.
-GPU, TensorRT and the builders are fakes, so none of this needs either."""
+"""What `refinedet serve` (and so the container) decides to serve: engine cache key, build-or-reuse,
+the CPU export, fallback and the build lock. GPU, TensorRT and the builders are fakes, so none of this
+needs either."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import json
 import logging
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from conversion import deploy, engine_cache
-from conversion.deploy import Deployment, DeploySettings, engine_cache_key, plan_path, prepare
-from conversion.deploy_host import Builders, GpuInfo, Probes
+import deploy.host
+from conversion import engine_cache
+from deploy.host import Builders, GpuInfo, Probes
+from deploy.prepare import Deployment, engine_cache_key, plan_path, prepare
 from model.checkpoint import file_sha256
 from model.errors import UserError
+from service.settings import Settings
 
 SHA = "ab" * 32
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
@@ -67,8 +69,14 @@ def checkpoint(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, checkpoint: Path) -> DeploySettings:
-    return DeploySettings(cache_dir=tmp_path / "cache", model=checkpoint, lock_timeout_s=5.0)
+def settings(tmp_path: Path, checkpoint: Path) -> Settings:
+    return Settings(
+        cache_dir=tmp_path / "cache", model=checkpoint, engine_lock_timeout_s=5.0, max_batch_size=8
+    )
+
+
+def replace(settings: Settings, **changes) -> Settings:
+    return settings.model_copy(update=changes)
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +91,7 @@ def leftovers(cache: Path) -> list[Path]:
 # --- build or reuse --------------------------------------------------------------------------------
 
 
-def test_first_start_exports_and_builds_later_starts_reuse(settings: DeploySettings, checkpoint: Path):
+def test_first_start_exports_and_builds_later_starts_reuse(settings: Settings, checkpoint: Path):
     fake = FakeBuilders()
     first = prepare(settings, probes(), fake.bundle())
     second = prepare(settings, probes(), fake.bundle())
@@ -99,18 +107,18 @@ def test_first_start_exports_and_builds_later_starts_reuse(settings: DeploySetti
     assert leftovers(settings.cache_dir) == []
 
 
-def test_another_gpu_tensorrt_or_checkpoint_builds_a_new_engine(settings: DeploySettings, checkpoint: Path):
+def test_another_gpu_tensorrt_or_checkpoint_builds_a_new_engine(settings: Settings, checkpoint: Path):
     fake = FakeBuilders()
     plans = {prepare(settings, probes(), fake.bundle()).artifact}
     plans.add(prepare(settings, probes(trt="10.13.3.9"), fake.bundle()).artifact)
     plans.add(prepare(settings, probes(gpu=GpuInfo("NVIDIA L4", "8.9")), fake.bundle()).artifact)
-    plans.add(prepare(replace(settings, max_batch=4), probes(), fake.bundle()).artifact)
+    plans.add(prepare(replace(settings, max_batch_size=4), probes(), fake.bundle()).artifact)
     checkpoint.write_bytes(b"weights v2")  # retrained: a new ONNX export and a new engine
     plans.add(prepare(settings, probes(), fake.bundle()).artifact)
     assert len(plans) == 5 and len(fake.builds) == 5 and len(fake.exports) == 2
 
 
-def test_onnx_model_is_used_as_is(settings: DeploySettings, tmp_path: Path):
+def test_onnx_model_is_used_as_is(settings: Settings, tmp_path: Path):
     onnx = tmp_path / "models" / "given.onnx"
     onnx.write_bytes(b"onnx")
     fake = FakeBuilders()
@@ -119,7 +127,7 @@ def test_onnx_model_is_used_as_is(settings: DeploySettings, tmp_path: Path):
     assert result.backend == "tensorrt" and result.onnx == onnx
 
 
-def test_engine_model_is_served_without_building(settings: DeploySettings, tmp_path: Path):
+def test_engine_model_is_served_without_building(settings: Settings, tmp_path: Path):
     plan = tmp_path / "models" / "mine.plan"
     plan.write_bytes(b"plan")
     fake = FakeBuilders()
@@ -148,7 +156,7 @@ def test_build_failure_falls_back_to_onnxruntime_with_one_clear_line(settings, c
 @pytest.mark.parametrize(
     ("probe_args", "reason", "device"),
     [
-        (dict(gpu=None), "no CUDA GPU visible", "cpu"),
+        (dict(gpu=None), None, "cpu"),  # device auto without a GPU: the CPU path, nothing to warn about
         (dict(trt=None), "TensorRT Python package is not installed", "cuda"),
         (dict(trt=None, providers=("CPUExecutionProvider",)), "TensorRT Python package", "cpu"),
     ],
@@ -159,7 +167,17 @@ def test_missing_gpu_or_tensorrt_falls_back_without_building(settings, caplog, p
         result = prepare(settings, probes(**probe_args), fake.bundle())
     assert (result.backend, result.device) == ("onnxruntime", device)
     assert fake.builds == []
-    assert reason in caplog.text
+    if reason is None:
+        assert caplog.records == []
+    else:
+        assert reason in caplog.text
+    if probe_args.get("gpu", H100) is None:  # asked for explicitly, the missing GPU is the reason given
+        with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
+            result = prepare(replace(settings, device="cuda"), probes(**probe_args), fake.bundle())
+        assert (result.backend, result.device) == (
+            "onnxruntime",
+            "cpu",
+        ) and "no CUDA GPU visible" in caplog.text
 
 
 def test_without_onnxruntime_falls_back_to_torch_on_the_checkpoint(settings, checkpoint):
@@ -181,7 +199,7 @@ def test_failed_onnx_export_falls_back_to_torch(settings, checkpoint, caplog):
 
 
 def test_backend_tensorrt_is_strict(settings):
-    with pytest.raises(UserError, match=r"REFINEDET_BACKEND=tensorrt but no engine.*boom"):
+    with pytest.raises(UserError, match=r"backend tensorrt but no engine.*boom"):
         prepare(replace(settings, backend="tensorrt"), probes(), FakeBuilders(RuntimeError("boom")).bundle())
 
 
@@ -206,7 +224,9 @@ def test_model_errors_are_user_errors(settings, tmp_path):
         prepare(replace(settings, model=tmp_path / "missing.pth"), probes())
     odd = tmp_path / "model.bin"
     odd.write_bytes(b"x")
-    with pytest.raises(UserError, match=r"must end in \.pth, \.onnx or \.plan"):
+    with pytest.raises(
+        UserError, match=r"unknown model file type; expected one of \.pth\.xz, .*\.onnx, \.plan"
+    ):
         prepare(replace(settings, model=odd), probes())
 
 
@@ -216,7 +236,6 @@ def test_no_model_anywhere_serves_the_untrained_network(settings, monkeypatch, c
         result = prepare(replace(settings, model=None), probes(), FakeBuilders().bundle())
     assert result == Deployment(None, "torch", "cuda")
     assert "UNTRAINED" in caplog.text
-    assert "--model" not in deploy.serve_command(result)
 
 
 # --- the build lock --------------------------------------------------------------------------------
@@ -229,7 +248,7 @@ def hold_lock(path: Path):
     return f
 
 
-def engine_path(settings: DeploySettings) -> Path:
+def engine_path(settings: Settings) -> Path:
     onnx = prepare(replace(settings, backend="onnxruntime"), probes(), FakeBuilders().bundle()).onnx
     key = engine_cache_key(file_sha256(onnx), H100.name, "9.0", "10.11.0.33", "fp16", 8)
     return plan_path(settings.cache_dir, key)
@@ -258,89 +277,33 @@ def test_lock_held_too_long_falls_back(settings, caplog):
     holder = hold_lock(engine_path(settings).with_suffix(".lock"))
     try:
         with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
-            result = prepare(replace(settings, lock_timeout_s=0.2), probes(), FakeBuilders().bundle())
+            result = prepare(replace(settings, engine_lock_timeout_s=0.2), probes(), FakeBuilders().bundle())
     finally:
         holder.close()
     assert result.backend == "onnxruntime"
     assert "LockTimeout" in caplog.text
 
 
-# --- settings and the command line -----------------------------------------------------------------
+# --- kinds of model file ---------------------------------------------------------------------------
 
 
-def test_settings_from_env():
-    env = {
-        "REFINEDET_MODEL": "/models/m.pth", "REFINEDET_BACKEND": "TensorRT", "REFINEDET_DEVICE": "auto",
-        "REFINEDET_CACHE_DIR": "/var/cache/refinedet", "REFINEDET_PRECISION": "fp32",
-        "REFINEDET_MAX_BATCH_SIZE": "16", "REFINEDET_ENGINE_LOCK_TIMEOUT_S": "60",
-    }  # fmt: skip
-    s = DeploySettings.from_env(env)
-    assert (s.model, s.backend, s.device, s.cache_dir) == (
-        Path("/models/m.pth"),
-        "tensorrt",
-        None,
-        Path("/var/cache/refinedet"),
-    )
-    assert (s.precision, s.max_batch, s.lock_timeout_s) == ("fp32", 16, 60.0)
-    defaults = DeploySettings.from_env({"XDG_CACHE_HOME": "/tmp/xdg"})
-    assert (defaults.model, defaults.backend, defaults.cache_dir, defaults.max_batch) == (
-        None,
-        "auto",
-        Path("/tmp/xdg/refinedet"),
-        8,
-    )
+def test_compressed_and_unsuffixed_checkpoints_are_checkpoints(settings, tmp_path):
+    """The shipped model is a .pth.xz (the container's default start once refused it); a checkpoint
+    without a known suffix is recognised by its first bytes."""
+    fake = FakeBuilders()
+    for name, head in [("shipped.pth.xz", b"\xfd7zXZ\x00rest"), ("weights", b"PK\x03\x04rest")]:
+        path = tmp_path / "models" / name
+        path.write_bytes(head)
+        result = prepare(replace(settings, model=path, device="cpu"), probes(), fake.bundle())
+        assert (result.backend, result.device) == ("onnxruntime", "cpu") and result.onnx is not None
+    assert [p.name for p in fake.exports] == ["shipped.pth.xz", "weights"]
 
 
-@pytest.mark.parametrize(
-    ("name", "value", "message"),
-    [
-        ("REFINEDET_BACKEND", "tensorflow", "choose one of auto, tensorrt"),
-        ("REFINEDET_DEVICE", "tpu", "choose auto, cpu or cuda"),
-        ("REFINEDET_PRECISION", "int8", "choose one of fp16, fp32"),
-        ("REFINEDET_MAX_BATCH_SIZE", "eight", "is not a number"),
-        ("REFINEDET_MAX_BATCH_SIZE", "0", "must be positive"),
-    ],
-)
-def test_bad_settings_are_user_errors(name, value, message):
-    with pytest.raises(UserError, match=message):
-        DeploySettings.from_env({name: value})
-
-
-def test_main_execs_refinedet_serve(monkeypatch, tmp_path, capsys):
-    onnx = tmp_path / "m.onnx"
-    onnx.write_bytes(b"onnx")
-    for name, value in {
-        "REFINEDET_MODEL": str(onnx),
-        "REFINEDET_DEVICE": "cpu",
-        "REFINEDET_CACHE_DIR": str(tmp_path),
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(deploy, "Probes", lambda: probes(providers=["CPUExecutionProvider"]))
-    calls = []
-    monkeypatch.setattr(deploy.os, "execvp", lambda file, args: calls.append((file, args)))
-    deploy.main(["--", "--workers", "2"])
-    expected = [
-        "refinedet",
-        "serve",
-        "--model",
-        str(onnx),
-        "--backend",
-        "onnxruntime",
-        "--device",
-        "cpu",
-        "--workers",
-        "2",
-    ]
-    assert calls == [("refinedet", expected)]
-    assert deploy.main(["--dry-run"]) == 0
-    decision = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert decision["backend"] == "onnxruntime" and decision["command"][:2] == ["refinedet", "serve"]
-
-
-def test_main_reports_user_errors_without_traceback(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("REFINEDET_MODEL", str(tmp_path / "absent.pth"))
-    assert deploy.main(["--dry-run"]) == 2
-    assert "refinedet deploy: error: model not found" in capsys.readouterr().err
+def test_engine_refused_on_the_cpu(settings, tmp_path):
+    plan = tmp_path / "models" / "mine.engine"
+    plan.write_bytes(b"plan")
+    with pytest.raises(UserError, match="runs with backend tensorrt on a CUDA GPU only"):
+        prepare(replace(settings, model=plan, device="cpu"), probes(), FakeBuilders().bundle())
 
 
 @pytest.mark.slow
@@ -356,7 +319,7 @@ def test_real_onnx_export_then_reuse(tmp_path):
         build_model(preset("refinedet320_vgg16", input_size=64, class_names=("a", "b"))),
         half=True,
     )
-    settings = DeploySettings(cache_dir=tmp_path / "cache", model=checkpoint, device="cpu")
+    settings = Settings(cache_dir=tmp_path / "cache", model=checkpoint, device="cpu")
     first = prepare(settings)
     assert (first.backend, first.device) == ("onnxruntime", "cpu") and first.artifact == first.onnx
     manifest = json.loads(Path(f"{first.onnx}.json").read_text())

@@ -1,8 +1,8 @@
-"""What the deploy entrypoint needs from the host: GPU / TensorRT / ONNX Runtime probes, the
+"""What ``deploy.prepare`` needs from the host: GPU / TensorRT / ONNX Runtime probes, the
 ``refinedet export`` subprocesses (bundled as the injectable ``Probes`` and ``Builders``) and the
 readiness check used by the container HEALTHCHECK.
 
-Every probe returns None (or False) when the thing is absent instead of raising, so ``conversion.deploy``
+Every probe returns None (or False) when the thing is absent instead of raising, so ``deploy.prepare``
 can decide and log one clear fallback line. Nothing heavy is imported at module import time.
 """
 
@@ -132,7 +132,7 @@ def run_build_engine(onnx: Path, plan_out: Path, precision: str, max_batch: int,
 
 
 def run_export_triton(deployment: Any, repo: Path) -> None:
-    """``refinedet export triton`` for a ``conversion.deploy.Deployment`` (the engine, when there is one)."""
+    """``refinedet export triton`` for a ``deploy.prepare.Deployment`` (the engine, when there is one)."""
     if deployment.onnx is None:
         raise UserError("a Triton repository needs an ONNX model or a checkpoint, not only an engine")
     args = ["export", "triton", "--onnx", str(deployment.onnx), "-o", str(repo)]
@@ -160,9 +160,9 @@ class Builders:
     build_engine: Callable[[Path, Path, str, int, Path], None] = run_build_engine
 
 
-def check_ready(env: Mapping[str, str] = os.environ, timeout_s: float = 4.0) -> int:
-    """Exit status for a container HEALTHCHECK: 0 when GET /readyz on this container answers 200."""
-    url = f"http://127.0.0.1:{env.get('REFINEDET_PORT', '8000')}/readyz"
+def check_ready(port: int, timeout_s: float = 4.0) -> int:
+    """Exit status for a container HEALTHCHECK: 0 when GET /readyz on this host's ``port`` answers 200."""
+    url = f"http://127.0.0.1:{port}/readyz"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return 0 if response.status == 200 else 1

@@ -1,16 +1,19 @@
-"""`refinedet serve`: options and REFINEDET_* variables become Settings, bad values and missing models
-are clear errors before anything starts, and uvicorn gets the app (or the factory for --workers N)."""
+"""`refinedet serve` / `prepare` / `healthcheck`: options and REFINEDET_* variables become the one
+Settings, bad values and missing models are clear errors before anything starts, the model is prepared
+(ONNX export on a CPU), and uvicorn gets the app (or the factory for --workers N)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import uvicorn
 
+import deploy.prepare
+from deploy.cli import overrides_from, settings_from
 from model.cli import build_parser, main
 from service.app import create_app_from_env
-from service.cli import overrides_from, settings_from, to_env
 from service.settings import Settings
 
 
@@ -38,7 +41,7 @@ def test_options_become_settings_and_win_over_the_environment(monkeypatch):
         True,
         "k",
     )
-    assert to_env(overrides) == {
+    assert {k: v for k, v in s.to_env().items() if k != "REFINEDET_API_KEY"} == {
         "REFINEDET_DEVICE": "cpu",
         "REFINEDET_MAX_BATCH_SIZE": "5",
         "REFINEDET_ENABLE_BENCHMARK": "true",
@@ -70,20 +73,39 @@ def test_gpu_decode_setting(monkeypatch):
         overrides_from(args) == {"gpu_decode": "off"}
         and settings_from(overrides_from(args)).gpu_decode == "off"
     )
-    assert to_env({"gpu_decode": "on"}) == {"REFINEDET_GPU_DECODE": "on"}
+    assert Settings(gpu_decode="on").to_env() == {"REFINEDET_GPU_DECODE": "on"}
 
 
 def test_bad_values_and_missing_models_fail_before_starting(captured_run, capsys, tmp_path):
     assert main(["serve", "--port", "70000"]) == 2
     assert "invalid settings" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "nope.pth")]) == 2
-    assert "model file not found" in capsys.readouterr().err
+    assert "model not found" in capsys.readouterr().err
+    odd = tmp_path / "notes.txt"
+    odd.write_text("not a model")
+    assert main(["serve", "--model", str(odd)]) == 2
+    assert "unknown model file type" in capsys.readouterr().err
     assert main(["serve", "--workers", "0"]) == 2
     assert captured_run == []
 
 
 def test_serve_runs_uvicorn_with_the_app(captured_run, capsys, tiny_checkpoint):
-    assert main(["serve", "--model", str(tiny_checkpoint), "--device", "cpu", "--port", "8123"]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                str(tiny_checkpoint),
+                "--backend",
+                "torch",
+                "--device",
+                "cpu",
+                "--port",
+                "8123",
+            ]
+        )
+        == 0
+    )
     [(app, kwargs)] = captured_run
     assert app.state.service.settings.model == tiny_checkpoint
     assert (kwargs["host"], kwargs["port"], kwargs["access_log"]) == ("127.0.0.1", 8123, False)
@@ -91,7 +113,18 @@ def test_serve_runs_uvicorn_with_the_app(captured_run, capsys, tiny_checkpoint):
 
 
 def test_workers_use_the_factory_and_the_environment(captured_run, tiny_checkpoint):
-    assert main(["serve", "--model", str(tiny_checkpoint), "--workers", "2", "--max-delay-ms", "7"]) == 0
+    args = [
+        "serve",
+        "--model",
+        str(tiny_checkpoint),
+        "--backend",
+        "torch",
+        "--workers",
+        "2",
+        "--max-delay-ms",
+        "7",
+    ]
+    assert main(args) == 0
     [(app, kwargs)] = captured_run
     assert app == "service.app:create_app_from_env" and kwargs["factory"] and kwargs["workers"] == 2
     assert (
@@ -117,6 +150,47 @@ def test_shipped_default_is_announced(captured_run, capsys):
 
     if default_checkpoint() is None:
         pytest.skip("no default checkpoint in this checkout")
-    assert main(["serve", "--device", "cpu"]) == 0
+    assert main(["serve", "--device", "cpu", "--backend", "torch"]) == 0
     err = capsys.readouterr().err
     assert f"serving {default_checkpoint()} (the project's default model) with torch on cpu" in err
+
+
+def test_default_start_on_a_cpu_serves_the_cached_onnx_export(captured_run, capsys, monkeypatch, tmp_path):
+    """No options (the container's default start): the shipped .pth.xz is exported into the cache once
+    and ONNX Runtime serves it; the second start reuses the export."""
+    from model.zoo import default_checkpoint
+
+    if default_checkpoint() is None:
+        pytest.skip("no default checkpoint in this checkout")
+    exports = []
+
+    def fake_export(checkpoint, out):
+        exports.append(checkpoint)
+        out.write_bytes(b"onnx")
+
+    real = deploy.prepare.Builders
+    monkeypatch.setattr(deploy.prepare, "Builders", lambda: real(export_onnx=fake_export))
+    monkeypatch.setenv("REFINEDET_CACHE_DIR", str(tmp_path / "cache"))
+    for _ in range(2):
+        assert main(["serve", "--device", "cpu"]) == 0
+    assert exports == [default_checkpoint()]
+    err = capsys.readouterr().err
+    assert "(built from the project's default model) with onnxruntime on cpu" in err
+    [(app, _), _] = captured_run
+    assert app.state.service.settings.backend == "onnxruntime"
+    assert app.state.service.settings.model.parent.parent == tmp_path / "cache" / "onnx"
+
+
+def test_prepare_prints_the_decision(capsys, tiny_checkpoint, tmp_path):
+    assert main(["prepare", "--model", str(tiny_checkpoint), "--backend", "torch", "--device", "cpu"]) == 0
+    decision = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert decision == {"artifact": str(tiny_checkpoint), "backend": "torch", "device": "cpu", "onnx": None}
+
+
+def test_healthcheck_fails_when_nothing_listens(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["healthcheck", "--port", str(port)]) == 1

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conversion import deploy_host as host
-from conversion.deploy import Deployment
-from conversion.deploy_host import GpuInfo
+from deploy import host
+from deploy.host import GpuInfo
+from deploy.prepare import Deployment
 from model.errors import UserError
 
 
@@ -149,8 +149,8 @@ def test_check_ready(status, expected):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        assert host.check_ready({"REFINEDET_PORT": str(server.server_port)}) == expected
+        assert host.check_ready(server.server_port) == expected
     finally:
         server.shutdown()
         server.server_close()
-    assert host.check_ready({"REFINEDET_PORT": str(server.server_port)}, timeout_s=1.0) == 1  # nobody listens
+    assert host.check_ready(server.server_port, timeout_s=1.0) == 1  # nobody listens
