@@ -98,7 +98,7 @@ def environment() -> dict[str, Any]:
     """What the numbers were measured on."""
     import torch
 
-    from model.runtime.cpu import cpu_info
+    from model.cpu import cpu_info
 
     info: dict[str, Any] = {
         "python": platform.python_version(),

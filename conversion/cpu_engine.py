@@ -15,7 +15,7 @@ detections, the artifact's precision's tolerances) on deterministic synthetic sm
 1, interleaved, median) on this CPU with the threads a worker will have, and the fastest is chosen:
 INT8 only where this CPU actually gains from it. A candidate that cannot be made, fails its check or
 is slower is passed over with the reason logged and recorded. The decision is cached per checkpoint
-hash, CPU (model name + instruction-set flags: ``model.runtime.cpu``), ONNX Runtime version and
+hash, CPU (model name + instruction-set flags: ``model.cpu``), ONNX Runtime version and
 ranges table, so a later start (or another replica sharing the cache) only reads a JSON file::
 
     <cache_dir>/cpu/<checkpoint sha256[:16]>/fp32.onnx (+ .json)
@@ -88,7 +88,7 @@ def prepare_cpu_artifact(
     ``threads``: intra-op threads a serving worker will use (default: this process's usable cores).
     ``check_images``: uint8 RGB Tensor[3, H, W] to verify on (default: the synthetic smears)."""
     from model.checkpoint import file_sha256
-    from model.runtime.cpu import cpu_info
+    from model.cpu import cpu_info
 
     if engine not in ENGINE_CHOICES:
         raise UserError(f"CPU engine must be one of {', '.join(ENGINE_CHOICES)}, got {engine!r}")

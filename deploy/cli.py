@@ -145,7 +145,7 @@ def _prepared(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from model.runtime.cpu import passive_omp_wait
+    from model.cpu import passive_omp_wait
 
     passive_omp_wait()  # before anything imports torch: OpenMP threads sleep instead of spinning on a CPU
     settings, deployment = _prepared(args)

@@ -190,7 +190,7 @@ class Settings(BaseSettings):
 
     def engine_threads(self) -> int:
         """``cpu_threads``, else this worker's share of the usable cores (cores // workers, at least 1)."""
-        from model.runtime.cpu import threads_per_worker
+        from model.cpu import threads_per_worker
 
         return self.cpu_threads or threads_per_worker(self.workers)
 

@@ -317,7 +317,7 @@ def test_torch_cuda_graphs_with_fused_postprocess_match_separate_postprocess(tin
 
 
 def test_cpu_workers_split_the_cores(monkeypatch):
-    import model.runtime.cpu as cpu
+    import model.cpu as cpu
 
     monkeypatch.setattr(cpu, "usable_cores", lambda: 8)
     assert settings().engine_threads() == 8
