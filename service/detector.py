@@ -10,9 +10,10 @@ the resize and normalisation run on the GPU; a batch of same-size images is resi
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -25,6 +26,8 @@ from service.decoding import JpegDecoder
 from service.errors import ServiceError
 from service.imaging import EncodedJpeg
 
+T = TypeVar("T")
+R = TypeVar("R")
 ImageInput = Tensor | EncodedJpeg  # decoded uint8 RGB [3, H, W], or a JPEG for the engine to decode
 
 
@@ -50,11 +53,17 @@ class ImageDetections:
 
 
 class Detector:
-    def __init__(self, backend: Backend) -> None:
+    """``cpu_streams``: on a CPU, a batch of several images runs as that many concurrent single-thread
+    inferences (``CpuStreams``) instead of one call whose threads wait for each other at every layer;
+    a lone image still gets all the engine's threads."""
+
+    def __init__(self, backend: Backend, cpu_streams: int = 1) -> None:
         self.backend = backend
         self.config = backend.loaded_config
         self.postprocessor = PostProcessor(self.config)
         self._jpeg_decoder: JpegDecoder | None = None  # made on the first EncodedJpeg
+        cpu = backend.device.type == "cpu"
+        self.streams = CpuStreams(cpu_streams) if cpu and cpu_streams > 1 else None
 
     @property
     def max_batch(self) -> int:
@@ -86,7 +95,13 @@ class Detector:
         An upload that cannot be decoded gets its ``ServiceError`` in its place; the others are served."""
         results: list[ImageDetections | ServiceError] = []
         for start in range(0, len(inputs), self.max_batch):
-            results.extend(self._run_batch(inputs[start : start + self.max_batch]))
+            chunk = inputs[start : start + self.max_batch]
+            if self.streams is not None and len(chunk) > 1:
+                results.extend(self.streams.run(self._run_batch, chunk))
+            else:
+                if self.streams is not None:
+                    self.streams.claim_engine_threads()
+                results.extend(self._run_batch(chunk))
         return results
 
     def _run_batch(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | ServiceError]:
@@ -125,6 +140,43 @@ class Detector:
         if self._jpeg_decoder is None:
             self._jpeg_decoder = JpegDecoder(self.backend.device)
         return self._jpeg_decoder
+
+
+class CpuStreams:
+    """Concurrent single-thread inferences on a CPU: ``run(step, items)`` splits ``items`` into up to
+    ``count`` contiguous groups, runs ``step(group)`` for each on its own thread (PyTorch limited to one
+    intra-op thread there; ONNX Runtime sessions take concurrent runs) and joins the results in order.
+
+    Why: an intra-op thread team synchronises at every layer, so whenever the OS takes one of its
+    threads away (the service's own handler threads, or any other process on the machine) the others
+    wait; independent single-thread inferences never wait for each other. Measured on the shared 2-core
+    machine: docs/benchmarks.md, "Serving on a CPU"."""
+
+    def __init__(self, count: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.count = count
+        self.engine_threads = torch.get_num_threads()  # what the engine thread runs a lone image with
+        self._pool = ThreadPoolExecutor(count, "refinedet-cpu-stream", initializer=torch.set_num_threads,
+                                        initargs=(1,))  # fmt: skip
+
+    def run(self, step: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
+        n = min(self.count, len(items))
+        bounds = [len(items) * k // n for k in range(n + 1)]
+        groups = [items[a:b] for a, b in pairwise(bounds)]
+        futures = [self._pool.submit(_in_inference_mode, step, group) for group in groups]
+        return [result for future in futures for result in future.result()]
+
+    def claim_engine_threads(self) -> None:
+        """PyTorch's thread count is kept per thread but set through a process-wide call: make sure the
+        calling (engine) thread runs with all of its threads."""
+        if torch.get_num_threads() != self.engine_threads:
+            torch.set_num_threads(self.engine_threads)
+
+
+def _in_inference_mode(step: Callable[[Sequence[T]], list[R]], group: Sequence[T]) -> list[R]:
+    with torch.inference_mode():  # thread-local: the stream threads need their own
+        return step(group)
 
 
 class StageClock:

@@ -113,6 +113,14 @@ class Settings(BaseSettings):
         "usable cores (affinity mask and cgroup quota) divided by WORKERS, at least 1",
     )
 
+    cpu_streams: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="on a CPU, a batch of several images runs as up to this many concurrent single-thread "
+        "inferences (a lone image gets all CPU_THREADS); default: CPU_THREADS; 1: one call per batch",
+    )
+
     # Request limits.
     max_upload_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1024, description="request bodies above this are answered 413"
@@ -193,6 +201,10 @@ class Settings(BaseSettings):
         from model.cpu import threads_per_worker
 
         return self.cpu_threads or threads_per_worker(self.workers)
+
+    def cpu_streams_for(self, device: str) -> int:
+        """Concurrent inferences per batch on ``device`` ("cpu": ``cpu_streams`` or the engine threads)."""
+        return 1 if device != "cpu" else self.cpu_streams or self.engine_threads()
 
     def engine_decodes_jpeg(self, device: str) -> bool:
         """Whether JPEG uploads are decoded in the engine (batched) rather than by PIL in the handler, for a
