@@ -9,6 +9,7 @@ the resize and normalisation run on the GPU; a batch of same-size images is resi
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -143,9 +144,9 @@ class Detector:
 
 
 class CpuStreams:
-    """Concurrent single-thread inferences on a CPU: ``run(step, items)`` splits ``items`` into up to
-    ``count`` contiguous groups, runs ``step(group)`` for each on its own thread (PyTorch limited to one
-    intra-op thread there; ONNX Runtime sessions take concurrent runs) and joins the results in order.
+    """Concurrent single-thread inferences on a CPU: ``run(step, items)`` runs ``step([item])`` for every
+    item on ``count`` threads (PyTorch limited to one intra-op thread there; ONNX Runtime sessions take
+    concurrent runs), each thread taking the next item when it is free, and returns the results in order.
 
     Why: an intra-op thread team synchronises at every layer, so whenever the OS takes one of its
     threads away (the service's own handler threads, or any other process on the machine) the others
@@ -161,22 +162,31 @@ class CpuStreams:
                                         initargs=(1,))  # fmt: skip
 
     def run(self, step: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
-        n = min(self.count, len(items))
-        bounds = [len(items) * k // n for k in range(n + 1)]
-        groups = [items[a:b] for a, b in pairwise(bounds)]
-        futures = [self._pool.submit(_in_inference_mode, step, group) for group in groups]
-        return [result for future in futures for result in future.result()]
+        """``step`` on every item, one item at a time per stream, each stream taking the next item as
+        soon as it is free (a stream slowed down by the OS never holds the others up); in order."""
+        results: list[list[R] | None] = [None] * len(items)
+        claim = iter(range(len(items)))
+        lock = threading.Lock()
+
+        def stream() -> None:
+            with torch.inference_mode():  # thread-local: the stream threads need their own
+                while True:
+                    with lock:
+                        index = next(claim, None)
+                    if index is None:
+                        return
+                    results[index] = step(items[index : index + 1])
+
+        futures = [self._pool.submit(stream) for _ in range(min(self.count, len(items)))]
+        for future in futures:
+            future.result()
+        return [result for group in results if group is not None for result in group]
 
     def claim_engine_threads(self) -> None:
         """PyTorch's thread count is kept per thread but set through a process-wide call: make sure the
         calling (engine) thread runs with all of its threads."""
         if torch.get_num_threads() != self.engine_threads:
             torch.set_num_threads(self.engine_threads)
-
-
-def _in_inference_mode(step: Callable[[Sequence[T]], list[R]], group: Sequence[T]) -> list[R]:
-    with torch.inference_mode():  # thread-local: the stream threads need their own
-        return step(group)
 
 
 class StageClock:

@@ -88,7 +88,8 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         le=256,
-        description="largest dynamic batch; default 8 on a GPU, 2 on the CPU (where batching adds latency, not throughput)",
+        description="largest dynamic batch; default 8 on a GPU, 2 x CPU_STREAMS on a CPU (whose images run "
+        "concurrently, one per stream)",
     )
     max_delay_ms: float = Field(
         default=0.0,
@@ -193,8 +194,9 @@ class Settings(BaseSettings):
         return self.max_delay_ms / 1000.0
 
     def batch_limit(self, device: str) -> int:
-        """``max_batch_size``, or its default for ``device`` ("cuda" / "cpu")."""
-        return self.max_batch_size or (8 if device == "cuda" else 2)
+        """``max_batch_size``, or its default for ``device``: 8 on "cuda"; on "cpu" two images per CPU
+        stream (a batch's images run concurrently there, see ``cpu_streams``)."""
+        return self.max_batch_size or (8 if device == "cuda" else 2 * self.cpu_streams_for("cpu"))
 
     def engine_threads(self) -> int:
         """``cpu_threads``, else this worker's share of the usable cores (cores // workers, at least 1)."""
