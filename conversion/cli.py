@@ -168,7 +168,9 @@ def cmd_export_cpu(args: argparse.Namespace) -> int:
 
 def _register_verify(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("verify", help="compare an ONNX model or engine with its checkpoint on images")
-    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument(
+        "--checkpoint", type=Path, help="the artifact's source checkpoint (default: the shipped BCCD model)"
+    )
     p.add_argument(
         "--artifact", required=True, type=Path, help="model.onnx or model.plan (with its .json manifest)"
     )
@@ -209,8 +211,10 @@ def quantize_options(args: argparse.Namespace):
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from conversion.onnx_export import export_checkpoint, parse_batch
+    from conversion.onnx_export import check_onnx_path, check_opset, export_checkpoint, parse_batch
 
+    check_onnx_path(args.output)  # every option is checked before the checkpoint is read
+    check_opset(args.opset)
     batch = parse_batch(args.batch)
     int8 = quantize_options(args)
     export = {"opset": args.opset, "batch": batch, "outputs": args.outputs, "simplify": args.simplify}
@@ -299,11 +303,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from conversion.verify import image_batches, image_files, verify_artifact
     from model.artifacts import read_manifest
     from model.checkpoint import file_sha256, load_model
+    from model.devices import resolve_device
     from model.errors import UserError
     from model.runtime import load_runner
+    from model.zoo import shipped_checkpoint
 
     manifest = read_manifest(args.artifact)
-    device = args.device or ("cuda" if manifest.kind == "tensorrt" else "cpu")
+    device = resolve_device(args.device or ("cuda" if manifest.kind == "tensorrt" else "cpu"))
+    files = image_files(args.images, args.max_images)  # any count: the runner pads a fixed batch
+    args.checkpoint = args.checkpoint or shipped_checkpoint()
     model, _ = load_model(args.checkpoint)
     if model.config != manifest.config:
         raise UserError(f"{args.checkpoint} and {args.artifact} describe different models (configs differ)")
@@ -312,14 +320,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"note: {args.artifact} was exported from another checkpoint file (hash differs)", file=sys.stderr
         )
     runner = load_runner(args.artifact, device=device)
-    files = image_files(args.images, args.max_images)
-    if manifest.batch is not None:  # a fixed-batch artifact takes exactly that many images per call
-        args.batch_size = manifest.batch
-        files = files[: len(files) // manifest.batch * manifest.batch]
-        if not files:
-            raise UserError(
-                f"{args.artifact} has a fixed batch of {manifest.batch}: give at least that many images"
-            )
     batches = image_batches(files, runner.config.input_size, runner.config.normalization, args.batch_size)
     total = (len(files) + args.batch_size - 1) // args.batch_size
     report = verify_artifact(

@@ -77,6 +77,16 @@ def check_opset(opset: int) -> int:
     return opset
 
 
+def check_onnx_path(path: Path) -> Path:
+    """The output of ``export onnx`` is named ``*.onnx``: serving, ``eval --artifact`` and ``verify`` tell
+    an ONNX model from an engine by that suffix."""
+    if path.suffix.lower() != ".onnx":
+        raise UserError(
+            f"-o {path}: an ONNX model's file name ends in .onnx (e.g. {path.with_suffix('.onnx')})"
+        )
+    return path
+
+
 def parse_batch(value: str) -> int | None:
     """``"dynamic"`` -> None; ``"K"`` -> K (a fixed batch, K >= 1)."""
     if value == "dynamic":

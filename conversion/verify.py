@@ -25,8 +25,8 @@ from torch import Tensor
 
 from model.errors import UserError
 from model.network import RefineDet, RefineDetOutput
-from model.postprocess import Detections, decode_predictions, select_detections
-from model.runtime.base import ArtifactRunner, DecodedOutput, run_postprocess
+from model.postprocess import Detections, PostProcessor
+from model.runtime.base import ArtifactRunner
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -206,10 +206,20 @@ def image_files(directory: str | Path, max_images: int | None = None) -> list[Pa
 
 def image_batches(files: Sequence[Path], size: int, norm, batch_size: int) -> Iterable[Tensor]:
     """Decode, resize and normalise files with the shared contract (``model.preprocess``), in batches."""
-    from model.preprocess import load_image, preprocess
+    from model.preprocess import preprocess
 
     for start in range(0, len(files), batch_size):
-        yield preprocess([load_image(f) for f in files[start : start + batch_size]], size, norm)
+        yield preprocess([_decode(f) for f in files[start : start + batch_size]], size, norm)
+
+
+def _decode(path: Path) -> Tensor:
+    """The image at ``path`` (uint8 RGB [3, H, W]); a ``UserError`` naming it when it cannot be decoded."""
+    from model.preprocess import load_image
+
+    try:
+        return load_image(path)
+    except (OSError, ValueError) as exc:  # PIL: UnidentifiedImageError (an OSError), truncated data
+        raise UserError(f"{path} is not a readable image ({exc})") from None
 
 
 @torch.no_grad()
@@ -222,7 +232,8 @@ def verify_artifact(
 ) -> VerifyReport:
     """Run ``model`` (moved to the runner's device) and ``runner`` on every batch; compare."""
     model = model.to(runner.device).eval()
-    config, pp = runner.config, runner.config.postprocess
+    pp = runner.config.postprocess
+    postprocessor = PostProcessor(runner.config)
     anchors: Tensor = model.anchors  # type: ignore[assignment]
     tol = tolerance or TOLERANCES[runner.precision]
     report = VerifyReport(artifact, runner.precision, 0, tol)
@@ -231,8 +242,7 @@ def verify_artifact(
         images = images.to(runner.device)
         reference: RefineDetOutput = model(images)
         candidate = runner(images)
-        decoded = decode_predictions(*reference, anchors, config)
-        ref_tensors: Sequence[Tensor] = decoded if isinstance(candidate, DecodedOutput) else reference
+        ref_tensors = postprocessor.to_stage_of(reference, candidate, anchors)  # the candidate's stage
         for name, r, c in zip(candidate._fields, ref_tensors, candidate, strict=True):
             diff = (r.float() - c.float()).abs()
             s = sums.setdefault(name, [0.0, 0.0, 0])  # max, sum, count
@@ -241,8 +251,8 @@ def verify_artifact(
                 s[0] = m
             s[1] += float(diff.sum())
             s[2] += diff.numel()
-        ref_det = select_detections(*decoded, pp)
-        cand_det = run_postprocess(runner, candidate)
+        ref_det = postprocessor(reference, anchors)
+        cand_det = postprocessor(candidate, runner.anchors)
         a = match_detections(
             ref_det, cand_det, pp.keep_top_k, pp.score_threshold, tol.score_abs, tol.match_iou
         )

@@ -123,13 +123,17 @@ def ensure_engine(onnx: Path, settings: Settings, probes: Probes, builders: Buil
 
 
 def fallback(onnx: Path | None, checkpoint: Path | None, device: str, probes: Probes) -> Deployment:
-    """ONNX Runtime (its CUDA provider when ``device`` is cuda and the provider is there), else torch on
-    the checkpoint (or, with no model at all, on the untrained network the server builds)."""
+    """ONNX Runtime (with its CUDA provider when ``device`` is cuda and the provider is there), else torch
+    on the checkpoint (or, with no model at all, on the untrained network the server builds). On a GPU
+    where onnxruntime has no CUDA provider, torch on CUDA serves the checkpoint rather than ONNX Runtime
+    on the CPU."""
     if onnx is not None:
         providers = probes.onnxruntime_providers()
         if providers is not None:
             cuda = device == "cuda" and "CUDAExecutionProvider" in providers and probes.gpu() is not None
-            return Deployment(onnx, "onnxruntime", "cuda" if cuda else "cpu", onnx)
+            gpu_torch = device == "cuda" and not cuda and checkpoint is not None and probes.torch_cuda()
+            if not gpu_torch:  # a GPU is better used by torch than left idle by a CPU-only onnxruntime
+                return Deployment(onnx, "onnxruntime", "cuda" if cuda else "cpu", onnx)
         if checkpoint is None:
             raise UserError(
                 f"cannot serve {onnx} without onnxruntime: install refinedet[serve] or give a checkpoint"

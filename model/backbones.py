@@ -93,11 +93,3 @@ class ResNet101Body(nn.Module):
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return [c3, c4, c5, self.res6(c5)]
-
-
-def build_backbone(name: str) -> VGG16Body | ResNet101Body:
-    if name == "vgg16":
-        return VGG16Body()
-    if name == "resnet101":
-        return ResNet101Body()
-    raise ValueError(f"unknown backbone {name!r}; choose vgg16 or resnet101")

@@ -93,16 +93,20 @@ def save_checkpoint(
     return atomic_torch_save(ckpt, path)
 
 
+def stored_bytes(path: Path) -> io.BytesIO:
+    """A saved file's bytes for ``torch.load``, decompressed when they are xz data (the shipped default
+    is stored xz-compressed, see model/zoo.py). Raises OSError or ``lzma.LZMAError``."""
+    data = path.read_bytes()
+    return io.BytesIO(lzma.decompress(data) if data.startswith(XZ_MAGIC) else data)
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate the raw checkpoint dict; clear errors for wrong or damaged files."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        data = path.read_bytes()
-        if data.startswith(XZ_MAGIC):  # the shipped default is stored xz-compressed (see model/zoo.py)
-            data = lzma.decompress(data)
-        ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        ckpt = torch.load(stored_bytes(path), map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

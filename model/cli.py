@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "model.evaluation.cli",
     "conversion.cli",
     "deploy.cli",
+    "scaleout.cli",
 )
 
 
@@ -36,14 +37,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from model.config import preset
-    from model.network import build_model, feature_map_sizes
 
     changes = {}
     if args.num_classes is not None:
         if args.num_classes < 1:
             raise ValueError("--num-classes must be at least 1")
         changes["class_names"] = tuple(f"class{i}" for i in range(args.num_classes))
-    config = preset(args.preset, **changes)
+    config = preset(args.preset, **changes)  # a bad name is reported before torch is imported
+
+    from model.network import build_model, feature_map_sizes
+
     model = build_model(config)
     info = {
         "preset": config.name,
@@ -63,11 +66,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), "unknown" when run from an uninstalled tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("refinedet")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refinedet",
         description="RefineDet: train, evaluate, export (ONNX/TensorRT) and serve a single-shot detector.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -51,11 +51,11 @@ class AnchorConfig:
 @dataclass(frozen=True)
 class LossConfig:
     """Multi-task loss settings. ``negative_filter`` "code" keeps ARM-easy anchors that are positives
-    (the original Caffe code); "paper" drops every anchor with ARM background prob > theta."""
+    (the original Caffe code); "paper" drops every anchor with ARM background prob > theta
+    (``RefineDetConfig.filter_threshold``)."""
 
     match_threshold: float = 0.5
     negative_ratio: int = 3
-    filter_threshold: float = 0.99
     negative_filter: NegativeFilter = "code"
 
 
@@ -68,7 +68,6 @@ class PostprocessConfig:
     nms_threshold: float = 0.45
     top_k: int = 400
     keep_top_k: int = 200
-    filter_threshold: float = 0.99
 
     @staticmethod
     def original_code() -> PostprocessConfig:
@@ -111,6 +110,9 @@ class RefineDetConfig:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     normalization: Normalization = field(default_factory=Normalization)
     ablation: Ablation = field(default_factory=Ablation)
+    # theta of negative anchor filtering, for the loss and inference alike: an anchor whose ARM
+    # background probability exceeds it is never an ODM negative and gets every class score zeroed.
+    filter_threshold: float = 0.99
 
     def __post_init__(self) -> None:
         if self.input_size % 64 != 0 or self.input_size < 64:
@@ -164,11 +166,32 @@ class RefineDetConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown RefineDet config keys: {sorted(unknown)}")
+        data = _moved_filter_threshold(data)
         kwargs = tuples({k: v for k, v in data.items() if k not in nested})
         for key, cls in nested.items():
             if key in data:
                 kwargs[key] = cls(**tuples(data[key]))
         return RefineDetConfig(**kwargs)
+
+
+def _moved_filter_threshold(data: dict[str, Any]) -> dict[str, Any]:
+    """Configs written before theta had one place (checkpoints, manifests) stored it in both ``loss``
+    and ``postprocess``; it becomes the top-level ``filter_threshold``. Two different values cannot be
+    represented any more and are refused."""
+    old = {
+        key: data[key]["filter_threshold"]
+        for key in ("loss", "postprocess")
+        if isinstance(data.get(key), dict) and "filter_threshold" in data[key]
+    }
+    if not old:
+        return data
+    values = set(old.values()) | ({data["filter_threshold"]} if "filter_threshold" in data else set())
+    if len(values) > 1:
+        raise ValueError(f"conflicting negative anchor filter thresholds (theta) in the config: {old}")
+    moved = {k: ({n: v for n, v in data[k].items() if n != "filter_threshold"} if k in old else v)
+             for k, v in data.items()}  # fmt: skip
+    moved["filter_threshold"] = values.pop()
+    return moved
 
 
 def refinedet320_vgg16(**changes: Any) -> RefineDetConfig:

@@ -93,9 +93,14 @@ class MultiLevelHead(nn.Module):
     def __init__(self, in_channels: list[int], anchors_per_location: int, values: int) -> None:
         super().__init__()
         self.values = values
+        self.anchors_per_location = anchors_per_location
         self.convs = nn.ModuleList(
             nn.Conv2d(c, anchors_per_location * values, 3, padding=1) for c in in_channels
         )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.convs)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         outs = []

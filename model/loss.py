@@ -131,6 +131,6 @@ class RefineDetLoss(nn.Module):
         ODM, or None where the filter does not apply. An anchor is "easy" when p_bg > theta."""
         if not self.config.ablation.negative_filtering:
             return None, None
-        hard = arm_conf.float().softmax(dim=-1)[..., 0] <= self.config.loss.filter_threshold
+        hard = arm_conf.float().softmax(dim=-1)[..., 0] <= self.config.filter_threshold
         keep = hard if self.config.loss.negative_filter == "paper" else None
         return keep, hard

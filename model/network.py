@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from model.anchors import generate_anchors
-from model.backbones import build_backbone
 from model.config import RefineDetConfig
-from model.layers import Bottleneck, MultiLevelHead, TransferConnectionBlock, init_new_layers
+from model.layers import MultiLevelHead
+from model.parts import RefineDetParts, build_parts
 
 
 class RefineDetOutput(NamedTuple):
@@ -29,38 +29,21 @@ OUTPUT_NAMES = ("arm_loc", "arm_conf", "odm_loc", "odm_conf")
 
 
 class RefineDet(nn.Module):
+    """Wires the parts (``model.parts``) it is given; raises ``ValueError`` where they disagree with each
+    other or with the config (see ``check_parts``)."""
+
     anchors: Tensor  # [A, 4] priors_cxcywh, a non-persistent buffer computed once from the config
 
-    def __init__(self, config: RefineDetConfig) -> None:
+    def __init__(self, config: RefineDetConfig, parts: RefineDetParts) -> None:
         super().__init__()
+        check_parts(config, parts)
         self.config = config
-        k = config.anchors.anchors_per_location
-        ch = config.tcb_channels
-        resnet = config.backbone == "resnet101"
-        self.backbone = build_backbone(config.backbone)
-        source_ch = list(self.backbone.out_channels)
-        # ResNet: an extra 256-256-1024 bottleneck before every ARM and ODM head (heads see 1024 ch).
-        self.arm_adapters = nn.ModuleList(Bottleneck(c, 256, 1024) for c in source_ch) if resnet else None
-        arm_in = [1024] * 4 if resnet else source_ch
-        self.arm_loc = MultiLevelHead(arm_in, k, 4)
-        self.arm_conf = MultiLevelHead(arm_in, k, 2)
-        self.tcbs: nn.ModuleList | None = None
-        if config.ablation.tcb:
-            n = len(source_ch)
-            self.tcbs = nn.ModuleList(
-                TransferConnectionBlock(c, ch, top=(i == n - 1), bn=resnet) for i, c in enumerate(source_ch)
-            )
-            odm_src = [ch] * n
-        else:  # SSD-like ablation: the ODM heads sit directly on the ARM's source maps
-            odm_src = source_ch
-        self.odm_adapters = nn.ModuleList(Bottleneck(c, 256, 1024) for c in odm_src) if resnet else None
-        odm_in = [1024] * 4 if resnet else odm_src
-        self.odm_loc = MultiLevelHead(odm_in, k, 4)
-        self.odm_conf = MultiLevelHead(odm_in, k, config.num_classes)
-        heads = [self.arm_loc, self.arm_conf, self.odm_loc, self.odm_conf]
-        for module in [*heads, self.tcbs, self.arm_adapters, self.odm_adapters]:
-            if module is not None:
-                init_new_layers(module)
+        self.backbone = parts.backbone
+        self.arm_adapters = parts.arm_adapters
+        self.arm_loc, self.arm_conf = parts.arm_loc, parts.arm_conf
+        self.tcbs = parts.tcbs
+        self.odm_adapters = parts.odm_adapters
+        self.odm_loc, self.odm_conf = parts.odm_loc, parts.odm_conf
         self.register_buffer("anchors", generate_anchors(config), persistent=False)
 
     def forward(self, images: Tensor) -> RefineDetOutput:
@@ -93,7 +76,35 @@ class RefineDet(nn.Module):
 
 
 def build_model(config: RefineDetConfig) -> RefineDet:
-    return RefineDet(config)
+    """The network for ``config``, from its backbone's parts (``model.parts``)."""
+    return RefineDet(config, build_parts(config))
+
+
+def check_parts(config: RefineDetConfig, parts: RefineDetParts) -> None:
+    """Raise ``ValueError`` unless every head predicts for the anchors the config generates (anchors per
+    location, one conv per level) and the values the loss and post-processing expect, the backbone
+    gives one source map per anchor level, and TCBs are present exactly when the config uses them."""
+    k = config.anchors.anchors_per_location
+    levels = len(config.anchors.steps)
+    sources = len(getattr(parts.backbone, "out_channels", ()))
+    if sources != levels:
+        raise ValueError(f"the backbone gives {sources} source maps; the anchor config has {levels} levels")
+    values = {"arm_loc": 4, "arm_conf": 2, "odm_loc": 4, "odm_conf": config.num_classes}
+    for name, expected in values.items():
+        head: MultiLevelHead = getattr(parts, name)
+        if head.anchors_per_location != k:
+            raise ValueError(
+                f"{name} predicts {head.anchors_per_location} anchors per location; the anchor "
+                f"generator makes {k} (aspect ratios {config.anchors.aspect_ratios})"
+            )
+        if head.num_levels != levels:
+            raise ValueError(f"{name} has {head.num_levels} levels; the anchor config has {levels}")
+        if head.values != expected:
+            raise ValueError(f"{name} predicts {head.values} values per anchor; expected {expected}")
+    if (parts.tcbs is not None) != config.ablation.tcb:
+        raise ValueError(
+            f"config.ablation.tcb is {config.ablation.tcb} but the parts {'lack' if config.ablation.tcb else 'have'} TCBs"
+        )
 
 
 @torch.no_grad()

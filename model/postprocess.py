@@ -16,18 +16,24 @@ Evaluation, export verification, every serving backend and the benchmarks call t
    is the one copy to the host; it redoes the rare unconverged batch adaptively, so both modes are exact.
 3. ``to_pixels``: normalised boxes -> original image pixels.
 
+``PostProcessor`` is the entry everyone calls: it takes any stage a network, an artifact or a serving
+backend stopped at (``ModelOutput``: raw heads, ``DecodedOutput`` or ``SelectedOutput``) and finishes
+the rest, so no caller branches on the output type.
+
 Scores are the ODM softmax probability, not multiplied by ARM objectness (as in the original code).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from model.box_coding import BoxCoder, cxcywh_to_xyxy
 from model.config import PostprocessConfig, RefineDetConfig
+from model.network import RefineDetOutput
 
 
 def decode_predictions(
@@ -48,7 +54,7 @@ def decode_predictions(
     scores = torch.softmax(odm_conf.float(), dim=-1)[..., 1:]
     if config.ablation.negative_filtering:
         arm_bg = torch.softmax(arm_conf.float(), dim=-1)[..., :1]
-        scores = scores * (arm_bg <= config.postprocess.filter_threshold)
+        scores = scores * (arm_bg <= config.filter_threshold)
     return boxes, scores
 
 
@@ -249,8 +255,30 @@ def detections_to_host(
     return Detections(host.boxes_xyxy, host.scores, host.labels)
 
 
+class DecodedOutput(NamedTuple):
+    """What ``decode_predictions`` returns (an artifact exported with ``--outputs decoded`` returns it too)."""
+
+    boxes_xyxy: Tensor  # [B, A, 4] normalised corners, not clipped
+    scores: Tensor  # [B, A, C-1] class probabilities after negative anchor filtering (no background)
+
+
+class SelectedOutput(NamedTuple):
+    """Detections selected on the device without a host sync (the sync-free mode: ``converged`` set), with
+    the decoded boxes and scores they came from, for ``detections_to_host``'s exact redo (the torch
+    backend's fused CUDA graphs return this)."""
+
+    detections: Detections
+    boxes_xyxy: Tensor  # [B, A, 4]
+    scores: Tensor  # [B, A, C-1]
+
+
+# Any stage of the pipeline: raw head tensors, decoded boxes and scores, or selected detections.
+ModelOutput = RefineDetOutput | DecodedOutput | SelectedOutput
+
+
 class PostProcessor:
-    """decode_predictions + select_detections for one model config; the object everyone shares.
+    """The one post-processing entry for one model config: whatever stage a network, artifact or backend
+    stopped at (``ModelOutput``), it finishes the rest. Nobody else branches on the output type.
 
     ``nms_passes``: "auto" (sync-free with ``SYNC_FREE_NMS_PASSES`` on CUDA tensors, adaptive on the
     CPU), None (always adaptive) or a pass count (always sync-free).
@@ -273,24 +301,42 @@ class PostProcessor:
             return SYNC_FREE_NMS_PASSES if device.type == "cuda" else None
         return self.nms_passes  # type: ignore[return-value]
 
-    def decode(
-        self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], anchors_cxcywh: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return decode_predictions(*outputs, anchors_cxcywh, self.config)
+    def decode(self, outputs: ModelOutput, anchors_cxcywh: Tensor | None = None) -> DecodedOutput:
+        """Any output -> decoded boxes and scores (decoding raw heads against ``anchors_cxcywh``)."""
+        if isinstance(outputs, SelectedOutput):
+            return DecodedOutput(outputs.boxes_xyxy, outputs.scores)
+        if isinstance(outputs, DecodedOutput):
+            return outputs
+        if anchors_cxcywh is None:
+            raise ValueError("raw head outputs need the anchors to be decoded")
+        return DecodedOutput(*decode_predictions(*outputs, anchors_cxcywh, self.config))
 
-    def __call__(self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], anchors_cxcywh: Tensor) -> Detections:
-        """Exact detections on the outputs' device (adaptive mode)."""
-        boxes, scores = self.decode(outputs, anchors_cxcywh)
-        return select_detections(boxes, scores, self.postprocess)
+    def to_stage_of(
+        self, raw: RefineDetOutput, other: ModelOutput, anchors_cxcywh: Tensor
+    ) -> tuple[Tensor, ...]:
+        """``raw`` brought to the stage of ``other`` (raw or decoded), to compare them tensor by tensor."""
+        if isinstance(other, SelectedOutput):
+            raise ValueError("selected detections have no tensor-by-tensor counterpart")
+        return self.decode(raw, anchors_cxcywh) if isinstance(other, DecodedOutput) else raw
 
-    def select_to_host(self, boxes_xyxy: Tensor, scores: Tensor) -> Detections:
-        """Select (sync-free on CUDA unless configured otherwise) and copy to the host; exact either way."""
-        passes = self.passes_for(scores.device)
-        detections = select_detections(boxes_xyxy, scores, self.postprocess, passes)
-        return detections_to_host(detections, boxes_xyxy, scores, self.postprocess)
+    def __call__(self, outputs: ModelOutput, anchors_cxcywh: Tensor | None = None) -> Detections:
+        """Exact detections on the outputs' device (adaptive mode, or a sync-free selection kept as it
+        is when it converged)."""
+        if isinstance(outputs, SelectedOutput) and _converged(outputs.detections):
+            return outputs.detections
+        return select_detections(*self.decode(outputs, anchors_cxcywh), self.postprocess)
 
-    def detect_to_host(
-        self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], anchors_cxcywh: Tensor
-    ) -> Detections:
-        """Decode, select and copy to the host, exact in either mode."""
-        return self.select_to_host(*self.decode(outputs, anchors_cxcywh))
+    def to_host(self, outputs: ModelOutput, anchors_cxcywh: Tensor | None = None) -> Detections:
+        """Finish the post-processing and copy to the host, exact in either mode. Selection runs
+        sync-free on CUDA (unless configured otherwise) so the copy is the one wait for the device."""
+        if isinstance(outputs, SelectedOutput):
+            selected = outputs.detections
+            boxes, scores = outputs.boxes_xyxy, outputs.scores
+        else:
+            boxes, scores = self.decode(outputs, anchors_cxcywh)
+            selected = select_detections(boxes, scores, self.postprocess, self.passes_for(scores.device))
+        return detections_to_host(selected, boxes, scores, self.postprocess)
+
+
+def _converged(detections: Detections) -> bool:
+    return detections.converged is None or bool(detections.converged)

@@ -71,11 +71,16 @@ def read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     import torch
     from torch import Tensor
 
+    from model.checkpoint import stored_bytes
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
+    # A RefineDet checkpoint may be xz-compressed (the shipped one is) and records the torch version
+    # (a str subclass) in its metadata.
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            obj = torch.load(stored_bytes(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises pickle, zip and runtime errors alike for non-checkpoints
         raise WeightsFormatError(f"{path}: not a PyTorch state dict ({type(e).__name__}: {e})") from None
     provenance: dict[str, Any] = {}

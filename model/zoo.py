@@ -18,3 +18,14 @@ DEFAULT_CLASSES = ("RBC", "WBC", "Platelets")
 def default_checkpoint() -> Path | None:
     """The shipped default checkpoint (RefineDet320 VGG-16 trained on BCCD), or None when absent."""
     return DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else None
+
+
+def shipped_checkpoint() -> Path:
+    """The default model of every command that takes one (``eval``, ``verify``, ``serve``); a
+    ``UserError`` where this install ships none."""
+    from model.errors import UserError
+
+    path = default_checkpoint()
+    if path is None:
+        raise UserError("no model given and none shipped in this install: give --checkpoint or --artifact")
+    return path

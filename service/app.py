@@ -13,10 +13,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from service.docs_ui import install_swagger_ui
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.routes import benchmark, detect, health
+from service.routes import benchmark, detect, health, inference_v2
 from service.settings import Settings
 from service.state import Loader, ServiceState
 
@@ -51,11 +52,15 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         version=_package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # /docs comes from install_swagger_ui: the package's assets, no CDN
+        redoc_url=None,  # FastAPI's ReDoc page needs a CDN too: /docs is the one API page
     )
+    install_swagger_ui(app)
     app.state.service = state
     install_error_handlers(app)
     app.include_router(detect.router(settings))
     app.include_router(health.router(settings))
+    app.include_router(inference_v2.router(settings))
     app.include_router(benchmark.router(settings))
     if settings.cors_origins:
         app.add_middleware(

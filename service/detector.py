@@ -19,10 +19,9 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from model.postprocess import Detections, PostProcessor, detections_to_host
+from model.postprocess import Detections, PostProcessor
 from model.preprocess import preprocess
-from model.runtime.base import DecodedOutput
-from service.backends.base import Backend, BackendOutput, SelectedOutput
+from service.backends.base import Backend, BackendOutput
 from service.decoding import JpegDecoder
 from service.errors import ServiceError
 from service.imaging import EncodedJpeg
@@ -71,16 +70,9 @@ class Detector:
         return self.backend.max_batch
 
     def postprocess(self, outputs: BackendOutput) -> Detections:
-        """The shared post-processing of a backend's outputs, copied to the host (on CUDA sync-free
-        until that copy; exact greedy NMS in every case). Decodes unless the artifact decoded inside its
-        graph; selects unless the backend already did (``SelectedOutput``)."""
-        pp = self.postprocessor
-        if isinstance(outputs, SelectedOutput):
-            return detections_to_host(outputs.detections, outputs.boxes_xyxy, outputs.scores, pp.postprocess)
-        if isinstance(outputs, DecodedOutput):
-            return pp.select_to_host(outputs.boxes_xyxy, outputs.scores)
-        assert self.backend.anchors is not None
-        return pp.detect_to_host(outputs, self.backend.anchors)
+        """The shared post-processing of a backend's outputs, whatever stage it stopped at, copied to the
+        host (on CUDA sync-free until that copy; exact greedy NMS in every case)."""
+        return self.postprocessor.to_host(outputs, self.backend.anchors)
 
     def __call__(self, images: Sequence[Tensor]) -> list[ImageDetections]:
         """Detect on decoded images (any number; split into chunks of ``max_batch``)."""

@@ -3,6 +3,7 @@
 - ``gpu``: skipped without a CUDA device.
 - ``tensorrt``: skipped without the ``tensorrt`` package and a CUDA device.
 - ``slow``: skipped unless ``--runslow`` or ``REFINEDET_SLOW=1``.
+- ``ray``: skipped without Ray (extra ``scale``); the test itself also needs root, ``unshare`` and ``ip``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         "tensorrt": None
         if (has_trt and has_cuda)
         else "needs TensorRT 10 and a CUDA GPU (TensorRT cannot be installed on this machine)",
+        "ray": None
+        if importlib.util.find_spec("ray") is not None
+        else "Ray is not installed (pip install -e '.[scale]')",
     }
     for item in items:
         for marker, reason in skips.items():

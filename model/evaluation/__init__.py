@@ -24,6 +24,7 @@ _EXPORTS = {
     "box_voting": "model.evaluation.multiscale",
     "multiscale_schedule": "model.evaluation.multiscale",
     "predict_files": "model.evaluation.predict",
+    "ImagePredictor": "model.evaluation.predict",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,8 +3,8 @@
 ``ArtifactNetwork(runner)`` has what ``model.evaluation.runner`` needs from a RefineDet: ``config``,
 ``anchors`` [A, 4] cxcywh and ``forward(images [B, 3, S, S]) -> RefineDetOutput | DecodedOutput``, so
 ``refinedet eval --artifact model.onnx`` scores the artifact through the same preprocessing,
-post-processing and metrics as a checkpoint. An artifact runs at its export size only, and a
-fixed-batch artifact gets its batch padded.
+post-processing and metrics as a checkpoint. An artifact runs at its export size only; any batch size
+works (the runner pads a fixed-batch or min-batch artifact's calls, as it does when serving).
 """
 
 from __future__ import annotations
@@ -34,16 +34,8 @@ class ArtifactNetwork(nn.Module):
                 f"an exported artifact runs at its input size {size} only (got {tuple(images.shape[-2:])}); "
                 "evaluate the checkpoint for the multi-scale test"
             )
-        fixed = self.runner.manifest.batch
-        step = fixed or self.runner.max_batch or images.shape[0]
-        parts = []
-        for chunk in images.split(step):
-            n = chunk.shape[0]
-            if fixed and n < fixed:  # pad a fixed-batch artifact's last call with zero images
-                chunk = torch.cat([chunk, chunk.new_zeros(fixed - n, *chunk.shape[1:])])
-            parts.append([t[:n] for t in self.runner(chunk.to(self.runner.device))])
-        tensors = [torch.cat(ts).to(images.device) for ts in zip(*parts, strict=True)]
-        return self.runner.wrap(tensors)
+        outputs = self.runner(images.to(self.runner.device))  # the runner chunks and pads the batch
+        return type(outputs)(*(t.to(images.device) for t in outputs))
 
 
 def load_artifact_network(path: str | Path, device: torch.device) -> ArtifactNetwork:

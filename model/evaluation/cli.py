@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.devices import resolve_device
+
 METRICS = ("voc07", "voc12", "coco")
 
 
@@ -14,8 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint or an exported model: VOC07/VOC12 AP or COCO AP, per class"
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint written by `refinedet train`")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--checkpoint", help="checkpoint written by `refinedet train` (default: the shipped BCCD model)"
+    )
     source.add_argument(
         "--artifact",
         help="exported model (model.onnx, model.int8.onnx, model.plan) with its .json manifest",
@@ -58,35 +62,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_eval)
 
     q = subparsers.add_parser(
-        "predict", help="detect objects on image files; writes JSON and annotated images"
+        "predict",
+        help="detect objects on image files, folders or list files; one JSONL row per image, resumable",
+        description="Streams any number of images through the model and appends one row per image to "
+        "OUTPUT/detections.jsonl (a bad image is an error row). Rerunning with the same OUTPUT skips the "
+        "images already there. class_id is the 0-based index into the model's class_names.",
     )
-    q.add_argument("images", nargs="+", metavar="IMAGES", help="image files")
-    q.add_argument("--checkpoint", required=True, help="checkpoint written by `refinedet train`")
+    add_predict_arguments(q)
+    q.set_defaults(handler=cmd_predict)
+
+
+def add_predict_arguments(q: argparse.ArgumentParser) -> None:
+    """The options ``refinedet predict`` and ``refinedet ray-predict`` share."""
+    q.add_argument(
+        "images", nargs="*", metavar="IMAGES", help="image files and/or folders (walked recursively)"
+    )
+    q.add_argument(
+        "--list",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file with one image path per line (repeatable)",
+    )
+    source = q.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint written by `refinedet train`")
+    source.add_argument("--artifact", help="exported model (model.onnx, model.plan) with its .json manifest")
     q.add_argument("--output", default="predictions", help="output folder (default: predictions)")
     q.add_argument(
         "--score-threshold", type=float, default=0.5, help="keep detections above this (default 0.5)"
     )
     q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--threads", type=int, default=2, help="image decoding threads (default 2)")
     q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    q.add_argument("--annotate", action="store_true", help="also write annotated JPEGs to OUTPUT/annotated/")
+    q.add_argument("--overwrite", action="store_true", help="start over instead of resuming OUTPUT")
+    q.add_argument(
+        "--retry-errors", action="store_true", help="on resume, run the images that had errors again"
+    )
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
-    q.set_defaults(handler=cmd_predict)
-
-
-def resolve_device(name: str) -> Any:
-    """ "auto" -> cuda when available, else cpu; a clear error for unknown or unavailable devices."""
-    import torch
-
-    from model.errors import UserError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -98,29 +111,36 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--score-threshold must lie in [0, 1), got {args.score_threshold}")
 
 
+def check_data_options(args: argparse.Namespace) -> None:
+    """The data set options make sense and name existing folders (checked before the model loads)."""
+    from model.errors import UserError
+
+    coco = args.coco_images or args.coco_ann
+    if coco and args.data:
+        raise UserError("give either --data or --coco-images/--coco-ann, not both")
+    if coco and not (args.coco_images and args.coco_ann):
+        raise UserError("--coco-images and --coco-ann go together")
+    if not coco and not args.data:
+        raise UserError("give --data ROOT (VOC layout) or --coco-images DIR --coco-ann FILE")
+    for root in args.data:
+        if not Path(root).is_dir():
+            raise UserError(f"--data {root}: not a folder (expected a PASCAL VOC-layout root)")
+
+
 def open_dataset(args: argparse.Namespace, class_names: tuple[str, ...]) -> Any:
     """The evaluation data set named by the options (VOC roots or a COCO folder + JSON)."""
     from model.errors import UserError
 
     dataset: Any
-    coco = args.coco_images or args.coco_ann
-    if coco and args.data:
-        raise UserError("give either --data or --coco-images/--coco-ann, not both")
-    if coco:
-        if not (args.coco_images and args.coco_ann):
-            raise UserError("--coco-images and --coco-ann go together")
+    check_data_options(args)
+    if args.coco_images:
         from model.data.coco import COCODetection
 
         dataset = COCODetection(args.coco_images, args.coco_ann)
-    elif args.data:
-        for root in args.data:
-            if not Path(root).is_dir():
-                raise UserError(f"--data {root}: not a folder (expected a PASCAL VOC-layout root)")
+    else:
         from model.data.voc import VOCDetection
 
         dataset = VOCDetection(args.data, args.split, class_names=class_names, keep_difficult=True)
-    else:
-        raise UserError("give --data ROOT (VOC layout) or --coco-images DIR --coco-ann FILE")
     if len(dataset) == 0:
         raise UserError("the evaluation data set has no images")
     if tuple(dataset.class_names) != tuple(class_names):
@@ -135,9 +155,12 @@ def load_evaluated(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     from model.checkpoint import file_sha256, load_model
     from model.errors import UserError
 
-    if args.checkpoint:
+    if not args.artifact:
+        from model.zoo import shipped_checkpoint
+
+        args.checkpoint = args.checkpoint or str(shipped_checkpoint())
+        device = resolve_device(args.device)  # a bad --device is reported before the model loads
         model, _ = load_model(args.checkpoint)
-        device = resolve_device(args.device)
         return (
             model,
             device,
@@ -170,6 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model.evaluation.runner import evaluate_coco, evaluate_voc
 
     _check_options(args)
+    check_data_options(args)
     model, device, source = load_evaluated(args)
     config = model.config
     dataset = open_dataset(args, config.class_names)
@@ -215,23 +239,81 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from model.checkpoint import load_model
-    from model.evaluation.predict import predict_files
+def check_predict_options(args: argparse.Namespace) -> None:
+    """Usage errors of ``predict`` / ``ray-predict``, before anything loads."""
+    from model.errors import UserError
 
     _check_options(args)
-    model, _ = load_model(args.checkpoint)
-    device = resolve_device(args.device)
-    document = predict_files(
-        model,
-        args.images,
-        args.output,
-        device,
-        args.score_threshold,
-        args.batch_size,
-        progress=not args.no_progress,
+    if not args.images and not args.list:
+        raise UserError("give image files, folders or --list FILE")
+    for path in args.images:
+        if not Path(path).exists():
+            raise UserError(f"{path}: no such image file or folder")
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.device != "auto":
+        resolve_device(args.device)  # a bad --device is reported before the model loads
+
+
+def predict_source(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """(what run.json records about the model, its config) without building the network."""
+    if args.checkpoint:
+        from model.checkpoint import file_sha256, read_checkpoint
+        from model.config import RefineDetConfig
+
+        config = RefineDetConfig.from_dict(read_checkpoint(args.checkpoint)["config"])
+        source = {"checkpoint_path": str(Path(args.checkpoint).absolute())}
+        return {**source, "checkpoint_sha256": file_sha256(args.checkpoint)}, config
+    from model.artifacts import read_manifest
+
+    manifest = read_manifest(args.artifact)
+    source = {"artifact_path": str(Path(args.artifact).absolute())}
+    return {**source, "artifact_sha256": manifest.artifact_sha256}, manifest.config
+
+
+def predict_run_record(args: argparse.Namespace, source: dict[str, Any], config: Any) -> dict[str, Any]:
+    """What ``run.json`` records, and what a resumed run must match (``predict`` and ``ray-predict`` alike)."""
+    return {
+        **source,
+        "model": config.name,
+        "class_names": list(config.class_names),
+        "class_id": "0-based index into class_names",
+        "score_threshold": args.score_threshold,
+        "annotate": getattr(args, "annotate", False),
+    }
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from model.evaluation.predict import ImagePredictor, PredictionLog, iter_inputs, predict_files
+
+    check_predict_options(args)
+    source, config = predict_source(args)
+    log = PredictionLog(
+        args.output, predict_run_record(args, source, config), args.overwrite, args.retry_errors
     )
-    for image in document["images"]:
-        print(f"{image['file']}: {len(image['detections'])} detections")
-    print(f"wrote {Path(args.output) / 'detections.json'} and {len(document['images'])} annotated images")
+    args.multiscale = False
+    model, device, _ = load_evaluated(args)
+    predictor = ImagePredictor(model, device, args.score_threshold)
+    bar = tqdm(desc="predict", unit="img", disable=args.no_progress)
+    start = time.perf_counter()
+    try:
+        counts = predict_files(
+            predictor,
+            iter_inputs(args.images, args.list),
+            log,
+            args.batch_size,
+            args.threads,
+            Path(args.output) / "annotated" if args.annotate else None,
+            on_batch=lambda rows: bar.update(len(rows)),
+        )
+    finally:
+        bar.close()
+        log.close()
+    seconds = time.perf_counter() - start
+    print(
+        f"{counts['images']} images in {seconds:.1f} s on {device} ({counts['errors']} errors), "
+        f"{counts['skipped']} already done; rows in {log.path}"
+    )
     return 0

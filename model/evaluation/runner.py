@@ -23,9 +23,8 @@ from model.evaluation.artifact import ArtifactNetwork
 from model.evaluation.multiscale import ScaleRule, flip_boxes, merge_by_voting, multiscale_schedule
 from model.evaluation.voc import evaluate_detections
 from model.network import RefineDet
-from model.postprocess import PostProcessor, select_detections, to_pixels
+from model.postprocess import PostProcessor, to_pixels
 from model.preprocess import preprocess
-from model.runtime import DecodedOutput
 
 
 class ImageDataset(Protocol):
@@ -78,11 +77,7 @@ class Detector:
     ) -> list[dict[str, Tensor]]:
         size = size or self.config.input_size
         batch = preprocess([im.flip(-1) if flip else im for im in images], size, self.config.normalization)
-        outputs = self.model(batch)
-        if isinstance(outputs, DecodedOutput):  # an artifact whose graph decodes: selection only
-            detections = select_detections(*outputs, self.postprocessor.postprocess)
-        else:
-            detections = self.postprocessor(tuple(outputs), self.anchors(size))
+        detections = self.postprocessor(self.model(batch), self.anchors(size))
         results = []
         for i, image in enumerate(images):
             boxes, scores, labels = detections.image(i)

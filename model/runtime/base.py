@@ -9,12 +9,10 @@ limits) and is called with already-preprocessed images on its device::
 
 ``__call__`` returns ``RefineDetOutput`` (the four raw head tensors, float32) for a "raw" artifact
 and ``DecodedOutput`` (boxes_xyxy, scores) for a "decoded" one, where ``decode_predictions`` already
-ran inside the graph and only ``select_detections`` remains.
+ran inside the graph; ``model.postprocess.PostProcessor`` finishes either.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,13 +21,7 @@ from model.anchors import generate_anchors
 from model.artifacts import ArtifactError, Manifest
 from model.config import PostprocessConfig
 from model.network import RefineDetOutput
-from model.postprocess import Detections, decode_predictions, select_detections
-
-
-class DecodedOutput(NamedTuple):
-    boxes_xyxy: Tensor  # [B, A, 4] normalised corners, not clipped
-    scores: Tensor  # [B, A, C-1] class probabilities after negative anchor filtering (no background)
-
+from model.postprocess import DecodedOutput, Detections, PostProcessor
 
 RunnerOutput = RefineDetOutput | DecodedOutput
 
@@ -51,34 +43,47 @@ class ArtifactRunner:
         self.anchors = generate_anchors(self.config).to(device)
 
     def check_images(self, images: Tensor) -> int:
-        """Validate an input batch [B, 3, S, S]; returns B."""
+        """Validate an input batch [B, 3, S, S] with B >= 1; returns B."""
         s = self.config.input_size
-        if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise ArtifactError(f"expected images [B, 3, {s}, {s}], got {list(images.shape)}")
-        b = int(images.shape[0])
-        if self.manifest.batch is not None and b != self.manifest.batch:
-            raise ArtifactError(
-                f"this artifact was exported with a fixed batch of {self.manifest.batch}, got {b}"
-            )
-        if self.max_batch is not None and b > self.max_batch:
-            raise ArtifactError(f"batch {b} exceeds this artifact's max batch {self.max_batch}")
-        return b
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s) or images.shape[0] < 1:
+            raise ArtifactError(f"expected images [B, 3, {s}, {s}] with B >= 1, got {list(images.shape)}")
+        return int(images.shape[0])
 
     def wrap(self, tensors: list[Tensor]) -> RunnerOutput:
         tensors = [t.float() for t in tensors]
         return RefineDetOutput(*tensors) if self.outputs == "raw" else DecodedOutput(*tensors)
 
     def __call__(self, images: Tensor) -> RunnerOutput:
+        """Outputs for any number of images: the batch is cut into calls of at most ``max_batch`` and
+        each call is padded with zero images up to ``min_batch`` (a fixed batch, or an engine profile's
+        minimum); the padding rows are dropped. Evaluation, verification and serving all rely on this."""
+        b = self.check_images(images)
+        step = self.max_batch or b
+        parts: list[list[Tensor]] = []
+        for chunk in images.split(step):
+            n = chunk.shape[0]
+            outputs = self.run_batch(pad_batch(chunk, max(n, self.min_batch)))
+            parts.append([t[:n] for t in outputs])
+        if len(parts) == 1:
+            return self.wrap(parts[0])
+        return self.wrap([torch.cat(ts) for ts in zip(*parts, strict=True)])
+
+    def run_batch(self, images: Tensor) -> list[Tensor]:
+        """One engine call on a batch with ``min_batch <= B <= max_batch``; the output tensors in the
+        manifest's order (subclasses implement it)."""
         raise NotImplementedError
+
+
+def pad_batch(images: Tensor, size: int) -> Tensor:
+    """Tensor[B, ...] -> Tensor[size, ...] by appending zero images (size >= B)."""
+    b = images.shape[0]
+    if size == b:
+        return images
+    return torch.cat([images, images.new_zeros((size - b, *images.shape[1:]))])
 
 
 def run_postprocess(
     runner: ArtifactRunner, outputs: RunnerOutput, postprocess: PostprocessConfig | None = None
 ) -> Detections:
-    """The shared selection on a runner's outputs (decoding first when the graph did not)."""
-    pp = postprocess or runner.config.postprocess
-    if isinstance(outputs, DecodedOutput):
-        boxes, scores = outputs
-    else:
-        boxes, scores = decode_predictions(*outputs, runner.anchors, runner.config)
-    return select_detections(boxes, scores, pp)
+    """The shared post-processing of a runner's outputs, whichever kind (on the runner's device)."""
+    return PostProcessor(runner.config, postprocess)(outputs, runner.anchors)

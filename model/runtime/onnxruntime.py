@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from model.artifacts import ArtifactError, read_manifest
-from model.runtime.base import ArtifactRunner, RunnerOutput
+from model.runtime.base import ArtifactRunner
 
 # ONNX tensor type strings as ONNX Runtime reports them -> torch dtypes.
 ORT_TO_TORCH = {
@@ -98,15 +98,14 @@ class OnnxRuntimeRunner(ArtifactRunner):
             raise ArtifactError(f"unsupported graph input type {inputs[0].type}")
         self._output_dtypes = [ORT_TO_TORCH.get(o.type, torch.float32) for o in self.session.get_outputs()]
 
-    def __call__(self, images: Tensor) -> RunnerOutput:
-        b = self.check_images(images)
+    def run_batch(self, images: Tensor) -> list[Tensor]:
         x = images.to(self.device, self.input_dtype).contiguous()
         if self.device.type == "cpu":
             results = self.session.run(
                 list(self.manifest.output_names), {self.manifest.input_name: x.numpy()}
             )
-            return self.wrap([torch.from_numpy(r) for r in results])
-        return self.wrap(self._run_cuda(x, b))
+            return [torch.from_numpy(r) for r in results]
+        return self._run_cuda(x, int(x.shape[0]))
 
     def _run_cuda(self, x: Tensor, batch: int) -> list[Tensor]:
         import numpy as np

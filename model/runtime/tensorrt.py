@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from model.artifacts import ArtifactError, Manifest, check_engine_compatible, read_manifest
-from model.runtime.base import ArtifactRunner, RunnerOutput
+from model.runtime.base import ArtifactRunner
 
 TENSORRT_MISSING = (
     "TensorRT is not installed: pip install tensorrt / use the NVIDIA container; engines can only be "
@@ -114,10 +114,7 @@ class TensorRTRunner(ArtifactRunner):
         self._dtypes = {n: torch_dtype(dt) for n, (_, dt) in io.items()}
         self._lock = threading.Lock()  # one execution context: calls must not interleave
 
-    def __call__(self, images: Tensor) -> RunnerOutput:
-        b = self.check_images(images)
-        if b < self.min_batch:
-            raise ArtifactError(f"batch {b} is below this engine's profile minimum {self.min_batch}")
+    def run_batch(self, images: Tensor) -> list[Tensor]:
         name = self.manifest.input_name
         x = images.to(self.device, self._dtypes[name]).contiguous()
         stream = torch.cuda.current_stream(self.device)
@@ -135,4 +132,4 @@ class TensorRTRunner(ArtifactRunner):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
             # x and outputs are used on `stream`; the caching allocator must not recycle x before it runs.
             x.record_stream(stream)
-        return self.wrap(outputs)
+        return outputs

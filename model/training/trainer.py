@@ -58,6 +58,15 @@ class TrainResult:
     seconds: float
 
 
+def loss_line(row: dict[str, Any], iterations: int) -> str:
+    """A logged training row for the console: iteration, losses, learning rate, throughput."""
+    return (
+        f"iteration {row['iteration']}/{iterations}  loss {row['loss']:.4f}  "
+        f"arm {row['arm_loc']:.3f}/{row['arm_conf']:.3f}  odm {row['odm_loc']:.3f}/{row['odm_conf']:.3f}  "
+        f"lr {row['lr']:.3g}  {row['images_per_s']:.3g} img/s"
+    )
+
+
 class Trainer:
     """``Trainer(options, resume=None, overrides=None).run() -> TrainResult``.
 
@@ -108,6 +117,7 @@ class Trainer:
             self.dataset, self.config, o, self.ctx, self.start, self.device
         )
         if self.ctx.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)  # only now: a failed setup leaves no empty run
             self._setup_logs()
 
     def _setup_model(self) -> None:
@@ -165,7 +175,6 @@ class Trainer:
             raise UserError(
                 f"{out} already holds a run (last.pth): resume it with --resume {out / 'last.pth'} or pick another --output"
             )
-        out.mkdir(parents=True, exist_ok=True)
         return out
 
     def describe(self) -> list[str]:
@@ -282,6 +291,8 @@ class Trainer:
         row["time_s"] = round(now - self._t0, 3)
         if self.logger is not None:
             self.logger.log_train(row)
+            if bar.disable:  # --no-progress: one console line per logged step instead of the bar
+                print(loss_line(row, self.iterations), flush=True)
             bar.set_postfix(loss=f"{values[0]:.3f}", arm=f"{values[1]:.2f}/{values[2]:.2f}",
                             odm=f"{values[3]:.2f}/{values[4]:.2f}", lr=f"{row['lr']:.2g}",
                             img_s=f"{row['images_per_s']:.3g}")  # fmt: skip

@@ -1,5 +1,6 @@
 """Backends over exported artifacts: they wrap a ``model.runtime`` runner built from the file and its
-manifest (``model.onnx`` + ``model.onnx.json``), adding batch padding and what the service reports."""
+manifest (``model.onnx`` + ``model.onnx.json``), adding what the service reports (the runner pads
+batches itself)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from model.runtime.base import ArtifactRunner, RunnerOutput
-from service.backends.base import Backend, ModelInfo, pad_batch, slice_outputs
+from service.backends.base import Backend, ModelInfo
 
 log = logging.getLogger("refinedet.service")
 
@@ -44,14 +45,6 @@ class RunnerBackend(Backend):
         limit = self.runner.max_batch if self.runner is not None else None
         return min(self.requested_max_batch, limit) if limit else self.requested_max_batch
 
-    @property
-    def min_batch(self) -> int:
-        """Smallest batch the artifact runs: its fixed batch, or the engine profile's minimum."""
-        if self.runner is None:
-            return 1
-        fixed = self.runner.manifest.batch
-        return fixed or int(getattr(self.runner, "min_batch", 1))
-
     def load(self) -> None:
         runner = self.make_runner()
         self.runner, self.config, self.anchors = runner, runner.config, runner.anchors
@@ -74,10 +67,7 @@ class RunnerBackend(Backend):
     def infer(self, images: Tensor) -> RunnerOutput:
         if self.runner is None:
             raise RuntimeError(f"{self.name} backend used before load()")
-        b = images.shape[0]
-        target = max(b, self.min_batch)
-        outputs = self.runner(pad_batch(images, target))
-        return slice_outputs(outputs, b) if target != b else outputs
+        return self.runner(images)  # the runner pads to its fixed or minimum batch
 
 
 class OnnxRuntimeBackend(RunnerBackend):

@@ -17,25 +17,13 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from model.config import RefineDetConfig
-from model.postprocess import Detections
-from model.runtime.base import DecodedOutput, RunnerOutput
-
-
-class SelectedOutput(NamedTuple):
-    """What a backend returns when it ran the post-processing too, on the device with no host sync (the
-    torch backend's CUDA graphs): ``detections`` in the sync-free mode (``converged`` set) and the decoded
-    boxes and scores they came from, for ``model.postprocess.detections_to_host``'s exact redo."""
-
-    detections: Detections
-    boxes_xyxy: Tensor  # [B, A, 4]
-    scores: Tensor  # [B, A, C-1]
-
+from model.postprocess import DecodedOutput, SelectedOutput
+from model.runtime.base import RunnerOutput, pad_batch
 
 BackendOutput = RunnerOutput | SelectedOutput
 
@@ -113,19 +101,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pad_batch(images: Tensor, size: int) -> Tensor:
-    """Tensor[B, ...] -> Tensor[size, ...] by appending zero images (size >= B)."""
-    b = images.shape[0]
-    if size == b:
-        return images
-    return torch.cat([images, images.new_zeros((size - b, *images.shape[1:]))])
-
-
-def slice_outputs(outputs: RunnerOutput, b: int) -> RunnerOutput:
-    """The first ``b`` images' outputs (drops padding rows)."""
-    return type(outputs)(*(t[:b] for t in outputs))
-
-
 def batch_buckets(max_batch: int) -> list[int]:
     """Powers of two up to ``max_batch``, plus ``max_batch`` itself: [1, 2, 4, 8] for 8, [1, 2, 4, 6] for 6."""
     sizes, b = [], 1
@@ -153,5 +128,4 @@ __all__ = [
     "batch_buckets",
     "bucket_for",
     "pad_batch",
-    "slice_outputs",
 ]

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from service import oip
 from service.errors import ServiceError
 from service.metrics import CONTENT_TYPE
 from service.routes.deps import api_key_dependencies, get_state
@@ -18,7 +19,8 @@ from service.schemas import ErrorResponse, ModelInfoResponse, Status
 from service.settings import Settings
 from service.state import ServiceState
 
-PLATFORMS = {"torch": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+# The torch backend runs the eager nn.Module rebuilt from a checkpoint (no TorchScript anywhere).
+PLATFORMS = {"torch": "pytorch_eager", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "model not loaded yet"}
 }
@@ -61,7 +63,7 @@ def router(settings: Settings) -> APIRouter:
 
     @open_routes.get("/v2", tags=["kserve-v2"])
     async def v2_server(request: Request) -> dict[str, Any]:
-        return {"name": "refinedet", "version": request.app.version, "extensions": []}
+        return {"name": "refinedet", "version": request.app.version, "extensions": ["binary_tensor_data"]}
 
     @keyed.get("/v1/model", response_model=ModelInfoResponse, responses=NOT_READY)
     async def model_info(request: Request) -> dict[str, Any]:
@@ -72,19 +74,15 @@ def router(settings: Settings) -> APIRouter:
         "/v2/models/{name}", tags=["kserve-v2"], responses={**NOT_READY, 404: {"model": ErrorResponse}}
     )
     async def v2_model(request: Request, name: str) -> dict[str, Any]:
-        """KServe v2 model metadata: the network's input and raw output tensors."""
-        state = get_state(request)
-        info = describe_model(state, name)
-        detector, _ = state.require_ready()
-        cfg = detector.config
-        a, s = cfg.num_anchors, cfg.input_size
-        outputs = {"arm_loc": 4, "arm_conf": 2, "odm_loc": 4, "odm_conf": cfg.num_classes}
+        """KServe v2 model metadata: the tensors of `POST /v2/models/{name}/infer` (encoded images in,
+        detections out; `labels` index `parameters.class_names`)."""
+        info = describe_model(get_state(request), name)
         return {
             "name": info["name"],
             "versions": ["1"],
             "platform": PLATFORMS.get(info["backend"], info["backend"]),
-            "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 3, s, s]}],
-            "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, a, k]} for n, k in outputs.items()],
+            **oip.TENSORS,
+            "parameters": {"class_names": ",".join(info["classes"])},
         }
 
     @keyed.get(

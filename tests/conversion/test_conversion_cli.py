@@ -27,6 +27,48 @@ def test_export_bad_options(tiny_checkpoint, tmp_path, capsys):
     assert "--opset must be between 11 and 20" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--opset", "25"], "--opset must be between 11 and 20"),
+        (["-o", "x.txt"], "an ONNX model's file name ends in .onnx (e.g. x.onnx)"),
+    ],
+)
+def test_export_argument_errors_come_before_the_checkpoint_is_read(tmp_path, capsys, extra, message):
+    # the checkpoint does not exist: an argument error reported first proves nothing was loaded
+    argv = ["export", "onnx", "--checkpoint", str(tmp_path / "none.pt"), "-o", str(tmp_path / "m.onnx")]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "checkpoint not found" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_errors_are_one_line(tiny_checkpoint, tiny_onnx, image_dir, tmp_path, capsys):
+    bad = tmp_path / "images"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes(b"not a jpeg")
+    base = ["verify", "--checkpoint", str(tiny_checkpoint), "--artifact", str(tiny_onnx)]
+    assert main([*base, "--images", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.jpg is not a readable image" in err and "Traceback" not in err
+    assert main([*base, "--images", str(image_dir), "--device", "banana"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'banana'" in err and "Traceback" not in err
+    # argument errors come before the checkpoint is read (it does not exist here)
+    missing = ["verify", "--checkpoint", str(tmp_path / "none.pth"), "--artifact", str(tiny_onnx)]
+    assert main([*missing, "--images", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--images must be a directory" in err and "checkpoint not found" not in err
+
+
+def test_verify_defaults_to_the_shipped_model(tiny_checkpoint, tiny_onnx, image_dir, monkeypatch, capsys):
+    import model.zoo
+
+    monkeypatch.setattr(model.zoo, "DEFAULT_CHECKPOINT", tiny_checkpoint)  # stands in for the shipped file
+    assert main(["verify", "--artifact", str(tiny_onnx), "--images", str(image_dir)]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
 def test_export_int8_option_errors_are_clear_and_come_before_the_export(
     tiny_checkpoint, image_dir, tmp_path, capsys
 ):
@@ -103,7 +145,7 @@ def test_verify_passes_for_a_fixed_batch_export(tiny_checkpoint, fixed_onnx, ima
         == 0
     )
     data = json.loads(report.read_text())
-    assert data["images"] == 4  # two full batches of the fixed batch 2; the fifth image is left out
+    assert data["images"] == 5  # calls of the fixed batch 2: the fifth image's call is padded
     assert data["passed"] and "PASS" in capsys.readouterr().out
 
 

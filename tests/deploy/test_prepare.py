@@ -158,7 +158,11 @@ def test_build_failure_falls_back_to_onnxruntime_with_one_clear_line(settings, c
     [
         (dict(gpu=None), None, "cpu"),  # device auto without a GPU: the CPU path, nothing to warn about
         (dict(trt=None), "TensorRT Python package is not installed", "cuda"),
-        (dict(trt=None, providers=("CPUExecutionProvider",)), "TensorRT Python package", "cpu"),
+        (
+            dict(trt=None, providers=("CPUExecutionProvider",), torch_cuda=False),
+            "TensorRT Python package",
+            "cpu",
+        ),
     ],
 )
 def test_missing_gpu_or_tensorrt_falls_back_without_building(settings, caplog, probe_args, reason, device):
@@ -173,11 +177,22 @@ def test_missing_gpu_or_tensorrt_falls_back_without_building(settings, caplog, p
         assert reason in caplog.text
     if probe_args.get("gpu", H100) is None:  # asked for explicitly, the missing GPU is the reason given
         with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
-            result = prepare(replace(settings, device="cuda"), probes(**probe_args), fake.bundle())
+            result = prepare(
+                replace(settings, device="cuda"), probes(**probe_args, torch_cuda=False), fake.bundle()
+            )
         assert (result.backend, result.device) == (
             "onnxruntime",
             "cpu",
         ) and "no CUDA GPU visible" in caplog.text
+
+
+def test_gpu_without_onnxruntime_cuda_serves_torch_on_cuda(settings, checkpoint, caplog):
+    with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
+        result = prepare(
+            settings, probes(trt=None, providers=("CPUExecutionProvider",)), FakeBuilders().bundle()
+        )
+    assert (result.artifact, result.backend, result.device) == (checkpoint, "torch", "cuda")
+    assert "falling back to torch on cuda" in caplog.text
 
 
 def test_without_onnxruntime_falls_back_to_torch_on_the_checkpoint(settings, checkpoint):

@@ -72,3 +72,16 @@ def test_default_model_finds_annotated_cells(default_model, bccd):
     assert total > 0 and wbc_total > 0
     assert recall >= MIN_RECALL
     assert wbc_found / wbc_total >= MIN_WBC_RECALL
+
+
+def test_the_documented_class_id_example_is_the_shipped_models(default_model):
+    """docs/model.md states the class_id convention once, with the shipped model as its example."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "model.md").read_text()
+    names = re.search(r"`\(([^)]*)\)` for the shipped BCCD model", doc)
+    example = re.search(r"For the shipped model (\w+) is `class_id` (\d+)", doc)
+    assert names and example
+    assert tuple(n.strip().strip('"') for n in names.group(1).split(",")) == default_model.config.class_names
+    assert default_model.config.class_names[int(example.group(2))] == example.group(1)

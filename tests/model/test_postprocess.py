@@ -173,9 +173,9 @@ def test_post_processor_host_path_is_exact_in_both_modes():
         torch.randn(2, a, 4, generator=g) * 0.5,
         torch.randn(2, a, 3, generator=g) * 2,
     )
-    adaptive = PostProcessor(cfg, nms_passes=None).detect_to_host(outputs, anchors)
+    adaptive = PostProcessor(cfg, nms_passes=None).to_host(outputs, anchors)
     for passes in (1, 3, 50):
-        same_detections(PostProcessor(cfg, nms_passes=passes).detect_to_host(outputs, anchors), adaptive)
+        same_detections(PostProcessor(cfg, nms_passes=passes).to_host(outputs, anchors), adaptive)
     same_detections(PostProcessor(cfg)(outputs, anchors), adaptive)
 
 
@@ -208,3 +208,44 @@ def test_per_image_equals_image_for_every_image():
     for i, views in enumerate(per_image):
         for got, want in zip(views, dets.image(i), strict=True):
             assert torch.equal(got, want)
+
+
+def test_post_processor_finishes_any_stage_with_the_same_detections():
+    """Raw heads, decoded boxes/scores and sync-free selected detections (converged or not) go through
+    the one entry, on the device and to the host, to the same exact detections."""
+    from model.network import RefineDetOutput
+    from model.postprocess import DecodedOutput, SelectedOutput
+
+    small = PostprocessConfig(top_k=100, keep_top_k=50)  # fast, and still more than one NMS pass
+    cfg = preset("refinedet320_vgg16", class_names=("a", "b"), input_size=128).replace(postprocess=small)
+    anchors = generate_anchors(cfg)
+    g = torch.Generator().manual_seed(5)
+    a = anchors.shape[0]
+    raw = RefineDetOutput(
+        torch.randn(2, a, 4, generator=g) * 0.5,
+        torch.randn(2, a, 2, generator=g),
+        torch.randn(2, a, 4, generator=g) * 0.5,
+        torch.randn(2, a, 3, generator=g) * 2,
+    )
+    pp = PostProcessor(cfg)
+    decoded = DecodedOutput(*decode_predictions(*raw, anchors, cfg))
+    exact = select_detections(*decoded, cfg.postprocess)
+    unconverged = select_detections(*decoded, cfg.postprocess, nms_passes=1)
+    assert not bool(unconverged.converged)  # one pass is not enough for these random boxes
+    converged = select_detections(*decoded, cfg.postprocess, nms_passes=50)
+    stages = {
+        "raw": raw,
+        "decoded": decoded,
+        "selected": SelectedOutput(converged, *decoded),
+        "selected, not converged": SelectedOutput(unconverged, *decoded),
+    }
+    for name, outputs in stages.items():
+        anchors_or_none = anchors if name == "raw" else None  # only raw heads need the anchors
+        same_detections(pp(outputs, anchors_or_none), exact)
+        same_detections(pp.to_host(outputs, anchors_or_none), exact)
+        torch.testing.assert_close(tuple(pp.decode(outputs, anchors_or_none)), tuple(decoded))
+    # verify compares an artifact's tensors with the reference brought to the same stage
+    torch.testing.assert_close(tuple(pp.to_stage_of(raw, decoded, anchors)), tuple(decoded))
+    assert pp.to_stage_of(raw, raw, anchors) is raw
+    with pytest.raises(ValueError, match="anchors"):
+        pp(raw)

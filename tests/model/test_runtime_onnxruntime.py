@@ -110,12 +110,19 @@ def test_wrong_image_shape_is_refused(tmp_path, config):
         runner(torch.zeros(1, 3, 32, 32))
 
 
-def test_fixed_batch_artifact_refuses_other_batches(tmp_path, config):
-    runner = OnnxRuntimeRunner(export(tmp_path, config, batch=2)[0])
-    assert runner.max_batch == 2
-    assert runner(torch.zeros(2, 3, 64, 64)).arm_loc.shape[0] == 2
-    with pytest.raises(ArtifactError, match="fixed batch of 2"):
-        runner(torch.zeros(1, 3, 64, 64))
+def test_fixed_batch_artifact_takes_any_batch_in_padded_calls(tmp_path, config):
+    (tmp_path / "fixed").mkdir()
+    (tmp_path / "dynamic").mkdir()
+    fixed = OnnxRuntimeRunner(export(tmp_path / "fixed", config, batch=2)[0])
+    dynamic = OnnxRuntimeRunner(export(tmp_path / "dynamic", config)[0])
+    assert (fixed.max_batch, fixed.min_batch) == (2, 2)
+    images = torch.randn(5, 3, 64, 64) * 50
+    expected = dynamic(images)
+    for b in (1, 2, 5):  # one padded call; one exact call; calls of 2, 2 and 1 padded
+        got = fixed(images[:b])
+        for name, e, g in zip(expected._fields, expected, got, strict=True):
+            assert g.shape[0] == b, name
+            torch.testing.assert_close(g, e[:b], atol=1e-4, rtol=1e-4)
 
 
 def test_engine_manifest_is_not_an_onnx_model(tmp_path, config):

@@ -409,3 +409,15 @@ def test_cli_usage_errors(argv, capsys):
 def test_importing_the_module_does_not_import_torch():
     code = "import sys, model.weights; sys.exit('torch' in sys.modules or 'h5py' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_cli_inspect_reads_the_shipped_compressed_checkpoint(capsys):
+    from model.zoo import default_checkpoint
+
+    shipped = default_checkpoint()
+    if shipped is None:
+        pytest.skip("no default checkpoint shipped")
+    assert main(["weights", "inspect", str(shipped)]) == 0
+    inspected = json.loads(capsys.readouterr().out)
+    assert inspected["parameters"] > 30_000_000  # RefineDet320 VGG-16 with 3 classes: ~34 M
+    assert inspected["provenance"]["normalization"]["channel_order"] == "BGR"

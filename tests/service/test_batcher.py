@@ -117,9 +117,10 @@ def test_requests_whose_client_left_or_timed_out_are_dropped_before_the_engine()
 
 def test_full_queue_is_refused_and_engine_errors_reach_every_request():
     async def main():
-        release = threading.Event()
+        busy, release = threading.Event(), threading.Event()
 
         def blocked(items):
+            busy.set()
             release.wait(5)
             if 99 in items:
                 raise RuntimeError("engine failed")
@@ -129,7 +130,7 @@ def test_full_queue_is_refused_and_engine_errors_reach_every_request():
         b = DynamicBatcher(blocked, max_batch_size=1, max_delay_s=0.0, max_queue_size=2, observer=obs)
         b.start()
         first = b.submit(0)
-        await asyncio.sleep(0.05)  # the engine holds item 0; the queue holds the next two
+        assert await asyncio.to_thread(busy.wait, 10)  # the engine holds item 0; the queue the next two
         queued = [b.submit(99), b.submit(99)]
         with pytest.raises(QueueFull):
             b.submit(5)
@@ -179,33 +180,26 @@ def test_an_exception_returned_for_one_item_fails_that_request_only():
 
 
 def test_only_requests_that_waited_are_asked_whether_their_client_left():
-    """Asking costs a turn of the event loop: a request younger than ``disconnect_check_s`` runs unasked."""
+    """Asking costs a turn of the event loop: a request younger than ``disconnect_check_s`` runs unasked.
+    The two limits are far from any real wait (0 s: every request is old enough; an hour: none is), so
+    the outcome does not depend on how fast the machine is."""
 
-    async def main():
+    async def asked_with(disconnect_check_s: float) -> tuple[list[int], int]:
         asked: list[int] = []
 
-        def asker(x: int):
-            async def is_disconnected() -> bool:
-                asked.append(x)
-                return False
+        async def is_disconnected() -> bool:
+            asked.append(1)
+            return False
 
-            return is_disconnected
-
-        calls: list[list[int]] = []
-        b = DynamicBatcher(doubler(calls), max_batch_size=2, max_delay_s=0.0, max_queue_size=16,
-                           disconnect_check_s=0.05)  # fmt: skip
+        b = DynamicBatcher(doubler([]), max_batch_size=2, max_delay_s=0.0, max_queue_size=16,
+                           disconnect_check_s=disconnect_check_s)  # fmt: skip
         b.start()
-        fresh = await b.submit(1, asker(1))
-        b2 = DynamicBatcher(doubler(calls), max_batch_size=2, max_delay_s=0.1, max_queue_size=16,
-                            disconnect_check_s=0.05)  # fmt: skip
-        b2.start()
-        waited = await b2.submit(2, asker(2))  # waits out the 0.1 s deadline before running
+        result, _ = await b.submit(3, is_disconnected)
         await b.stop()
-        await b2.stop()
-        return asked, fresh, waited
+        return asked, result
 
-    asked, fresh, waited = run(main())
-    assert asked == [2] and fresh[0] == 2 and waited[0] == 4
+    assert run(asked_with(3600.0)) == ([], 6)  # younger than the limit: run without asking
+    assert run(asked_with(0.0)) == ([1], 6)  # older: asked once, still connected, so it runs
 
 
 def test_zero_delay_runs_at_once_and_batches_what_queued_while_the_engine_worked():
@@ -214,11 +208,20 @@ def test_zero_delay_runs_at_once_and_batches_what_queued_while_the_engine_worked
 
     async def main():
         calls: list[list[int]] = []
-        b = DynamicBatcher(doubler(calls, delay_s=0.2), max_batch_size=8, max_delay_s=0.0, max_queue_size=16)
+        busy, release = threading.Event(), threading.Event()
+        double = doubler(calls)
+
+        def held(items):
+            busy.set()
+            release.wait(10)
+            return double(items)
+
+        b = DynamicBatcher(held, max_batch_size=8, max_delay_s=0.0, max_queue_size=16)
         b.start()
         first = b.submit(0)
-        await asyncio.sleep(0.05)  # the engine is now busy with [0]
+        assert await asyncio.to_thread(busy.wait, 10)  # the engine is now busy with [0]
         rest = [b.submit(i) for i in range(1, 5)]
+        release.set()
         results = await asyncio.gather(first, *rest)
         await b.stop()
         return calls, results

@@ -29,9 +29,15 @@ def test_model_metadata(client, tiny_checkpoint):
     assert info["artifact_sha256"] == file_sha256(tiny_checkpoint) and info["trained"] is True
     assert info["max_batch_size"] == 4 and info["artifact"] == str(tiny_checkpoint)
     v2 = client.get(f"/v2/models/{info['name']}").json()
-    assert v2["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 3, 64, 64]}]
-    assert [o["name"] for o in v2["outputs"]] == ["arm_loc", "arm_conf", "odm_loc", "odm_conf"]
-    assert v2["outputs"][3]["shape"] == [-1, 255, 3]
+    assert v2["platform"] == "pytorch_eager"  # an eager checkpoint, not TorchScript
+    assert v2["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert [(o["name"], o["datatype"]) for o in v2["outputs"]] == [
+        ("boxes", "FP32"),
+        ("scores", "FP32"),
+        ("labels", "INT32"),
+        ("count", "INT32"),
+    ]
+    assert v2["outputs"][0]["shape"] == [-1, -1, 4] and v2["parameters"]["class_names"] == "a,b"
     assert client.get(f"/v2/models/{info['name']}/ready").json()["ready"] is True
     missing = client.get("/v2/models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
@@ -74,6 +80,21 @@ def test_openapi_and_docs(client):
     body = schema["paths"]["/detect"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/jpeg", "image/png"} <= set(body)
     assert "swagger" in client.get("/docs").text.lower()
+
+
+def test_docs_page_loads_nothing_from_outside(client):
+    """Swagger UI comes from the swagger-ui-bundle package's files: the page works offline."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200
+    urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", page.text)
+    assert urls and all(u.startswith("/") for u in urls), urls  # every asset from this server
+    for asset in ("/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"):
+        assert asset in urls
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.content) > 10_000
+    assert client.get("/redoc").status_code == 404  # FastAPI's ReDoc page would need a CDN
 
 
 def test_not_ready_until_loaded_then_ready():

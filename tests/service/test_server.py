@@ -107,45 +107,71 @@ def test_openapi_fuzzing_finds_no_server_errors(tmp_path):
     assert "200" in statuses and any(s.startswith("4") for s in statuses)
 
 
+def held_engine(loader) -> tuple[threading.Event, threading.Event]:
+    """Make the stand-in's engine block inside ``infer`` until ``release`` is set; ``busy`` is set once a
+    batch is in there. The tests wait on these events instead of sleeping for the engine."""
+    busy, release = threading.Event(), threading.Event()
+    infer = loader.backend.infer
+
+    def held(images):
+        busy.set()
+        assert release.wait(30), "the test never released the engine"
+        return infer(images)
+
+    loader.backend.infer = held
+    return busy, release
+
+
+def poll(predicate, timeout_s: float = 10.0):
+    """``predicate()``'s first truthy value, asked every 10 ms until the deadline (then the last value)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+
+
 def test_a_client_that_left_is_dropped_before_inference():
-    loader = standin_loader(delay_s=0.5)
+    loader = standin_loader()
+    busy, release = held_engine(loader)
     image = encode(noise_image(64, 48, seed=5))
     app = create_app(settings(max_batch_size=1, max_delay_ms=0), loader=loader)
     with serving(app) as (url, _):
         send = {"content": image, "headers": {"content-type": "image/jpeg"}}
         first = ThreadPoolExecutor(1).submit(httpx.post, f"{url}/detect", timeout=30, **send)
-        time.sleep(0.15)  # the first request occupies the engine
+        assert busy.wait(30)  # the first request occupies the engine
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/detect", timeout=0.2, **send)  # gives up while queued
+        release.set()
         assert first.result().status_code == 200
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            metrics = metric_samples(httpx.get(f"{url}/metrics").text)
-            if metrics.get(("refinedet_dropped_requests_total", (("reason", "client_gone"),))):
-                break
-            time.sleep(0.05)
-    assert metrics["refinedet_dropped_requests_total", (("reason", "client_gone"),)] == 1
+        gone = ("refinedet_dropped_requests_total", (("reason", "client_gone"),))
+        metrics = poll(lambda: (m := metric_samples(httpx.get(f"{url}/metrics").text)).get(gone) and m)
+    assert metrics and metrics[gone] == 1
     assert loader.backend.calls == [1]  # only the first request reached the network
 
 
 def test_shutdown_finishes_in_flight_requests():
-    loader = standin_loader(delay_s=0.3)
+    loader = standin_loader()
+    busy, release = held_engine(loader)
     image = encode(noise_image(64, 48, seed=6))
     app = create_app(settings(max_batch_size=1, max_delay_ms=0), loader=loader)
     with serving(app) as (url, server):
         send = {"content": image, "headers": {"content-type": "image/jpeg"}, "timeout": 30}
         pool = ThreadPoolExecutor(3)
         pending = [pool.submit(httpx.post, f"{url}/detect", **send) for _ in range(3)]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # until one request runs and two wait in the queue
-            depth = metric_samples(httpx.get(f"{url}/metrics").text)["refinedet_queue_depth", ()]
-            if loader.backend.calls and depth + len(loader.backend.calls) == 3:
-                break
-            time.sleep(0.01)
+        assert busy.wait(30)  # one request is in the engine; wait until the other two are queued
+        depth = ("refinedet_queue_depth", ())
+        assert poll(lambda: metric_samples(httpx.get(f"{url}/metrics").text)[depth] == 2)
         server.should_exit = True  # what SIGTERM does
+        release.set()
         answers = [p.result() for p in pending]
-        time.sleep(0.2)
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{url}/healthz", timeout=2)
+
+        def refused() -> bool:
+            try:
+                httpx.get(f"{url}/healthz", timeout=2)
+            except httpx.ConnectError:
+                return True
+            return False
+
+        assert poll(refused), "the server still accepts connections after shutdown"
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert loader.backend.calls == [1, 1, 1]

@@ -58,3 +58,71 @@ def test_artifact_user_errors(tiny_checkpoint, fixed_batch_onnx, voc_tree):
         run_cli(["eval", "--artifact", str(fixed_batch_onnx), "--data", str(voc_tree), "--multiscale"])
     with pytest.raises(SystemExit):  # argparse: not allowed with
         run_cli(["eval", "--artifact", str(fixed_batch_onnx), "--checkpoint", str(tiny_checkpoint)])
+
+
+class MinBatchEngine:
+    """Stands in for a TensorRT engine built with ``--min-batch 2 --max-batch 4`` (no TensorRT here): an
+    ``ArtifactRunner`` whose engine call refuses any batch outside [2, 4] and otherwise runs the model."""
+
+    @staticmethod
+    def runner(model, onnx_path):
+        import dataclasses
+
+        from model.artifacts import read_manifest
+        from model.runtime import ArtifactRunner
+
+        class Runner(ArtifactRunner):
+            def run_batch(self, images):
+                assert self.min_batch <= images.shape[0] <= self.max_batch, images.shape
+                self.calls.append(images.shape[0])
+                with torch.no_grad():
+                    return list(model(images))
+
+        manifest = dataclasses.replace(read_manifest(onnx_path), batch=None)
+        runner = Runner(manifest, torch.device("cpu"))
+        runner.min_batch, runner.max_batch, runner.calls = 2, 4, []
+        return runner
+
+
+def test_eval_on_a_min_batch_engine_pads_the_odd_last_batch(tiny_model, fixed_batch_onnx, voc_tree):
+    """What `refinedet eval --artifact engine.plan` does with an engine built with --min-batch 2: 3 images
+    in batches of 2 end with a batch of 1, padded up to 2, and the scores equal the checkpoint's. A batch
+    above the engine's max is cut into calls."""
+    from model.data.voc import VOCDetection
+    from model.evaluation.artifact import ArtifactNetwork
+    from model.evaluation.runner import evaluate_voc
+
+    dataset = VOCDetection([voc_tree], "test", class_names=tiny_model.config.class_names, keep_difficult=True)
+    reference = evaluate_voc(tiny_model, dataset, batch_size=2, progress=False)
+    runner = MinBatchEngine.runner(tiny_model, fixed_batch_onnx)
+    got = evaluate_voc(ArtifactNetwork(runner), dataset, batch_size=2, progress=False)
+    assert runner.calls == [2, 2]  # 3 images in batches of 2: the odd last one padded to the minimum
+    assert got["per_class"] == reference["per_class"] and got["mAP"] == reference["mAP"]
+    runner.calls.clear()
+    images = torch.randn(5, 3, 64, 64) * 60
+    with torch.no_grad():
+        expected = tiny_model(images)
+    for a, b in zip(expected, ArtifactNetwork(runner)(images), strict=True):  # 4, then 1 padded to 2
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert runner.calls == [4, 2]
+
+
+def test_predict_with_an_artifact_gives_the_checkpoint_rows(
+    tiny_checkpoint, fixed_batch_onnx, voc_tree, tmp_path
+):
+    """`refinedet predict --artifact` runs the ONNX model through the same rows as the checkpoint."""
+    from tests.model.evaluation.test_eval_cli import read_rows
+
+    folder = voc_tree / "JPEGImages"
+    rows = {}
+    for flag, path in (("--checkpoint", tiny_checkpoint), ("--artifact", fixed_batch_onnx)):
+        out = tmp_path / flag.strip("-")
+        argv = ["predict", flag, str(path), str(folder), "--output", str(out), "--score-threshold", "0.05"]
+        assert run_cli([*argv, "--device", "cpu", "--no-progress", "--batch-size", "3"]) == 0
+        rows[flag] = read_rows(out)
+    assert len(rows["--artifact"]) == len(rows["--checkpoint"]) == 3
+    for a, b in zip(rows["--artifact"], rows["--checkpoint"], strict=True):
+        assert a["file"] == b["file"] and len(a["detections"]) == len(b["detections"])
+        for x, y in zip(a["detections"], b["detections"], strict=True):
+            assert x["class_id"] == y["class_id"] and abs(x["score"] - y["score"]) < 1e-3
+    assert sum(len(r["detections"]) for r in rows["--artifact"]) > 0

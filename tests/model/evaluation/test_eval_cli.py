@@ -35,48 +35,55 @@ def images(tmp_path) -> list[Path]:
     return [a, b]
 
 
-def test_predict_writes_json_and_annotated_images(tiny_checkpoint, images, tmp_path, capsys):
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+
+
+def test_predict_writes_jsonl_and_annotated_images(tiny_checkpoint, images, tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "pred"
     argv = ["predict", "--checkpoint", str(tiny_checkpoint), *map(str, images), "--output", str(out)]
-    assert run_cli([*argv, "--score-threshold", "0.0", "--device", "cpu", "--no-progress"]) == 0
-    doc = json.loads((out / "detections.json").read_text())
-    assert [Path(i["file"]).name for i in doc["images"]] == ["one.jpg", "two.png"]
-    assert [(i["width"], i["height"]) for i in doc["images"]] == [(90, 60), (70, 100)]
-    for entry, src in zip(doc["images"], images, strict=True):
+    assert run_cli([*argv, "--score-threshold", "0.0", "--device", "cpu", "--no-progress", "--annotate"]) == 0
+    rows = read_rows(out)
+    assert [Path(r["file"]).name for r in rows] == ["one.jpg", "two.png"]
+    assert [(r["width"], r["height"]) for r in rows] == [(90, 60), (70, 100)]
+    run = json.loads((out / "run.json").read_text())
+    assert run["class_names"] == ["a", "b"] and run["score_threshold"] == 0.0
+    for entry, src in zip(rows, images, strict=True):
         dets = entry["detections"]
         assert dets, "a random model with threshold 0 detects something"
+        assert {d["class_id"] for d in dets} <= {0, 1}
         for d in dets:
-            assert d["label"] in ("a", "b") and d["label"] == ("a", "b")[d["class_id"] - 1]
+            assert d["label"] == ("a", "b")[d["class_id"]]  # class_id: 0-based index into class_names
             b = d["box"]
             assert 0 <= b["x1"] <= b["x2"] <= entry["width"] and 0 <= b["y1"] <= b["y2"] <= entry["height"]
         assert [d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True)
-        annotated = Image.open(out / entry["annotated"])
+        annotated = Image.open(out / "annotated" / entry["annotated"])
         assert annotated.size == (entry["width"], entry["height"])
         original = np.asarray(Image.open(src).convert("RGB"), dtype=np.int16)
         assert np.abs(np.asarray(annotated, dtype=np.int16) - original).mean() > 2  # boxes were drawn
-    assert "wrote" in capsys.readouterr().out
+    assert "2 images in" in capsys.readouterr().out
 
-    assert run_cli([*argv, "--score-threshold", "0.4", "--no-progress"]) == 0
-    high = json.loads((out / "detections.json").read_text())
-    assert all(d["score"] > 0.4 for i in high["images"] for d in i["detections"])
-    assert sum(len(i["detections"]) for i in high["images"]) < sum(
-        len(i["detections"]) for i in doc["images"]
-    )
+    with pytest.raises(UserError, match="other settings \\(score_threshold\\)"):
+        run_cli([*argv, "--score-threshold", "0.4", "--no-progress", "--annotate"])
+    assert run_cli([*argv, "--score-threshold", "0.4", "--no-progress", "--overwrite"]) == 0
+    high = read_rows(out)
+    assert len(high) == 2 and all(d["score"] > 0.4 for i in high for d in i["detections"])
+    assert sum(len(i["detections"]) for i in high) < sum(len(i["detections"]) for i in rows)
 
 
 def test_predict_user_errors(tiny_checkpoint, images, tmp_path):
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="no such image file or folder"):
         run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(tmp_path / "nope.jpg")])
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"not an image")
-    with pytest.raises(UserError, match="not a readable image"):
-        run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(bad), "--output", str(tmp_path / "o")])
     with pytest.raises(UserError, match="checkpoint"):
         run_cli(["predict", "--checkpoint", str(tmp_path / "missing.pt"), str(images[0])])
     with pytest.raises(UserError, match="score-threshold"):
         run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(images[0]), "--score-threshold", "1.5"])
+    with pytest.raises(UserError, match="unknown device"):
+        run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(images[0]), "--device", "banana"])
+    with pytest.raises(UserError, match="--list FILE"):
+        run_cli(["predict", "--checkpoint", str(tiny_checkpoint)])
 
 
 @pytest.mark.parametrize("metric", ["voc07", "voc12", "coco"])
@@ -127,6 +134,38 @@ def test_eval_user_errors(tiny_checkpoint, voc_tree, tmp_path):
         run_cli([*base, "--data", str(voc_tree), "--batch-size", "0"])
     with pytest.raises(UserError, match="device"):
         run_cli([*base, "--data", str(voc_tree), "--device", "potato"])
+
+
+def test_eval_defaults_to_the_shipped_model(tiny_checkpoint, voc_tree, tmp_path, monkeypatch):
+    import hashlib
+
+    import model.zoo
+
+    monkeypatch.setattr(model.zoo, "DEFAULT_CHECKPOINT", tiny_checkpoint)  # stands in for the shipped file
+    out = tmp_path / "eval"
+    argv = ["eval", "--data", str(voc_tree), "--output", str(out), "--device", "cpu", "--no-progress"]
+    assert run_cli(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["checkpoint"] == str(tiny_checkpoint)
+    assert result["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+
+    monkeypatch.setattr(model.zoo, "DEFAULT_CHECKPOINT", tmp_path / "absent.pth.xz")
+    with pytest.raises(UserError, match="--checkpoint or --artifact"):
+        run_cli(argv)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "nowhere"], "--data nowhere: not a folder"),
+        ([], "give --data ROOT"),
+        (["--data", ".", "--device", "banana"], "unknown device 'banana'"),
+    ],
+)
+def test_eval_argument_errors_come_before_the_model_loads(tmp_path, extra, message):
+    # the checkpoint does not exist: an argument error reported first proves nothing was loaded
+    with pytest.raises(UserError, match=message):
+        run_cli(["eval", "--checkpoint", str(tmp_path / "missing.pth"), *extra])
 
 
 @pytest.mark.slow
@@ -217,3 +256,26 @@ def test_a_checkpoint_from_refinedet_train_is_evaluated_on_bccd(bccd, tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["num_images"] == 72 and result["input_size"] == 64
     assert list(result["per_class"]) == ["RBC", "WBC", "Platelets"]
+
+
+def test_predict_resumes_whatever_the_paths_look_like(tiny_checkpoint, images, tmp_path, capsys, monkeypatch):
+    """Files are keyed by their absolute path and the model by its sha256: a rerun from another working
+    directory, with a relative folder and a copy of the checkpoint, skips everything already done."""
+    import shutil
+
+    out = tmp_path / "pred"
+    first = [
+        "predict",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        str(images[0]),
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
+    assert run_cli(first) == 0
+    copy = shutil.copy(tiny_checkpoint, tmp_path / "copy.pth")
+    monkeypatch.chdir(images[0].parent.parent)
+    assert run_cli(["predict", "--checkpoint", str(copy), "in", "--output", str(out), "--no-progress"]) == 0
+    assert "1 images in" in capsys.readouterr().out.splitlines()[-1]  # two.png only; one.jpg was done
+    assert [Path(r["file"]) for r in read_rows(out)] == images

@@ -30,7 +30,7 @@ def test_cli_trains_and_reports(voc_root, tmp_path, capsys):
             "--data",
             str(voc_root),
             "--iterations",
-            "1",
+            "2",
             "--batch-size",
             "1",
             "--output",
@@ -41,7 +41,20 @@ def test_cli_trains_and_reports(voc_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert f"data      {voc_root.name} (trainval): 4 images, classes cat, dog" in out
-    assert "finished at iteration 1/1" in out and str(tmp_path / "r" / "last.pth") in out
+    assert "finished at iteration 2/2" in out and str(tmp_path / "r" / "last.pth") in out
+    # --no-progress --log-every 1: one loss line per step on the console
+    steps = [line for line in out.splitlines() if line.startswith("iteration ")]
+    assert [line.split()[1] for line in steps] == ["1/2", "2/2"]
+    assert all(" loss " in line and " arm " in line and " odm " in line for line in steps)
+
+
+def test_missing_pretrained_file_leaves_no_run_folder(voc_root, tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["train", "--data", str(voc_root), "--output", str(out), "--pretrained", str(tmp_path / "no.pth")]
+    assert main([*argv, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--pretrained" in err and "no such file" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_cli_dataset_errors_are_one_line_messages(tmp_path, capsys):

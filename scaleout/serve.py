@@ -1,0 +1,261 @@
+"""The detection service on Ray Serve: the same HTTP API, on replicas spread over a Ray cluster.
+
+Two deployments::
+
+    Serve's HTTP proxy (every node) -> Ingress (CPU, light) --handle--> Detector replicas (GPU when present)
+
+``Detector`` runs the service's whole app (``service.app.create_app``) in each replica: the same routes,
+upload checks, errors, metrics and the project's dynamic batcher (not ``@serve.batch``: one batching
+implementation everywhere, with its deadline, queue bound, per-request failures and the engine-side JPEG
+decode that ``@serve.batch`` knows nothing of). ``Ingress`` forwards each HTTP request to a replica through
+a deployment handle and, when that replica dies before answering, sends it to another one (detection is
+idempotent); when none answers it says so as the service does: a JSON 503 with ``Retry-After``. Serve's
+proxy alone would answer a plain-text 500 for a request whose replica died.
+
+Every answer carries ``X-Served-By: <node id[:12]>/<replica id>``, and ``X-Attempts: n`` when it took more
+than one replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from service.settings import Settings
+
+log = logging.getLogger("refinedet.scaleout")
+APP_NAME = "refinedet"
+RETRYABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """An HTTP request as the ingress received it."""
+
+    method: str
+    path: str
+    query_string: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class Detector:
+    """One replica: the service app with its model loaded, driven over ASGI without a socket."""
+
+    async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]  # Serve awaits it
+        from service.app import create_app, default_loader
+
+        backend = await asyncio.to_thread(default_loader, settings)  # loaded and warmed up
+        self.app = create_app(settings, loader=lambda _: backend)
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        state = self.app.state.service
+        while state.status == "loading":
+            await asyncio.sleep(0.01)
+        if state.status != "ready":
+            raise RuntimeError(f"the model did not load: {state.error}")
+        self.served_by = f"{_node_id()[:12]}/{_replica_id()}".encode()
+
+    async def __call__(self, request: Forwarded) -> Answer:
+        return await call_asgi(self.app, request, self.served_by)
+
+    def where(self) -> dict[str, Any]:
+        """Node, replica and process of this replica (for operators and the cluster test)."""
+        return {"node_id": _node_id(), "replica": _replica_id(), "pid": os.getpid()}
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose model failed or that stopped serving."""
+        state = self.app.state.service
+        if state.status in ("failed", "shutting_down"):
+            raise RuntimeError(f"replica not serving: {state.status} ({state.error})")
+
+    async def __del__(self) -> None:
+        await self._lifespan.__aexit__(None, None, None)
+
+
+async def call_asgi(app: Any, request: Forwarded, served_by: bytes) -> Answer:
+    """Run one request through an ASGI app in-process."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": request.path,
+        "raw_path": request.path.encode(),
+        "query_string": request.query_string,
+        "root_path": "",
+        "headers": request.headers,
+        "client": ("ray-serve-ingress", 0),
+        "server": ("replica", 0),
+    }
+    sent_body = False
+    never = asyncio.Event()
+    status, headers, chunks = 500, [], []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await never.wait()  # the ingress holds the client; a disconnect is not seen here
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return Answer(status, [*headers, (b"x-served-by", served_by)], b"".join(chunks))
+
+
+class Ingress:
+    """Forwards requests to ``Detector`` replicas; a request whose replica died goes to another one."""
+
+    def __init__(self, detector: Any, attempts: int = 3, timeout_s: float = 60.0) -> None:
+        self.detector = detector
+        self.attempts = attempts
+        self.timeout_s = timeout_s
+
+    async def forward(self, request: Forwarded) -> Answer:
+        deadline = time.monotonic() + self.timeout_s
+        last = "no replica answered"
+        for attempt in range(1, self.attempts + 1):
+            try:
+                answer: Answer = await self.detector.remote(request)
+            except Exception as exc:  # Ray's errors for a dead replica differ by version: matched by name
+                names = {cls.__name__ for cls in type(exc).__mro__}
+                if "BackPressureError" in names:
+                    return _error(503, "overloaded", "every replica is at capacity; retry shortly")
+                if not names & set(RETRYABLE) or time.monotonic() > deadline:
+                    raise
+                last = type(exc).__name__
+                log.warning("replica failed (%s), attempt %d of %d", last, attempt, self.attempts)
+                continue
+            if attempt > 1:
+                answer.headers.append((b"x-attempts", str(attempt).encode()))
+            return answer
+        return _error(503, "unavailable", f"no replica could serve the request ({last}); retry shortly")
+
+
+def _error(status: int, code: str, message: str) -> Answer:
+    import json
+
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    return Answer(status, headers, body)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica
+        return "local"
+
+
+def gpus_per_replica(requested: float | None) -> float:
+    """``requested``, else 1 when the cluster has GPUs, else 0 (so a CPU cluster schedules replicas)."""
+    if requested is not None:
+        return requested
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def build_app(
+    settings: Settings, replicas: int, num_gpus: float, actor_options: dict[str, Any] | None = None
+) -> Any:
+    """The Serve application: ``Ingress`` (one per replica, CPU) in front of ``Detector`` replicas, each
+    with ``num_gpus`` GPUs, one CPU and ``actor_options`` (Ray actor options, e.g. ``resources``)."""
+    from ray import serve
+
+    detector = serve.deployment(  # type: ignore[attr-defined]
+        Detector,
+        name="Detector",
+        num_replicas=replicas,
+        max_ongoing_requests=max(2 * settings.max_queue_size, 8),
+        ray_actor_options={"num_cpus": 1, "num_gpus": num_gpus, **(actor_options or {})},
+        health_check_period_s=5,
+        graceful_shutdown_timeout_s=settings.graceful_timeout_s,
+    ).bind(settings)
+
+    @serve.deployment(name="Ingress", num_replicas=replicas, ray_actor_options={"num_cpus": 0})
+    class IngressDeployment:
+        def __init__(self, detector_handle: Any) -> None:
+            self.ingress = Ingress(detector_handle, timeout_s=settings.request_timeout_s * 2)
+
+        async def __call__(self, request: Any) -> Any:
+            from starlette.responses import Response
+
+            body = await request.body()
+            forwarded = Forwarded(
+                request.method, request.url.path, request.url.query.encode(), list(request.headers.raw), body
+            )
+            if len(body) > settings.max_upload_bytes:
+                answer = _error(
+                    413,
+                    "payload_too_large",
+                    f"request body is larger than the {settings.max_upload_bytes}-byte limit",
+                )
+            else:
+                answer = await self.ingress.forward(forwarded)
+            headers = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in answer.headers
+                if k.lower() != b"content-length"
+            }
+            return Response(answer.body, status_code=answer.status, headers=headers)
+
+    return IngressDeployment.bind(detector)  # type: ignore[attr-defined]
+
+
+def run(
+    settings: Settings,
+    address: str,
+    host: str,
+    port: int,
+    replicas: int,
+    gpus: float | None,
+    blocking: bool,
+    proxy_location: str = "EveryNode",
+) -> None:
+    """Connect to the Ray cluster at ``address``, start Serve's HTTP proxy on ``host:port`` (on every node by
+    default) and deploy; with ``blocking`` keep running until interrupted."""
+    import ray
+    from ray import serve
+
+    ray.init(address=address, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port, "location": proxy_location})
+    num_gpus = gpus_per_replica(gpus)
+    serve.run(build_app(settings, replicas, num_gpus), name=APP_NAME, route_prefix="/", blocking=False)
+    print(
+        f"refinedet on Ray Serve: {replicas} replica(s), {num_gpus:g} GPU each, http://{host}:{port}",
+        flush=True,
+    )
+    if blocking:
+        while True:
+            time.sleep(3600)

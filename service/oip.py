@@ -1,0 +1,204 @@
+"""Open Inference Protocol v2 (KServe v2 / Triton HTTP) codec for the detector: request -> images and
+options, detections -> output tensors. No I/O and no framework here; ``service.routes.inference_v2`` wires
+it to the batcher.
+
+The model takes one input and gives four outputs (``TENSORS`` is what ``/v2/models/{name}`` reports):
+
+- ``image`` BYTES [N] (or [N, 1]): N encoded images (JPEG, PNG, WebP, BMP), each one element. In the JSON
+  form an element is the image's base64 text; with the binary tensor data extension (what
+  ``tritonclient`` sends) it is the raw bytes, 4-byte little-endian length first, as Triton serialises BYTES.
+- ``boxes`` FP32 [N, K, 4]: x1, y1, x2, y2 in original-image pixels (after EXIF orientation), best first;
+- ``scores`` FP32 [N, K];
+- ``labels`` INT32 [N, K]: ``class_id``, the 0-based index into the model's class names (as ``/detect``);
+- ``count`` INT32 [N]: detections of each image; rows past it are padding (boxes 0, score 0, label -1).
+
+K is the largest count in the request. Request ``parameters``: ``score_threshold``, ``max_detections`` and
+``classes`` (names, comma-separated), with ``/detect``'s meanings, defaults and limits.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import ServiceError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+INPUT = "image"
+OUTPUTS = {"boxes": "FP32", "scores": "FP32", "labels": "INT32", "count": "INT32"}
+TENSORS = {
+    "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+    "outputs": [
+        {"name": "boxes", "datatype": "FP32", "shape": [-1, -1, 4]},
+        {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+        {"name": "labels", "datatype": "INT32", "shape": [-1, -1]},
+        {"name": "count", "datatype": "INT32", "shape": [-1]},
+    ],
+}
+NUMPY = {"FP32": np.dtype("<f4"), "INT32": np.dtype("<i4")}
+
+
+def bad(message: str, status: int = 400) -> ServiceError:
+    return ServiceError(status, "invalid_inference_request", message)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed request: the encoded images, the request's options, which outputs to send and how."""
+
+    id: str | None
+    images: list[bytes]
+    parameters: dict[str, Any]
+    outputs: dict[str, bool]  # name -> as binary data
+
+
+def parse_request(body: bytes, header_length: str | None, max_images: int) -> InferRequest:
+    """The body of ``POST /v2/models/{name}/infer`` (JSON, or JSON + binary tensor data when
+    ``header_length`` is given) -> ``InferRequest``; ``ServiceError`` 400 for anything malformed."""
+    binary = b""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise bad(f"{HEADER_LENGTH} {header_length!r} does not fit a {len(body)}-byte body")
+        body, binary = body[: int(header_length)], body[int(header_length) :]
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"the inference request is not valid JSON ({exc})") from None
+    if not isinstance(request, dict):
+        raise bad("the inference request must be a JSON object")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise bad(f"the request must have exactly one input, {INPUT!r} (BYTES: encoded images)")
+    images = _input_images(inputs[0], binary)
+    if not images:
+        raise bad(f"input {INPUT!r} holds no image")
+    if len(images) > max_images:
+        raise bad(f"{len(images)} images in one request; the limit is {max_images}", 413)
+    parameters = request.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad("'parameters' must be an object")
+    return InferRequest(
+        request_id(request.get("id")), images, parameters, _wanted_outputs(request, parameters)
+    )
+
+
+def request_id(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _input_images(tensor: dict[str, Any], binary: bytes) -> list[bytes]:
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if name != INPUT:
+        raise bad(f"unknown input {name!r}: this model takes one input, {INPUT!r} (BYTES: encoded images)")
+    if datatype != "BYTES":
+        raise bad(f"input {INPUT!r} must be BYTES (encoded JPEG/PNG/WebP/BMP images), got {datatype!r}")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 2 and all(_count(d) for d in shape)):
+        raise bad(f"input {INPUT!r} must have shape [N] or [N, 1], got {shape!r}")
+    if len(shape) == 2 and shape[1] != 1:
+        raise bad(f"input {INPUT!r} must have shape [N] or [N, 1] (one image per row), got {shape}")
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not _count(size) or size > len(binary):
+            raise bad(f"binary_data_size {size!r} does not fit the {len(binary)} bytes of binary data")
+        elements = split_bytes(binary[:size])
+    else:
+        elements = [_from_base64(e) for e in _flatten(tensor.get("data"))]
+    if len(elements) != math.prod(shape):
+        raise bad(f"input {INPUT!r} has shape {shape} but {len(elements)} element(s)")
+    return elements
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        raise bad(f"input {INPUT!r} needs 'data' (a list of base64 strings) or binary data")
+    return [x for item in data for x in _flatten(item)] if any(isinstance(d, list) for d in data) else data
+
+
+def _from_base64(element: Any) -> bytes:
+    if not isinstance(element, str):
+        raise bad(f"each element of {INPUT!r} in JSON must be the image as a base64 string")
+    try:
+        return base64.b64decode(element, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"an element of {INPUT!r} is not valid base64") from None
+
+
+def split_bytes(data: bytes) -> list[bytes]:
+    """Triton's BYTES serialisation (per element: uint32 little-endian length, then the bytes) -> elements."""
+    elements, at = [], 0
+    while at < len(data):
+        if at + 4 > len(data):
+            raise bad("the binary BYTES data ends inside an element's length")
+        (length,) = struct.unpack_from("<I", data, at)
+        at += 4
+        if at + length > len(data):
+            raise bad("the binary BYTES data ends inside an element")
+        elements.append(data[at : at + length])
+        at += length
+    return elements
+
+
+def _wanted_outputs(request: dict[str, Any], parameters: dict[str, Any]) -> dict[str, bool]:
+    default_binary = parameters.get("binary_data_output") is True
+    asked = request.get("outputs")
+    if asked is None:
+        return dict.fromkeys(OUTPUTS, default_binary)
+    if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
+        raise bad("'outputs' must be a list of objects")
+    wanted = {}
+    for output in asked:
+        name = output.get("name")
+        if name not in OUTPUTS:
+            raise bad(f"unknown output {name!r}; this model's outputs are {list(OUTPUTS)}")
+        binary = (output.get("parameters") or {}).get("binary_data", default_binary)
+        wanted[name] = binary is True
+    return wanted
+
+
+def detection_tensors(per_image: list[list[dict[str, Any]]]) -> dict[str, np.ndarray]:
+    """``/detect``'s detection dicts of each image -> the output tensors (padded to the largest count)."""
+    n, k = len(per_image), max((len(d) for d in per_image), default=0)
+    boxes = np.zeros((n, k, 4), NUMPY["FP32"])
+    scores = np.zeros((n, k), NUMPY["FP32"])
+    labels = np.full((n, k), -1, NUMPY["INT32"])
+    for i, detections in enumerate(per_image):
+        for j, d in enumerate(detections):
+            b = d["box"]
+            boxes[i, j] = (b["x1"], b["y1"], b["x2"], b["y2"])
+            scores[i, j] = d["score"]
+            labels[i, j] = d["class_id"]
+    count = np.array([len(d) for d in per_image], NUMPY["INT32"])
+    return {"boxes": boxes, "scores": scores, "labels": labels, "count": count}
+
+
+def encode_response(
+    model_name: str, request: InferRequest, tensors: dict[str, np.ndarray]
+) -> tuple[bytes, int | None]:
+    """(body, JSON header length when binary data follows it, else None)."""
+    outputs, chunks = [], []
+    for name, binary in request.outputs.items():
+        array = tensors[name]
+        entry: dict[str, Any] = {"name": name, "datatype": OUTPUTS[name], "shape": list(array.shape)}
+        if binary:
+            raw = np.ascontiguousarray(array, NUMPY[OUTPUTS[name]]).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = array.ravel().tolist()
+        outputs.append(entry)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": outputs}
+    if request.id is not None:
+        response["id"] = request.id
+    header = json.dumps(response, separators=(",", ":")).encode()
+    return (header + b"".join(chunks), len(header)) if chunks else (header, None)

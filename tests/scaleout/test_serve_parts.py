@@ -1,0 +1,80 @@
+"""The Ray Serve parts that need no Ray: the ingress's retry rules and a replica's in-process ASGI call."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from scaleout.serve import Answer, Forwarded, Ingress, call_asgi
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
+from service_testing import encode, noise_image, running, settings, standin_loader
+
+REQUEST = Forwarded("POST", "/detect", b"", [(b"content-type", b"image/jpeg")], b"...")
+OK = Answer(200, [(b"content-type", b"application/json")], b"{}")
+
+
+class ActorDiedError(Exception):
+    """Named as Ray's: the ingress matches Ray's errors by class name."""
+
+
+class FakeHandle:
+    """Answers from a script: an exception instance is raised, an Answer returned."""
+
+    def __init__(self, *script) -> None:
+        self.script = list(script)
+        self.calls = 0
+
+    async def remote(self, request: Forwarded) -> Answer:
+        self.calls += 1
+        outcome = self.script.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return Answer(outcome.status, list(outcome.headers), outcome.body)
+
+
+def test_a_dead_replica_is_retried_on_another():
+    handle = FakeHandle(ActorDiedError("replica died"), OK)
+    answer = asyncio.run(Ingress(handle).forward(REQUEST))
+    assert answer.status == 200 and (b"x-attempts", b"2") in answer.headers and handle.calls == 2
+
+
+def test_no_replica_left_is_a_json_503():
+    handle = FakeHandle(*[ActorDiedError("died")] * 3)
+    answer = asyncio.run(Ingress(handle, attempts=3).forward(REQUEST))
+    body = json.loads(answer.body)
+    assert answer.status == 503 and body["error"]["code"] == "unavailable" and handle.calls == 3
+    assert (b"retry-after", b"1") in answer.headers
+
+
+def test_a_bug_is_not_retried():
+    handle = FakeHandle(ValueError("bug"), OK)
+    with pytest.raises(ValueError):
+        asyncio.run(Ingress(handle).forward(REQUEST))
+    assert handle.calls == 1
+
+
+def test_a_replica_answers_as_the_service_does():
+    """``call_asgi`` (what a replica runs) gives the same status, body and headers as HTTP to the app."""
+    from service.app import create_app
+
+    image = encode(noise_image(64, 48, seed=3))
+    app = create_app(settings(), loader=standin_loader())
+    with running(app) as client:  # also runs the app's lifespan (model loaded, batcher started)
+        for data, ctype in ((image, "image/jpeg"), (b"GIF89a", "image/gif"), (b"", "image/jpeg")):
+            want = client.post("/detect", content=data, headers={"content-type": ctype})
+            request = Forwarded(
+                "POST", "/detect", b"score_threshold=0.5", [(b"content-type", ctype.encode())], data
+            )
+            got = client.portal.call(call_asgi, app, request, b"node/replica")
+            assert got.status == want.status_code
+            got_body, want_body = json.loads(got.body), want.json()
+            if want.status_code == 200:
+                assert got_body["detections"] == want_body["detections"]
+            else:
+                assert got_body == want_body
+            assert (b"x-served-by", b"node/replica") in got.headers
