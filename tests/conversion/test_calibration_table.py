@@ -44,6 +44,7 @@ def test_the_table_is_small_json_of_ranges_for_its_checkpoint(table, tiny_checkp
         read_table(table, checkpoint_sha256="0" * 64)
 
 
+@pytest.mark.slow
 def test_quantizing_from_the_table_equals_calibrating_on_the_images(table, tiny_onnx, image_dir, tmp_path):
     from_images, from_table = tmp_path / "images.onnx", tmp_path / "table.onnx"
     quantize_onnx(tiny_onnx, from_images, QuantizeOptions(files=tuple(image_files(image_dir)), source="x"))
