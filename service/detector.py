@@ -64,6 +64,7 @@ class Detector:
         self._jpeg_decoder: JpegDecoder | None = None  # made on the first EncodedJpeg
         cpu = backend.device.type == "cpu"
         self.streams = CpuStreams(cpu_streams) if cpu and cpu_streams > 1 else None
+        self._stream_infer = backend.single_thread_infer() if self.streams is not None else backend.infer
 
     @property
     def max_batch(self) -> int:
@@ -90,21 +91,26 @@ class Detector:
         for start in range(0, len(inputs), self.max_batch):
             chunk = inputs[start : start + self.max_batch]
             if self.streams is not None and len(chunk) > 1:
-                results.extend(self.streams.run(self._run_batch, chunk))
+                results.extend(self.streams.run(self._run_stream, chunk))
             else:
                 if self.streams is not None:
                     self.streams.claim_engine_threads()
                 results.extend(self._run_batch(chunk))
         return results
 
-    def _run_batch(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | ServiceError]:
+    def _run_stream(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | ServiceError]:
+        return self._run_batch(inputs, self._stream_infer)
+
+    def _run_batch(
+        self, inputs: Sequence[ImageInput], infer: Callable[[Tensor], BackendOutput] | None = None
+    ) -> list[ImageDetections | ServiceError]:
         clock = StageClock(self.backend.device)
         images, failed = self._on_device(inputs)
         if not images:
             return [failed[i] for i in range(len(inputs))]
         x = preprocess(stack_if_same_size(images), self.config.input_size, self.config.normalization)
         clock.mark()
-        outputs = self.backend.infer(x)
+        outputs = (infer or self.backend.infer)(x)
         clock.mark()
         detections = self.postprocess(outputs)  # the one wait for the device: the copy to the host
         clock.mark()
