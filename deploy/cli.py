@@ -148,9 +148,6 @@ def _prepared(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from model.cpu import passive_omp_wait
-
-    passive_omp_wait()  # before anything imports torch: OpenMP threads sleep instead of spinning on a CPU
     settings, deployment = _prepared(args)
     announce(deployment, default=settings.model is None)
     from service.server import run

@@ -99,20 +99,3 @@ def threads_per_worker(workers: int, cores: int | None = None) -> int:
     """Intra-op threads for each of ``workers`` processes sharing the usable cores: cores // workers,
     at least 1 (more workers than cores share single threads)."""
     return max(1, (cores or usable_cores()) // max(1, workers))
-
-
-def passive_omp_wait(environ: dict[str, str] | None = None) -> bool:
-    """Make OpenMP threads sleep, not spin, while they wait (``OMP_WAIT_POLICY=PASSIVE``) unless the
-    environment already says otherwise. Must run before PyTorch is first imported (libgomp reads it once,
-    when it loads); worker processes inherit it. Returns whether it took effect in this process.
-
-    Why: PyTorch's CPU kernels run on a GNU OpenMP team that by default spins at every barrier. When a
-    core is shared (the service's own handler and event-loop threads, or another process), the spinning
-    thread burns the time slice its preempted partner needs, and every layer waits for the slower one:
-    on the loaded 2-core machine sequential eager inference ran at 0.3-0.5 images/s spinning and
-    0.6-0.8 passive (docs/benchmarks.md, "Why the service lost to the naive app on a CPU")."""
-    import sys
-
-    env = os.environ if environ is None else environ
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return "torch" not in sys.modules

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from model import cpu
-from model.cpu import cpu_info, passive_omp_wait, threads_per_worker
+from model.cpu import cpu_info, threads_per_worker
 
 ZEN4 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -52,23 +52,3 @@ def test_workers_split_the_cores():
     assert threads_per_worker(4, cores=8) == 2
     assert threads_per_worker(3, cores=8) == 2
     assert threads_per_worker(4, cores=2) == 1  # more workers than cores: one thread each
-
-
-def test_passive_omp_wait_reaches_libgomp_when_set_before_torch_loads():
-    """`refinedet serve` calls it first thing: libgomp must then report a spin count of 0 (passive)."""
-    import subprocess
-    import sys
-
-    code = "from model.cpu import passive_omp_wait; assert passive_omp_wait(); import torch"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"OMP_DISPLAY_ENV": "verbose"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert "GOMP_SPINCOUNT = '0'" in out.stderr
-
-
-def test_passive_omp_wait_keeps_an_explicit_choice():
-    env: dict[str, str] = {}
-    passive_omp_wait(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    passive_omp_wait(env)
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
