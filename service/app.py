@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from service.admission import GuardMiddleware
 from service.docs_ui import install_swagger_ui
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.protocol import DRAIN_KEY, LIMITS_KEY, HttpLimits
 from service.routes import benchmark, detect, health, inference_v2
 from service.settings import Settings
 from service.state import Loader, ServiceState
@@ -42,9 +45,10 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     state = ServiceState(settings, metrics, loader or default_loader)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         state.start_loading()
-        yield
+        # Shared with uvicorn's protocols (service.protocol): their limits, and the drain's start.
+        yield {LIMITS_KEY: http_limits(settings), DRAIN_KEY: state.begin_drain}
         await state.shutdown()
 
     app = FastAPI(
@@ -70,18 +74,32 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
             allow_headers=["*"],
             expose_headers=["X-Request-ID", "Server-Timing"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, idle_timeout_s=settings.body_timeout_s
+    )
+    app.add_middleware(GuardMiddleware, state=state)
     docs = frozenset(
         p for p in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p
     )
     app.add_middleware(
-        RequestContextMiddleware, metrics=metrics, log_requests=settings.access_log, known_paths=docs
+        RequestContextMiddleware,
+        metrics=metrics,
+        log_requests=settings.access_log,
+        known_paths=docs,
+        route_paths=lambda: app.openapi().get("paths", {}),
     )
     return app
 
 
+def http_limits(settings: Settings) -> HttpLimits:
+    return HttpLimits(settings.max_connections, settings.max_header_bytes, settings.header_timeout_s)
+
+
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory``: settings from the REFINEDET_* environment."""
+    from service.server import prepare_process
+
+    prepare_process()  # worker processes are spawned: set up each one as ``run`` does its own
     return create_app(Settings())
 
 

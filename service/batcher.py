@@ -10,7 +10,8 @@ so are those whose client disconnected, asked only of requests that waited at le
 is cheaper to run than to ask about). The engine call runs on a single worker thread, never on the
 event loop, and every submitted future is resolved exactly once: with its own result (results are
 matched to requests by position; an ``Exception`` instance in the results fails that request alone),
-with the batch's exception, or with ``ClientGone`` / ``ShuttingDown``.
+with the batch's exception, or with ``ClientGone`` / ``ShuttingDown``. It also keeps the recent batch time (``batch_seconds``, a moving
+average), from which admission control estimates a new request's wait (``expected_wait_s``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger("refinedet.service")
+BATCH_TIME_WEIGHT = 0.3  # of the newest batch in the moving average
 
 
 class QueueFull(Exception):
@@ -40,12 +42,18 @@ class ClientGone(Exception):
     """The client disconnected before its request reached the engine; it was not run."""
 
 
+class TooLate(Exception):
+    """The request's deadline would pass before its batch finished (at the recent batch time); it was
+    not run: answer 503 with Retry-After rather than make it wait for a 504."""
+
+
 @dataclass
 class _Pending(Generic[T]):
     item: T
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    deadline: float | None = None  # time.monotonic() by which its answer is due
 
 
 _STOP: Any = object()
@@ -81,6 +89,15 @@ class DynamicBatcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinedet-engine")
         self._task: asyncio.Task | None = None
         self._closing = False
+        self.batch_seconds: float | None = None  # moving average of recent engine calls (wall time)
+        self._running: set[asyncio.Future] = set()
+
+    def expected_wait_s(self, ahead: int) -> float:
+        """Expected seconds until a request with ``ahead`` images before it is answered: its batch and
+        those ahead of it, at the recent batch time (0 before the first batch)."""
+        if self.batch_seconds is None:
+            return 0.0
+        return (ahead // self.max_batch_size + 1) * self.batch_seconds
 
     @property
     def depth(self) -> int:
@@ -96,16 +113,27 @@ class DynamicBatcher(Generic[T, R]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="refinedet-batcher")
 
-    def submit(self, item: T, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> asyncio.Future:
-        """Queue one item; the future resolves to (result, queue seconds). Raises QueueFull / ShuttingDown."""
+    def submit(
+        self,
+        item: T,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        deadline: float | None = None,
+    ) -> asyncio.Future:
+        """Queue one item; the future resolves to (result, queue seconds). Raises QueueFull / ShuttingDown.
+        An item whose ``deadline`` (monotonic) would pass before its batch finished is not run: its future
+        fails with ``TooLate``."""
         if self._closing or self._task is None:
             raise ShuttingDown("the service is shutting down")
         if self._queue.qsize() >= self.max_queue_size:
             self.observer.on_drop("queue_full")
             raise QueueFull(f"{self.max_queue_size} requests are already queued")
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(item, future, is_disconnected=is_disconnected))
+        self._queue.put_nowait(_Pending(item, future, is_disconnected=is_disconnected, deadline=deadline))
         return future
+
+    def started(self, future: asyncio.Future) -> bool:
+        """Whether ``future``'s item is in the batch the engine is running."""
+        return future in self._running
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop taking work, finish everything already queued (up to ``timeout_s``), then stop."""
@@ -155,6 +183,12 @@ class DynamicBatcher(Generic[T, R]):
         waiting = [p for p in batch if not p.future.done()]  # done: the caller timed out and cancelled it
         for _ in range(len(batch) - len(waiting)):
             self.observer.on_drop("timeout")
+        finish = time.monotonic() + (self.batch_seconds or 0.0)
+        for pending in waiting:
+            if pending.deadline is not None and finish > pending.deadline:
+                pending.future.set_exception(TooLate("the request could not be served before its deadline"))
+                self.observer.on_drop("too_late")
+        waiting = [p for p in waiting if not p.future.done()]
         asked_before = time.monotonic() - self.disconnect_check_s
         ask = [p for p in waiting if p.is_disconnected is not None and p.enqueued <= asked_before]
         if ask:
@@ -168,6 +202,7 @@ class DynamicBatcher(Generic[T, R]):
         started = time.monotonic()
         self.observer.on_batch(len(batch))
         loop = asyncio.get_running_loop()
+        self._running = {p.future for p in batch}
         try:
             results = await loop.run_in_executor(self._executor, self.process, [p.item for p in batch])
             if len(results) != len(batch):
@@ -179,6 +214,9 @@ class DynamicBatcher(Generic[T, R]):
             log.exception("batch of %d failed", len(batch))
             _fail(batch, exc)
             return
+        finally:
+            self._running = set()
+            self._record(time.monotonic() - started)
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
                 continue
@@ -186,6 +224,10 @@ class DynamicBatcher(Generic[T, R]):
                 pending.future.set_exception(result)
             else:
                 pending.future.set_result((result, started - pending.enqueued))
+
+    def _record(self, seconds: float) -> None:
+        last = self.batch_seconds
+        self.batch_seconds = seconds if last is None else last + BATCH_TIME_WEIGHT * (seconds - last)
 
     def _fail_queued(self, exc: Exception) -> None:
         queued = []

@@ -12,7 +12,8 @@ for the engine's batched decode (``service.decoding``). Anything else is decoded
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -21,6 +22,7 @@ from torch import Tensor
 from model.preprocess import pil_to_rgb
 from service.errors import ServiceError
 
+log = logging.getLogger("refinedet.service")
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 SUPPORTED_MEDIA_TYPES = frozenset(
     {
@@ -171,10 +173,19 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
         return _decode(image)
 
 
-def read_image(data: bytes, max_pixels: int, min_side: int, engine_jpeg: bool) -> DecodedImage | EncodedJpeg:
-    """``decode_image``, except that with ``engine_jpeg`` a JPEG the engine can decode comes back undecoded."""
+def read_image(
+    data: bytes,
+    max_pixels: int,
+    min_side: int,
+    engine_jpeg: bool,
+    reserve: Callable[[int], None] | None = None,
+) -> DecodedImage | EncodedJpeg:
+    """``decode_image``, except that with ``engine_jpeg`` a JPEG the engine can decode comes back undecoded.
+    ``reserve(width * height)`` runs once the header passed the checks, before any pixel is decoded."""
     with open_image(data, max_pixels, min_side) as image:
         header = _header(image, data)
+        if reserve is not None:
+            reserve(header.width * header.height)
         return header.deferred(data) if engine_jpeg and header.engine_decodable else _decode(image)
 
 
@@ -213,8 +224,9 @@ def _decode(image: Image.Image) -> DecodedImage:
         image.load()
         pixels = pil_to_rgb(image)
     except Exception as exc:  # decoders raise many types for damaged data
+        log.info("undecodable %s upload: %s: %s", image.format, type(exc).__name__, exc)
         raise ServiceError(
-            400, "invalid_image", f"the {image.format} image is truncated or corrupt ({exc})"
+            400, "invalid_image", f"the {image.format} image is truncated or corrupt"
         ) from None
     return DecodedImage(pixels, int(pixels.shape[2]), int(pixels.shape[1]), str(image.format))
 

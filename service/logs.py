@@ -27,8 +27,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def log_config(level: str = "info", json_logs: bool = True) -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` dict for the service and uvicorn (uvicorn's own access log is off:
-    the service writes its own, with request ids)."""
+    """A ``logging.config.dictConfig`` dict for the service, uvicorn and every other logger (the root's
+    handler: python-multipart, asyncio, ... write JSON lines too). uvicorn's own access log is off: the
+    service writes its own, with request ids."""
     formatter = (
         {"()": JsonFormatter} if json_logs else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
     )
@@ -45,4 +46,6 @@ def log_config(level: str = "info", json_logs: bool = True) -> dict[str, Any]:
             "uvicorn.error": {"level": lvl},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
         },
+        # Everything else (python-multipart, asyncio, libraries) in the same format, never bare lines.
+        "root": {"handlers": ["default"], "level": "WARNING"},
     }

@@ -3,21 +3,27 @@
 - ``RequestContextMiddleware``: request id (the client's ``X-Request-ID`` if sane, else a new one; echoed
   back), in-flight gauge, request count by route/method/status, latency histogram, one JSON access log
   line per request.
+  A request answered before routing (413 from Content-Length, 503 from admission) is counted under the
+  route its path matches, so every route's counts are complete.
 - ``BodyLimitMiddleware``: 413 for bodies over the limit, from Content-Length when given and by counting
-  streamed chunks otherwise, before the body is buffered.
+  streamed chunks otherwise, before the body is buffered; 408 when the body pauses longer than
+  ``idle_timeout_s`` or is still incomplete at the request's deadline (``service.admission``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterable
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admission import DEADLINE_KEY
 from service.errors import ServiceError
 from service.metrics import Metrics
 
@@ -38,11 +44,16 @@ class RequestContextMiddleware:
         metrics: Metrics,
         log_requests: bool = True,
         known_paths: frozenset[str] = frozenset(),
+        route_paths: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.log_requests = log_requests
         self.known_paths = known_paths  # non-API routes (docs) that may be metric labels as they are
+        self._route_paths = (
+            route_paths  # the app's route templates, to label requests answered before routing
+        )
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,11 +79,18 @@ class RequestContextMiddleware:
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
-            route = getattr(scope.get("route"), "path", None)
-            route = route or (scope["path"] if scope["path"] in self.known_paths else "unmatched")
+            route = getattr(scope.get("route"), "path", None) or self._route_label(scope)
             self.metrics.observe_request(route, scope["method"], status, elapsed)
             if self.log_requests:
                 self._log(scope, request_id, status, elapsed, sent)
+
+    def _route_label(self, scope: Scope) -> str:
+        path = scope["path"]
+        if path in self.known_paths:
+            return path
+        if self._patterns is None:  # built on first use, once every route is registered
+            self._patterns = [(template_pattern(t), t) for t in self._route_paths()]
+        return next((t for pattern, t in self._patterns if pattern.fullmatch(path)), "unmatched")
 
     @staticmethod
     def _log(scope: Scope, request_id: str, status: int, elapsed: float, sent: int) -> None:
@@ -93,14 +111,32 @@ class RequestContextMiddleware:
         )
 
 
+def template_pattern(template: str) -> re.Pattern[str]:
+    """``/v2/models/{name}`` -> a pattern matching ``/v2/models/<one segment>``."""
+    parts = re.split(r"(\{[^}]*\})", template)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
+
+
 def too_large(limit: int) -> ServiceError:
-    return ServiceError(413, "payload_too_large", f"request body is larger than the {limit}-byte limit")
+    return ServiceError(
+        413,
+        "payload_too_large",
+        f"request body is larger than the {limit}-byte limit",
+        {"Connection": "close"},
+    )
+
+
+def body_timeout() -> ServiceError:
+    return ServiceError(
+        408, "request_timeout", "the request body did not arrive in time", {"Connection": "close"}
+    )
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float = 10.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -111,20 +147,32 @@ class BodyLimitMiddleware:
             error = (
                 too_large(self.max_bytes)
                 if declared.isdigit()
-                else ServiceError(400, "bad_request", "invalid Content-Length")
+                else ServiceError(400, "bad_request", "invalid Content-Length", {"Connection": "close"})
             )
             await _send_error(send, error)
             return
         received = 0
         started = False
+        complete = False
+        deadline = scope.get("state", {}).get(DEADLINE_KEY)
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # only a disconnect is left to hear about: no time limit
+                return await receive()
+            wait = self.idle_timeout_s
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+            try:
+                async with asyncio.timeout(max(wait, 0.0)):
+                    message = await receive()
+            except TimeoutError:
+                raise body_timeout() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise too_large(self.max_bytes)
+                complete = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -145,7 +193,7 @@ async def _send_error(send: Send, error: ServiceError) -> None:
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
+        *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
     ]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -80,7 +80,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     graceful_timeout_s: float = Field(
-        default=30.0, gt=0, description="how long shutdown waits for in-flight requests"
+        default=30.0,
+        gt=0,
+        description="on SIGTERM, requests in flight are served for up to this long; any still unanswered "
+        "then gets 503 shutting_down",
     )
 
     # Dynamic batching.
@@ -138,6 +141,46 @@ class Settings(BaseSettings):
     default_score_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     max_detections: int = Field(
         default=100, ge=1, le=10_000, description="default and upper bound of ?max_detections"
+    )
+
+    # Hardening: limits that hold under overload, shutdown and hostile clients (service/server.py,
+    # service/protocol.py, service/admission.py).
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="open connections beyond this are answered 503 and closed before a request is read",
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="request line plus headers above this are answered 431",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a connection that sends nothing, or a request whose headers are incomplete, this long "
+        "after it opened / its first byte is closed (408 for a partial request)",
+    )
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, description="longest pause while a request body is being received (then 408)"
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, description="an idle keep-alive connection is closed after this long"
+    )
+    max_pixels_in_flight: int = Field(
+        default=80_000_000,
+        ge=64,
+        description="decoded pixels (width*height) of all requests being served at once; an image that "
+        "would exceed it is answered 503 + Retry-After (bounds the memory decoding takes)",
+    )
+    admission_headroom: float = Field(
+        default=0.5,
+        gt=0,
+        le=1.0,
+        description="a request is admitted only if its expected wait (work ahead x recent batch time) fits "
+        "in this fraction of its deadline; otherwise 503 + Retry-After before its body is read",
     )
 
     # Security.

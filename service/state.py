@@ -1,16 +1,22 @@
 """What one running app holds: settings, metrics, and (once loaded) backend, detector and batcher.
 
 Loading runs in a worker thread started by the app's lifespan, so /healthz answers at once and /readyz
-says 503 until the model is loaded and warmed up. Shutdown marks the app not ready, then lets the
-batcher finish everything already queued.
+says 503 until the model is loaded and warmed up. When the server starts shutting down, ``begin_drain``
+marks the app not ready and gives every request in flight ``graceful_timeout_s`` to be answered
+(``service.admission``); once the connections are closed, ``shutdown`` stops the batcher.
+
+It also holds what admission control counts: requests admitted and not finished, and the decoded-pixel
+budget. A load failure's details go to the log only; responses say that it failed, nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
+from service.admission import PixelBudget, overloaded, shutting_down
 from service.backends.base import Backend
 from service.batcher import DynamicBatcher
 from service.detector import Detector
@@ -32,13 +38,23 @@ class ServiceState:
         self.batcher: DynamicBatcher | None = None
         self.engine_jpeg = False  # JPEG uploads are decoded in the engine (settings.gpu_decode)
         self._summary: dict[str, str] | None = None
-        self.status = "loading"  # loading -> ready -> shutting_down, or failed
-        self.error: str | None = None
+        self.status = "loading"  # loading -> ready -> draining -> shutting_down, or failed
+        self.error: str | None = None  # for the log only
         self._load_task: asyncio.Task | None = None
+        self.admitted = 0  # inference requests admitted and not finished
+        self.pixels = PixelBudget(settings.max_pixels_in_flight)
+        self.drain_deadline: float | None = None  # time.monotonic() by which the drain ends
+        self._watched: set[asyncio.Timeout] = set()
 
     @property
     def ready(self) -> bool:
+        """Readiness: loaded and not draining."""
         return self.status == "ready"
+
+    @property
+    def serving(self) -> bool:
+        """Requests are served (also while draining, until the drain ends)."""
+        return self.status in ("ready", "draining")
 
     def start_loading(self) -> None:
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="refinedet-load")
@@ -49,6 +65,7 @@ class ServiceState:
         except Exception as exc:
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.error, exc_info=not isinstance(exc, ValueError))
+            self.metrics.ready.set(0)
             return
         if self.status != "loading":  # shut down while loading
             return
@@ -88,10 +105,64 @@ class ServiceState:
             f"the engine ({backend.device})" if engine_jpeg else "the handler (PIL)", info.weights if info else "?",
         )  # fmt: skip
 
+    def begin_drain(self) -> None:
+        """The server stops taking connections: not ready from now on, and every request in flight (or
+        arriving) is answered within ``graceful_timeout_s``. Idempotent."""
+        if self.drain_deadline is not None:
+            return
+        grace = self.settings.graceful_timeout_s
+        self.drain_deadline = time.monotonic() + grace
+        if self.status in ("ready", "loading"):
+            self.status = "draining"
+        self.metrics.ready.set(0)
+        log.info("draining: %d request(s) in flight get up to %.0f s", len(self._watched), grace)
+        for timeout in self._watched:
+            self._cap(timeout)
+
+    def watch(self, timeout: asyncio.Timeout) -> None:
+        """Track a request's timeout scope: the drain's end cancels it."""
+        self._watched.add(timeout)
+        if self.drain_deadline is not None:
+            self._cap(timeout)
+
+    def unwatch(self, timeout: asyncio.Timeout) -> None:
+        self._watched.discard(timeout)
+
+    def _cap(self, timeout: asyncio.Timeout) -> None:
+        assert self.drain_deadline is not None
+        when = asyncio.get_running_loop().time() + (self.drain_deadline - time.monotonic())
+        current = timeout.when()
+        if current is None or current > when:
+            timeout.reschedule(when)
+
+    def admit(self, deadline: float) -> ServiceError | None:
+        """Admit one inference request due by ``deadline`` (monotonic), or the 503 to answer it with now:
+        its expected wait (``ahead // batch + 1`` batches of the recent batch time) must fit in
+        ``admission_headroom`` of the time it has left (to the drain's end, while draining)."""
+        now = time.monotonic()
+        draining = self.drain_deadline is not None and self.drain_deadline < deadline
+        if draining:
+            deadline = self.drain_deadline  # type: ignore[assignment]
+        batcher = self.batcher
+        if batcher is None or not self.serving:
+            if draining:
+                return shutting_down()
+            self.admitted += 1  # the route answers not_ready; counted like any admitted request
+            return None
+        ahead = self.admitted
+        expected = batcher.expected_wait_s(ahead)
+        allowed = self.settings.admission_headroom * (deadline - now)
+        if ahead >= self.settings.max_queue_size or expected > allowed:
+            self.metrics.on_drop("draining" if draining else "admission")
+            return shutting_down() if draining else overloaded(expected, allowed)
+        self.admitted += 1
+        return None
+
     async def shutdown(self) -> None:
+        """Lifespan shutdown, once uvicorn closed the connections: stop the batcher."""
+        self.begin_drain()
         was = self.status
         self.status = "shutting_down"
-        self.metrics.ready.set(0)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         if self.batcher is not None:
@@ -100,14 +171,13 @@ class ServiceState:
 
     def require_ready(self) -> tuple[Detector, DynamicBatcher]:
         """The detector and batcher, or 503 while loading / after a failed load / during shutdown."""
-        if self.ready and self.detector is not None and self.batcher is not None:
+        if self.serving and self.detector is not None and self.batcher is not None:
             return self.detector, self.batcher
-        reason = {
-            "loading": "the model is still loading",
-            "failed": f"the model failed to load ({self.error})",
-        }
-        message = reason.get(self.status, "the service is shutting down")
-        raise ServiceError(503, "not_ready", message, headers={"Retry-After": "5"})
+        if self.status == "failed":  # for good: no Retry-After
+            raise ServiceError(503, "not_ready", "the model failed to load; see the service log")
+        if self.status == "loading":
+            raise ServiceError(503, "not_ready", "the model is still loading", {"Retry-After": "5"})
+        raise shutting_down()
 
     def summary(self) -> dict[str, str]:
         """name, backend, device, precision of the served model."""

@@ -18,7 +18,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from model.postprocess import to_pixels
-from service.batcher import ClientGone, QueueFull, ShuttingDown
+from service.admission import request_deadline, shutting_down
+from service.batcher import ClientGone, QueueFull, ShuttingDown, TooLate
 from service.detector import ImageDetections
 from service.errors import ServiceError
 from service.imaging import DecodedImage, annotate
@@ -159,39 +160,58 @@ async def run_detection(
     timeout); returns (detections, queue ms) each. An image the engine could not decode fails the
     request with its 4xx, naming the file when there are several."""
     _, batcher = state.require_ready()
+    timeout = state.settings.request_timeout_s
+    deadline = request_deadline(request.scope.setdefault("state", {}), timeout)
     futures: list[asyncio.Future] = []
     try:
         for image in images:
             item = image.pixels if isinstance(image, DecodedImage) else image
-            futures.append(batcher.submit(item, request.is_disconnected))
+            futures.append(batcher.submit(item, request.is_disconnected, deadline))
     except QueueFull as exc:
         for future in futures:
             future.cancel()
         raise ServiceError(
             503, "overloaded", f"the service is at capacity ({exc}); retry shortly", {"Retry-After": "1"}
         ) from None
-    except ShuttingDown as exc:
-        raise ServiceError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
-    timeout = state.settings.request_timeout_s
+    except ShuttingDown:
+        for future in futures:
+            future.cancel()
+        raise shutting_down() from None
     try:
-        done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
-    except asyncio.TimeoutError:
-        raise ServiceError(
-            504, "timeout", f"no answer within {timeout:g} s; the service is overloaded"
-        ) from None
+        _, waiting = await asyncio.wait(futures, timeout=max(deadline - time.monotonic(), 0.0))
+        running = any(batcher.started(f) for f in waiting)
+    finally:  # also when the drain's end cancels this request: nothing is left to run for it
+        for future in futures:
+            future.cancel()
+    if waiting and running:
+        raise ServiceError(504, "timeout", f"no answer within {timeout:g} s; the service is overloaded")
+    if waiting:  # never reached the engine: nothing was done, retrying elsewhere is safe
+        raise too_late()
     answers = []
-    for index, outcome in enumerate(done):
+    for index, future in enumerate(futures):
+        outcome = future.exception()
         if isinstance(outcome, ServiceError):
             raise name_file(outcome, index, filenames[index]) if len(images) > 1 and filenames else outcome
         if isinstance(outcome, ClientGone):
             raise ServiceError(499, "client_closed_request", "client disconnected before inference")
         if isinstance(outcome, ShuttingDown):
-            raise ServiceError(503, "shutting_down", str(outcome), {"Retry-After": "5"})
-        if isinstance(outcome, BaseException):
+            raise shutting_down()
+        if isinstance(outcome, TooLate):
+            raise too_late()
+        if outcome is not None:
             raise outcome
-        result, queue_s = outcome
+        result, queue_s = future.result()
         answers.append((result, queue_s * 1e3))
     return answers
+
+
+def too_late() -> ServiceError:
+    return ServiceError(
+        503,
+        "overloaded",
+        "the service could not reach this request before its deadline; retry shortly",
+        {"Retry-After": "1"},
+    )
 
 
 def build_response(

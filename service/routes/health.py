@@ -6,6 +6,7 @@ them); model metadata does when a key is configured.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,6 +22,8 @@ from service.state import ServiceState
 
 # The torch backend runs the eager nn.Module rebuilt from a checkpoint (no TorchScript anywhere).
 PLATFORMS = {"torch": "pytorch_eager", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+_DIRECTORIES = re.compile(r"[^\s]*[\\/]")  # a token up to its last slash
+LOAD_FAILED = "the model failed to load; the reason is in the service log"
 NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "model not loaded yet"}
 }
@@ -36,15 +39,16 @@ def router(settings: Settings) -> APIRouter:
         """Liveness: the process serves requests (503 only if the model failed to load)."""
         state = get_state(request)
         if state.status == "failed":
-            return JSONResponse({"status": "failed", "detail": state.error}, status_code=503)
+            return JSONResponse({"status": "failed", "detail": LOAD_FAILED}, status_code=503)
         return JSONResponse({"status": "ok", "detail": None})
 
     @open_routes.get("/readyz", response_model=Status, responses={503: {"model": Status}})
     async def readyz(request: Request) -> JSONResponse:
         """Readiness: 200 once the model is loaded and warmed up; 503 before, after a failure, while stopping."""
         state = get_state(request)
+        detail = LOAD_FAILED if state.status == "failed" else None
         return JSONResponse(
-            {"status": state.status, "detail": state.error}, status_code=200 if state.ready else 503
+            {"status": state.status, "detail": detail}, status_code=200 if state.ready else 503
         )
 
     @open_routes.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
@@ -112,8 +116,13 @@ def describe_model(state: ServiceState, name: str | None = None) -> dict[str, An
         "classes": list(cfg.class_names),
         "input_size": cfg.input_size,
         "max_batch_size": batcher.max_batch_size,
-        "artifact": str(info.artifact) if info and info.artifact else None,
+        "artifact": info.artifact.name if info and info.artifact else None,  # never the server's path
         "artifact_sha256": info.artifact_sha256 if info else None,
         "trained": info.trained if info else False,
-        "weights": info.weights if info else "unknown",
+        "weights": without_directories(info.weights) if info else "unknown",
     }
+
+
+def without_directories(text: str) -> str:
+    """``text`` with every file path cut to its file name (the server's directories are nobody's business)."""
+    return _DIRECTORIES.sub("", text)

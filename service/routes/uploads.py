@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from service.admission import current_reserver
 from service.errors import ServiceError
 from service.imaging import (
     SUPPORTED_TEXT,
@@ -86,20 +88,30 @@ async def _read_multipart(request: Request, fields: tuple[str, ...], max_files: 
 
 
 async def read_images(
-    uploads: list[Upload], settings: Settings, engine_jpeg: bool
+    uploads: list[Upload],
+    settings: Settings,
+    engine_jpeg: bool,
+    reserve: Callable[[int], None] | None = None,
 ) -> list[tuple[UploadedImage, float]]:
     """Check every upload and decode it off the event loop, except (with ``engine_jpeg``) the JPEGs the
-    engine decodes, which stay encoded; returns (image, ms spent here) each. A failing file names itself."""
+    engine decodes, which stay encoded; returns (image, ms spent here) each. A failing file names itself.
+    ``reserve(width * height)`` is called for each image once its header passed the checks, before it is
+    decoded here or queued for the engine (``service.admission.PixelBudget``: it raises 503 when over);
+    by default the current request's (``service.admission.current_reserver``)."""
     limits = (settings.max_image_pixels, settings.min_image_side)
+    reserve = reserve or current_reserver.get()
 
     async def read(upload: Upload) -> tuple[UploadedImage, float]:
         start = time.perf_counter()
         image: UploadedImage | None = None
         if engine_jpeg and len(upload.data) <= INLINE_HEADER_BYTES:
             header = read_header(upload.data, *limits)
-            image = header.deferred(upload.data) if header.engine_decodable else None
+            if header.engine_decodable:
+                if reserve is not None:
+                    reserve(header.width * header.height)
+                image = header.deferred(upload.data)
         if image is None:
-            image = await asyncio.to_thread(read_image, upload.data, *limits, engine_jpeg)
+            image = await asyncio.to_thread(read_image, upload.data, *limits, engine_jpeg, reserve)
         return image, (time.perf_counter() - start) * 1e3
 
     if len(uploads) == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import socket
 import threading
 import time
@@ -78,6 +79,48 @@ class StandInBackend(Backend):
         return self.net(images)
 
 
+class GatedBackend(StandInBackend):
+    """A stand-in whose every batch waits for a permit (``release(n)`` lets n batches run); ``running`` is
+    set while a batch waits, so tests know the engine is busy without sleeping."""
+
+    def __init__(self, max_batch: int = 8, delay_s: float = 0.0) -> None:
+        super().__init__(max_batch, delay_s)
+        self.permits = threading.Semaphore(0)
+        self.running = threading.Event()
+
+    def release(self, batches: int = 1) -> None:
+        self.permits.release(batches)
+
+    @torch.inference_mode()
+    def infer(self, images: torch.Tensor) -> RefineDetOutput:
+        self.running.set()
+        if not self.permits.acquire(timeout=60):
+            raise RuntimeError("the test never let this batch run")
+        self.running.clear()
+        return super().infer(images)
+
+
+def gated_loader(max_batch: int = 1, delay_s: float = 0.0):
+    """A loader returning one loaded GatedBackend (``loader.backend``)."""
+    backend = GatedBackend(max_batch, delay_s)
+    backend.load()
+
+    def loader(settings: Settings) -> GatedBackend:
+        return backend
+
+    loader.backend = backend  # type: ignore[attr-defined]
+    return loader
+
+
+def poll(condition, timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Wait until ``condition()`` is true (checked every 10 ms), or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
 def standin_loader(max_batch: int = 8, delay_s: float = 0.0):
     """A loader returning one loaded StandInBackend (also reachable as ``loader.backend``)."""
     backend = StandInBackend(max_batch, delay_s)
@@ -113,15 +156,20 @@ def running(app: FastAPI) -> Iterator[TestClient]:
 
 @contextlib.contextmanager
 def serving(app: FastAPI) -> Iterator[tuple[str, object]]:
-    """Run ``app`` under uvicorn on 127.0.0.1:<free port> in a thread; yields (base URL, uvicorn.Server)."""
+    """Run ``app`` under uvicorn on 127.0.0.1:<free port> in a thread, with the options ``refinedet serve``
+    uses (``service.server.uvicorn_options``); yields (base URL, uvicorn.Server)."""
     import httpx
     import uvicorn
+
+    from service.server import uvicorn_options
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    options = uvicorn_options(app.state.service.settings)  # the service's protocol, timeouts and drain
+    served = {k: options[k] for k in ("http", "timeout_keep_alive", "timeout_graceful_shutdown")}
+    config = uvicorn.Config(app, log_level="warning", access_log=False, **served)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -199,3 +247,27 @@ def assert_same_detections(
         assert abs(g["score"] - w["score"]) <= score_tol, (g, w)
         box = [g["box"][k] for k in ("x1", "y1", "x2", "y2")]
         assert np.allclose(box, w["box"], atol=box_tol), (box, w["box"])
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """Status, headers and JSON body of one response; reads until the server closes or the body is in."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed without a complete response: {data!r}")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, json.loads(body)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from service.batcher import BatchObserver, ClientGone, DynamicBatcher, QueueFull, ShuttingDown
+from service.batcher import BatchObserver, ClientGone, DynamicBatcher, QueueFull, ShuttingDown, TooLate
 
 
 class Recorder(BatchObserver):
@@ -229,3 +229,28 @@ def test_zero_delay_runs_at_once_and_batches_what_queued_while_the_engine_worked
     calls, results = run(main())
     assert calls == [[0], [1, 2, 3, 4]]
     assert [r for r, _ in results] == [0, 2, 4, 6, 8]
+
+
+def test_requests_that_cannot_finish_by_their_deadline_are_not_run():
+    """With the recent batch time known, an item whose deadline would pass before its batch finished fails
+    with TooLate (answered 503, never run); the expected wait grows with the work ahead."""
+
+    async def main():
+        calls: list[list[int]] = []
+        obs = Recorder()
+        b = DynamicBatcher(doubler(calls), max_batch_size=2, max_delay_s=0.0, max_queue_size=16, observer=obs)
+        b.start()
+        assert b.expected_wait_s(5) == 0.0  # nothing measured yet
+        await b.submit(1)
+        b.batch_seconds = 10.0  # as if batches took 10 s lately
+        assert b.expected_wait_s(0) == 10.0 and b.expected_wait_s(5) == 30.0
+        now = time.monotonic()
+        late = b.submit(2, deadline=now + 1.0)
+        fine = b.submit(3, deadline=now + 60.0)
+        outcomes = await asyncio.gather(late, fine, return_exceptions=True)
+        await b.stop()
+        return calls, obs, outcomes
+
+    calls, obs, (late, fine) = run(main())
+    assert isinstance(late, TooLate) and fine[0] == 6
+    assert calls == [[1], [3]] and obs.drops == ["too_late"]

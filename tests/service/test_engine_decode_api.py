@@ -122,7 +122,7 @@ def test_a_corrupt_jpeg_fails_alone_in_a_shared_batch(tiny_backend):
     assert metrics["refinedet_batch_size_count", ()] == 1 and metrics["refinedet_batch_size_sum", ()] == 3
 
 
-def test_gpu_decode_on_with_a_broken_decoder_fails_the_load(tiny_backend, monkeypatch):
+def test_gpu_decode_on_with_a_broken_decoder_fails_the_load(tiny_backend, monkeypatch, caplog):
     def broken(self, *args, **kwargs):
         raise RuntimeError("torchvision was built without nvJPEG")
 
@@ -130,7 +130,9 @@ def test_gpu_decode_on_with_a_broken_decoder_fails_the_load(tiny_backend, monkey
     app = create_app(settings(gpu_decode="on"), loader=lambda s: tiny_backend)
     with running_until_settled(app) as client:
         r = client.get("/readyz")
-        assert r.status_code == 503 and "nvJPEG" in r.text
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        assert "nvJPEG" not in r.text  # the reason is for the log, not for clients
+    assert "nvJPEG" in caplog.text
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ KServe v2 routes, Prometheus metrics, OpenAPI docs, the benchmark endpoint, API 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from service_testing import StandInBackend, encode, noise_image, running, settings, standin_loader
@@ -27,7 +28,8 @@ def test_model_metadata(client, tiny_checkpoint):
     assert info["classes"] == ["a", "b"] and info["input_size"] == 64
     assert (info["backend"], info["device"], info["precision"]) == ("torch", "cpu", "fp32")
     assert info["artifact_sha256"] == file_sha256(tiny_checkpoint) and info["trained"] is True
-    assert info["max_batch_size"] == 4 and info["artifact"] == str(tiny_checkpoint)
+    assert info["max_batch_size"] == 4 and info["artifact"] == tiny_checkpoint.name  # never the path
+    assert str(tiny_checkpoint.parent) not in client.get("/v1/model").text
     v2 = client.get(f"/v2/models/{info['name']}").json()
     assert v2["platform"] == "pytorch_eager"  # an eager checkpoint, not TorchScript
     assert v2["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
@@ -108,7 +110,8 @@ def test_not_ready_until_loaded_then_ready():
 
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(settings(), loader=slow_loader)) as c:
+    app = create_app(settings(), loader=slow_loader)
+    with TestClient(app) as c:
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 503 and c.get("/readyz").json()["status"] == "loading"
         assert c.get("/v2/health/ready").status_code == 503
@@ -122,22 +125,34 @@ def test_not_ready_until_loaded_then_ready():
 
         wait_ready(c.get)
         assert c.post("/detect", content=IMAGE, headers={"content-type": "image/jpeg"}).status_code == 200
+    assert app.state.service.admitted == 0  # refusals while loading released what they were counted as
 
 
-def test_failed_load_is_reported_not_ready():
+def test_failed_load_is_reported_not_ready_without_internals(caplog):
+    secret = "/srv/secret/models/x.pth: weights do not fit"
+
     def broken(_settings):
-        raise ValueError("weights do not fit")
+        raise ValueError(secret)
 
     from fastapi.testclient import TestClient
 
     with TestClient(create_app(settings(), loader=broken)) as c:
-        for _ in range(200):
-            if c.get("/healthz").status_code == 503:
-                break
+        deadline = time.monotonic() + 30
+        while c.get("/healthz").status_code != 503 and time.monotonic() < deadline:
             threading.Event().wait(0.01)
-        health = c.get("/healthz")
-        assert health.status_code == 503 and "weights do not fit" in health.json()["detail"]
-        assert c.get("/readyz").json()["status"] == "failed"
+        answers = [
+            c.get("/healthz"),
+            c.get("/readyz"),
+            c.post("/detect", content=IMAGE, headers={"content-type": "image/jpeg"}),
+            c.get("/v1/model"),
+        ]
+    assert [a.status_code for a in answers] == [503, 503, 503, 503]
+    assert answers[1].json()["status"] == "failed"
+    assert answers[2].json()["error"]["code"] == "not_ready"
+    for answer in answers:
+        assert "/srv" not in answer.text and "weights do not fit" not in answer.text, answer.text
+    assert "retry-after" not in answers[2].headers  # a failed load does not heal by retrying
+    assert secret in caplog.text  # the operator still learns why
 
 
 def test_benchmark_is_disabled_by_default(client):

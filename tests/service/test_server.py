@@ -175,3 +175,15 @@ def test_shutdown_finishes_in_flight_requests():
         assert poll(refused), "the server still accepts connections after shutdown"
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert loader.backend.calls == [1, 1, 1]
+
+
+def test_uvicorn_runs_the_limited_protocol_and_outlasts_the_drain():
+    """``refinedet serve``'s uvicorn options: the protocol with the connection/header limits, the keep-alive
+    timeout, and a graceful timeout longer than the app's drain (so uvicorn never cancels a request
+    itself, which would answer a bare 500)."""
+    from service.server import DRAIN_MARGIN_S, uvicorn_options
+
+    options = uvicorn_options(settings(graceful_timeout_s=7.5, keep_alive_timeout_s=3))
+    assert options["http"] == "service.protocol:LimitedHttpToolsProtocol"
+    assert options["timeout_keep_alive"] == 3
+    assert options["timeout_graceful_shutdown"] >= 7.5 + DRAIN_MARGIN_S

@@ -1,0 +1,192 @@
+"""What every request is held to, whatever route serves it: a deadline, admission by expected wait, a
+share of the decoded-pixel budget, and an answer (never a silent drop) when the server drains.
+
+``GuardMiddleware`` (pure ASGI) wraps each HTTP request:
+
+- **Deadline.** Each request gets ``deadline = arrival + request_timeout_s`` (monotonic, in
+  ``scope["state"]["refinedet.deadline"]``); the routes wait for the engine until then (504 after), and
+  the body must have arrived by then (408, ``service.middleware``).
+- **Admission** (inference requests: every POST except the benchmark). Before the body is read: with
+  ``ahead`` requests admitted and not finished, the expected wait is ``(ahead // batch + 1) x recent
+  batch time``; if that exceeds ``admission_headroom`` of the time left to the deadline (or ``ahead``
+  reaches ``max_queue_size``), the answer is 503 ``overloaded`` + ``Retry-After`` at once.
+- **Drain.** When the server starts shutting down (``ServiceState.begin_drain``), every request in
+  flight gets until ``graceful_timeout_s`` from then; one still unanswered at that point is cancelled
+  and answered 503 ``shutting_down``. A request that arrives during the drain and cannot be served
+  before it ends is answered 503 ``shutting_down`` at once.
+- **Pixels.** ``PixelBudget`` counts the decoded pixels of every image being served; ``read_images``
+  reserves an image's width*height (read from its header) before decoding it, 503 if over budget,
+  through ``current_reserver`` (set here for each request, so every route that decodes uploads is
+  covered); the middleware releases the request's reservations when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ServiceError
+
+if TYPE_CHECKING:
+    from service.state import ServiceState
+
+log = logging.getLogger("refinedet.service")
+DEADLINE_KEY = "refinedet.deadline"
+PIXELS_KEY = "refinedet.pixels"
+EXEMPT_POSTS = frozenset({"/v1/benchmark"})  # POSTs that are not inference (admission does not apply)
+
+
+class PixelBudget:
+    """Decoded pixels in flight across all requests (thread-safe: decoding runs in worker threads)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, pixels: int, held: list[int]) -> None:
+        """Take ``pixels`` (appended to ``held``, the request's reservations) or raise 503."""
+        with self._lock:
+            if self.used + pixels > self.limit:
+                raise ServiceError(
+                    503,
+                    "overloaded",
+                    "the service is decoding too many large images; retry shortly",
+                    {"Retry-After": "1"},
+                )
+            self.used += pixels
+            held.append(pixels)
+
+    def release(self, held: list[int]) -> None:
+        with self._lock:
+            self.used -= sum(held)
+            held.clear()
+
+
+def pixel_reserver(scope: Scope, budget: PixelBudget) -> Callable[[int], None]:
+    """``reserve(pixels)`` for the request of ``scope`` (released by ``GuardMiddleware`` when it ends)."""
+    held = scope.setdefault("state", {}).setdefault(PIXELS_KEY, [])
+    return lambda pixels: budget.reserve(pixels, held)
+
+
+# The current request's ``reserve(pixels)``, set by GuardMiddleware, so that whatever decodes an upload
+# (``service.routes.uploads.read_images``, for every route) takes from the budget without being told to.
+current_reserver: ContextVar[Callable[[int], None] | None] = ContextVar("refinedet_reserve", default=None)
+
+
+def request_deadline(scope_state: dict[str, Any], timeout_s: float) -> float:
+    """The request's deadline (``time.monotonic()`` seconds); ``timeout_s`` from now if none was set."""
+    deadline = scope_state.get(DEADLINE_KEY)
+    return deadline if deadline is not None else time.monotonic() + timeout_s
+
+
+class GuardMiddleware:
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        scope_state = scope.setdefault("state", {})
+        arrived = time.monotonic()
+        scope_state[DEADLINE_KEY] = arrived + state.settings.request_timeout_s
+        inference = scope["method"] == "POST" and scope["path"] not in EXEMPT_POSTS
+        if inference:
+            refusal = state.admit(scope_state[DEADLINE_KEY])
+            if refusal is not None:
+                settings = state.settings
+                clean = await discard_body(scope, receive, settings.max_upload_bytes, settings.body_timeout_s)
+                await send_error(send, refusal, close=not clean)
+                return
+        current_reserver.set(pixel_reserver(scope, state.pixels))  # this request's task (and its threads)
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            async with asyncio.timeout(None) as timeout:
+                state.watch(timeout)
+                try:
+                    await self.app(scope, receive, tracking_send)
+                finally:
+                    state.unwatch(timeout)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            log.warning("drain ended before %s %s was answered", scope["method"], scope["path"])
+            if not started:
+                await send_error(send, shutting_down(), close=True)
+        finally:
+            if inference:
+                state.admitted -= 1
+            held = scope_state.get(PIXELS_KEY)
+            if held:
+                state.pixels.release(held)
+
+
+async def discard_body(scope: Scope, receive: Receive, limit: int, idle_s: float) -> bool:
+    """Read and drop a refused request's body (never buffered or decoded), so that answering it early does
+    not reset the connection under the client while it is still sending (a close with unread bytes is
+    a TCP reset, which can destroy the answer). False if it could not be read cleanly (over ``limit``,
+    a pause over ``idle_s``, the client left): then the answer closes the connection."""
+    headers = {k.lower(): v for k, v in scope.get("headers", ())}
+    if headers.get(b"expect", b"").lower() == b"100-continue":
+        return True  # the client waits for a go-ahead before sending the body: it will not send it
+    if headers.get(b"content-length", b"0") in (b"0", b"") and b"transfer-encoding" not in headers:
+        return True
+    received = 0
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                message = await receive()
+        except TimeoutError:
+            return False
+        if message["type"] != "http.request":
+            return False
+        received += len(message.get("body", b""))
+        if received > limit:
+            return False
+        if not message.get("more_body", False):
+            return True
+
+
+def shutting_down() -> ServiceError:
+    return ServiceError(
+        503, "shutting_down", "the service is shutting down; retry on another instance", {"Retry-After": "1"}
+    )
+
+
+def overloaded(expected_s: float, allowed_s: float) -> ServiceError:
+    retry = max(1, min(60, math.ceil(expected_s - allowed_s)))
+    return ServiceError(
+        503,
+        "overloaded",
+        f"the service is at capacity (expected wait {expected_s:.1f} s); retry shortly",
+        {"Retry-After": str(retry)},
+    )
+
+
+async def send_error(send: Send, error: ServiceError, close: bool) -> None:
+    """``error`` as a complete JSON response, straight to the ASGI server."""
+    body = json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
