@@ -98,11 +98,14 @@ def environment() -> dict[str, Any]:
     """What the numbers were measured on."""
     import torch
 
+    from model.cpu import cpu_info
+
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_info": cpu_info().to_dict(),  # model name, ISA flags (avx512, vnni, amx), usable cores
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,

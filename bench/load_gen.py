@@ -112,7 +112,19 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, duration_s: f
         jobs = [(url, bodies, c, duration_s, warmup_s, start_at, 1000 * k) for k, c in enumerate(shares)]
         with ProcessPoolExecutor(len(shares), mp_context=get_context("spawn")) as pool:
             parts = list(pool.map(_run_in_process, jobs))
-    return combine(concurrency, parts)
+    return {**combine(concurrency, parts), "parts": parts}
+
+
+def combine_rounds(levels: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several ``run_level`` results of one concurrency level, taken one after another (rounds) -> one
+    level: latencies pooled, elapsed times summed."""
+    parts = [p for level in levels for p in level["parts"]]
+    combined = combine(levels[0]["concurrency"], parts)
+    elapsed = sum(max(p["elapsed_s"] for p in level["parts"]) for level in levels)
+    combined["elapsed_s"] = round(elapsed, 3)
+    combined["requests_per_s"] = round(combined["ok"] / elapsed, 2) if elapsed > 0 else 0.0
+    combined["rounds"] = len(levels)
+    return combined
 
 
 def latency_summary(values_ms: Sequence[float]) -> dict[str, float | None]:
@@ -137,7 +149,7 @@ def combine(concurrency: int, parts: Sequence[dict[str, Any]]) -> dict[str, Any]
         "errors": sum(errors.values()),
         "error_kinds": dict(errors),
         "elapsed_s": round(elapsed, 3),
-        "requests_per_s": round(ok / elapsed, 1) if elapsed > 0 else 0.0,
+        "requests_per_s": round(ok / elapsed, 2) if elapsed > 0 else 0.0,
         "latency_ms": latency_summary(latencies),
         "detections_per_response": round(sum(p["detections"] for p in parts) / ok, 2) if ok else None,
     }

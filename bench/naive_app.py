@@ -39,6 +39,10 @@ def create_app(checkpoint: Path, device: str = "cpu") -> FastAPI:
     def readyz() -> dict[str, str]:
         return {"status": "ready"}
 
+    @app.get("/v1/model")
+    def model_info() -> dict[str, str]:  # what the service benchmark labels its rows with
+        return {"backend": "torch", "precision": "fp32", "device": device}
+
     @app.post("/detect")
     def detect(body: bytes = Body(..., media_type="image/jpeg")) -> dict[str, Any]:
         from PIL import Image, UnidentifiedImageError

@@ -28,10 +28,26 @@ from model.errors import UserError
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+def free_port(ports: str | None = None) -> int:
+    """A free port on 127.0.0.1: any (the kernel's choice), or the first free one of ``ports``
+    ("LOW-HIGH", default env ``REFINEDET_BENCH_PORTS``) where only a range may be used."""
+    ports = ports if ports is not None else os.environ.get("REFINEDET_BENCH_PORTS", "")
+    if not ports.strip():
+        candidates = [0]
+    else:
+        low, sep, high = ports.partition("-")
+        try:
+            candidates = list(range(int(low), int(high if sep else low) + 1))
+        except ValueError:
+            raise UserError(f"REFINEDET_BENCH_PORTS takes LOW-HIGH, got {ports!r}") from None
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise UserError(f"no free port in {ports} on {HOST}")
 
 
 def refinedet_command() -> list[str]:

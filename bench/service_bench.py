@@ -13,12 +13,13 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import json
 import signal
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,13 @@ from bench.common import (
     resolve_checkpoint,
     write_json,
 )
-from bench.load_gen import run_level
+from bench.load_gen import combine_rounds, run_level
 from model.errors import UserError
 
 APPS = ("service", "naive")
 READY_LOG_MARKER = "refinedet.service: ready: "  # logged by each worker once its model is warmed up
 COLUMNS = (
-    ("app", "app"), ("workers", "workers"), ("concurrency", "conc"), ("requests_per_s", "req/s"), ("p50", "p50 ms"),
+    ("app", "app"), ("engine", "engine"), ("workers", "workers"), ("concurrency", "conc"), ("requests_per_s", "req/s"), ("p50", "p50 ms"),
     ("p90", "p90 ms"), ("p99", "p99 ms"), ("errors", "errors"), ("mean_batch", "batch"),
     ("detections_per_response", "det/resp"),
 )  # fmt: skip
@@ -49,7 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint for both apps (default: the shipped one, else random weights)")
     p.add_argument("--backend", default="torch", help="the service's --backend (default torch)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="both apps' device")
-    p.add_argument("--max-batch-size", type=int, default=32, help="service: REFINEDET_MAX_BATCH_SIZE")
+    p.add_argument(
+        "--max-batch-size", type=int, help="service: REFINEDET_MAX_BATCH_SIZE (default: the service's)"
+    )
+    p.add_argument("--cpu-engine", choices=["auto", "int8", "fp32", "torch"],
+                   help="the service serves conversion.cpu_engine's artifact of --model (auto: the default CPU "
+                        "engine), the naive app the checkpoint")  # fmt: skip
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="--cpu-engine's cache (default REFINEDET_CACHE_DIR or ~/.cache/refinedet)",
+    )
+    p.add_argument("--rounds", type=int, default=1,
+                   help="split each level into this many rounds, the apps taking turns (all servers up at once), so "
+                        "that load from other processes falls on every app alike (default 1: app after app)")  # fmt: skip
     p.add_argument("--max-delay-ms", type=float, default=0.0, help="service: REFINEDET_MAX_DELAY_MS")
     p.add_argument("--max-queue-size", type=int, default=1024, help="service: REFINEDET_MAX_QUEUE_SIZE")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
@@ -82,6 +96,8 @@ def check(args: argparse.Namespace) -> tuple[list[int], list[str], dict[str, str
         raise UserError(f"--apps takes {', '.join(APPS)}")
     if args.duration <= 0 or args.duration > 600 or args.warmup < 0 or args.client_processes < 1:
         raise UserError("--duration must be in (0, 600], --warmup >= 0, --client-processes >= 1")
+    if not 1 <= args.rounds <= 20:
+        raise UserError("--rounds takes 1 to 20")
     extra = {}
     for item in args.server_env:
         key, sep, value = item.partition("=")
@@ -108,29 +124,48 @@ def app_command(
         "REFINEDET_MODEL": str(model),
         "REFINEDET_BACKEND": args.backend,
         "REFINEDET_DEVICE": device,
-        "REFINEDET_MAX_BATCH_SIZE": str(args.max_batch_size),
         "REFINEDET_MAX_DELAY_MS": str(args.max_delay_ms),
         "REFINEDET_MAX_QUEUE_SIZE": str(args.max_queue_size),
         "REFINEDET_WORKERS": str(workers),
         "REFINEDET_LOG_LEVEL": "info",  # each worker's "ready: ..." line (see READY_LOG_MARKER)
         "REFINEDET_ACCESS_LOG": "false",  # no access log lines: they would dominate the log file
     }
+    if args.max_batch_size is not None:
+        env["REFINEDET_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     return argv, env
 
 
-def sweep(app: str, workers: int, url: str, bodies: list[bytes], levels: list[int], args: argparse.Namespace,
-          save: Callable[[dict[str, Any]], None]) -> None:  # fmt: skip
-    for c in levels:
-        # /metrics is per worker process: with several, two scrapes may reach different workers.
-        before = servers.batch_counters(url) if workers == 1 else None
-        level = run_level(f"{url}/detect", bodies, c, args.duration, args.warmup, args.client_processes)
-        after = servers.batch_counters(url) if workers == 1 else None
-        if before and after and after[1] > before[1]:
-            level["mean_batch"] = round((after[0] - before[0]) / (after[1] - before[1]), 2)
-        row = {"app": app, "workers": workers, **level, **level["latency_ms"]}
-        save(row)
-        print(f"  {app} workers={workers} c={c}: {row['requests_per_s']} req/s, p50 {row['p50']} ms, "
-              f"p99 {row['p99']} ms, errors {row['errors']}", flush=True)  # fmt: skip
+def measure(app: str, workers: int, url: str, bodies: list[bytes], c: int, duration: float,
+            args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """One (app, workers, concurrency) measurement of ``duration`` seconds after ``--warmup``."""
+    # /metrics is per worker process: with several, two scrapes may reach different workers.
+    before = servers.batch_counters(url) if workers == 1 else None
+    level = run_level(f"{url}/detect", bodies, c, duration, args.warmup, args.client_processes)
+    after = servers.batch_counters(url) if workers == 1 else None
+    if before and after and after[1] > before[1]:
+        level["batches"] = (after[0] - before[0], after[1] - before[1])
+    return level
+
+
+def finish_row(app: str, workers: int, engine: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of one (app, workers, concurrency) from its rounds' measurements."""
+    level = combine_rounds(parts)
+    batches = [p["batches"] for p in parts if "batches" in p]
+    if batches and sum(b[1] for b in batches) > 0:
+        level["mean_batch"] = round(sum(b[0] for b in batches) / sum(b[1] for b in batches), 2)
+    row = {"app": app, "engine": engine, "workers": workers, **level, **level["latency_ms"]}
+    print(f"  {app} ({engine}) workers={workers} c={row['concurrency']}: {row['requests_per_s']} req/s, "
+          f"p50 {row['p50']} ms, p99 {row['p99']} ms, errors {row['errors']}", flush=True)  # fmt: skip
+    return row
+
+
+def engine_of(url: str) -> str:
+    """What the app serves, from its /v1/model: "<backend>-<precision>" (e.g. onnxruntime-int8)."""
+    status, body = servers.get(f"{url}/v1/model")
+    if status != 200:
+        return "unknown"
+    info = json.loads(body)
+    return f"{info.get('backend', '?')}-{info.get('precision', '?')}"
 
 
 def ratios(rows: list[dict]) -> list[dict[str, Any]]:
@@ -156,6 +191,21 @@ def image_sizes(bodies: list[bytes]) -> dict[str, int]:
     return dict(sizes)
 
 
+def service_model(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, str | None]:
+    """(what the service serves, its backend or None for --backend): with ``--cpu-engine``,
+    ``conversion.cpu_engine``'s artifact of the checkpoint."""
+    if args.cpu_engine is None:
+        return checkpoint, None
+    import os
+
+    from conversion.cpu_engine import prepare_cpu_artifact
+
+    default = Path(os.environ.get("REFINEDET_CACHE_DIR") or Path.home() / ".cache" / "refinedet")
+    choice = prepare_cpu_artifact(checkpoint, args.cache_dir or default, engine=args.cpu_engine)
+    print(f"CPU engine: {choice.engine} {choice.artifact} ({choice.reason})", flush=True)
+    return choice.artifact, choice.backend
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Both apps' sweeps; the JSON (if asked for) is rewritten after every level."""
     levels, apps, extra = check(args)
@@ -163,9 +213,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     model = resolve_checkpoint(args.model, workdir)
     bodies = read_jpegs(find_jpegs(args.images, limit=args.max_images))
     log_dir = args.log_dir or workdir
+    served, backend = service_model(args, model) if "service" in apps else (model, None)
     result: dict[str, Any] = {
         "benchmark": "service",
         "model": str(model),
+        "service_model": str(served),
         "images": {"count": len(bodies), "sizes": image_sizes(bodies), "mean_bytes": sum(map(len, bodies)) // len(bodies)},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": {**environment(), "torchvision": _version("torchvision")},
@@ -179,15 +231,38 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if args.json:
             write_json(args.json, result)
 
-    for app, workers in [(a, w) for a in apps for w in (worker_counts if a == "service" else [1])]:
-        argv, env = app_command(app, args, model, workers)
+    targets = [(a, w) for a in apps for w in (worker_counts if a == "service" else [1])]
+
+    def start(stack: contextlib.ExitStack, app: str, workers: int) -> tuple[str, str]:
+        """Start ``app`` (stopped when ``stack`` closes); (base URL, engine it serves)."""
+        argv, env = app_command(app, args, served if app == "service" else model, workers)
+        if app == "service" and backend is not None:
+            env["REFINEDET_BACKEND"] = backend
         print(f"{app} (workers {workers}): starting {' '.join(argv)}", flush=True)
         env = servers.server_env({**env, **(extra if app == "service" else {})})
         # Each worker loads its own model and logs "ready: ..." when it has: wait for all of them.
         marker = READY_LOG_MARKER if app == "service" else None
-        with servers.running(argv, env, log_dir / f"{app}_server.log", args.ready_timeout, marker,
-                             workers) as url:  # fmt: skip
-            sweep(app, workers, url, bodies, levels, args, save)
+        url = stack.enter_context(servers.running(argv, env, log_dir / f"{app}_server.log",
+                                                  args.ready_timeout, marker, workers))  # fmt: skip
+        return url, engine_of(url)
+
+    if args.rounds == 1:  # app after app: one server up at a time
+        for app, workers in targets:
+            with contextlib.ExitStack() as stack:
+                url, engine = start(stack, app, workers)
+                for c in levels:
+                    part = measure(app, workers, url, bodies, c, args.duration, args)
+                    save(finish_row(app, workers, engine, [part]))
+        return result
+    with contextlib.ExitStack() as stack:  # every server up; each level in rounds, the apps taking turns
+        urls = {t: start(stack, *t) for t in targets}
+        for c in levels:
+            parts: dict[tuple[str, int], list[dict[str, Any]]] = {t: [] for t in targets}
+            for _ in range(args.rounds):
+                for t in targets:
+                    parts[t].append(measure(*t, urls[t][0], bodies, c, args.duration / args.rounds, args))
+            for t in targets:
+                save(finish_row(*t, urls[t][1], parts[t]))
     return result
 
 
@@ -201,7 +276,11 @@ def _version(package: str) -> str | None:
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = [format_table(result["rows"], COLUMNS)]
+    env = result["environment"]
+    cpu = env.get("cpu_info") or {}
+    lines = [f"CPU: {cpu.get('model_name')} ({cpu.get('machine')}), flags {' '.join(cpu.get('flags', [])) or '-'}, "
+             f"{cpu.get('usable_cores')} usable cores; load average at start {env.get('load_average')}",
+             format_table(result["rows"], COLUMNS)]  # fmt: skip
     for r in result["service_vs_naive"]:
         lines.append(f"service ({r['workers']} workers) vs naive at concurrency {r['concurrency']}: "
                      f"{r['service_rps']} / {r['naive_rps']} req/s = {r['ratio']}x")  # fmt: skip

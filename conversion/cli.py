@@ -20,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_onnx(targets)
     _register_engine(targets)
     _register_triton(targets)
+    _register_int8_ranges(targets)
+    _register_cpu(targets)
     _register_verify(subparsers)
 
 
@@ -109,6 +111,59 @@ def _register_triton(targets: argparse._SubParsersAction) -> None:
         "--instance-kind", choices=("cpu", "gpu"), help="instance_group kind (default: Triton decides)"
     )
     p.set_defaults(handler=cmd_export_triton)
+
+
+def _register_int8_ranges(targets: argparse._SubParsersAction) -> None:
+    p = targets.add_parser(
+        "int8-ranges",
+        help="calibrate once and store the INT8 activation ranges beside the checkpoint (no images at start-up)",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="RefineDet checkpoint")
+    p.add_argument("-o", "--output", type=Path, help="default: <checkpoint name>.int8-ranges.json beside it")
+    _add_calibration_source(p)
+    p.add_argument("--calibration-max-images", type=int, help="default 64, spread evenly over the set")
+    p.add_argument("--calibration-method", help="entropy (default), minmax or percentile")
+    p.set_defaults(handler=cmd_export_int8_ranges, int8=True)
+
+
+def _register_cpu(targets: argparse._SubParsersAction) -> None:
+    p = targets.add_parser(
+        "cpu",
+        help="the fastest verified CPU artifact for a checkpoint (INT8 / FP32 ONNX), made once into a cache",
+    )
+    p.add_argument("--checkpoint", type=Path, help="default: the shipped checkpoint")
+    p.add_argument("--cache-dir", required=True, type=Path, help="cache folder (REFINEDET_CACHE_DIR)")
+    p.add_argument("--engine", choices=("auto", "int8", "fp32", "torch"), default="auto",
+                   help="auto: INT8 where it is faster and verified, else FP32 ONNX, else torch")  # fmt: skip
+    p.set_defaults(handler=cmd_export_cpu)
+
+
+def cmd_export_int8_ranges(args: argparse.Namespace) -> int:
+    from conversion.calibration_table import build_table, table_path_for
+
+    options = quantize_options(args)
+    assert options is not None
+    output = args.output or table_path_for(args.checkpoint)
+    table = build_table(args.checkpoint, output, options)
+    print(f"wrote {output}: {len(table['ranges'])} ranges, {options.method} on {len(options.files)} images "
+          f"of {options.source}")  # fmt: skip
+    return 0
+
+
+def cmd_export_cpu(args: argparse.Namespace) -> int:
+    import logging
+
+    from conversion.cpu_engine import prepare_cpu_artifact
+    from model.errors import UserError
+    from model.zoo import default_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    checkpoint = args.checkpoint or default_checkpoint()
+    if checkpoint is None:
+        raise UserError("no --checkpoint and no shipped checkpoint")
+    choice = prepare_cpu_artifact(checkpoint, args.cache_dir, engine=args.engine)
+    print(json.dumps(choice.to_dict(), indent=2))
+    return 0
 
 
 def _register_verify(subparsers: argparse._SubParsersAction) -> None:

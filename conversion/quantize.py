@@ -152,18 +152,50 @@ def quantize_onnx(fp32_path: str | Path, output: str | Path, options: QuantizeOp
 
 
 def run_quantize_static(
-    fp32_path: Path, tmp: Path, reader: ImageReader, options: QuantizeOptions
+    fp32_path: Path,
+    tmp: Path,
+    reader: ImageReader | None,
+    options: QuantizeOptions,
+    calibration_cache: Path | None = None,
 ) -> tuple[Any, list[str]]:
-    """``quant_pre_process`` then ``quantize_static`` in ``tmp``: (quantized ModelProto, FP32 nodes)."""
+    """``quant_pre_process`` then ``quantize_static`` in ``tmp``: (quantized ModelProto, FP32 nodes).
+
+    ``calibration_cache``: ONNX Runtime's JSON of activation ranges (``quantize_static``'s
+    ``calibration_cache_path``): written after calibrating on ``reader``, or, with ``reader`` None,
+    read instead of calibrating (``conversion.calibration_table``)."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    prepared = prepare_for_quantization(fp32_path, tmp)
+    fp32_nodes = fp32_node_names(onnx.load(str(prepared)), options.fp32_nodes, options.op_types)
+    quantized = quantize_prepared(prepared, tmp / "int8.onnx", reader, options, fp32_nodes, calibration_cache)
+    return onnx.load(str(quantized)), fp32_nodes
+
+
+def prepare_for_quantization(fp32_path: Path, tmp: Path) -> Path:
+    """``quant_pre_process`` (shape inference, graph optimisation) of ``fp32_path`` into ``tmp``."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prepared, quantized = tmp / "prepared.onnx", tmp / "int8.onnx"
+    prepared = tmp / "prepared.onnx"
     quant_pre_process(str(fp32_path), str(prepared))
-    fp32_nodes = fp32_node_names(onnx.load(str(prepared)), options.fp32_nodes, options.op_types)
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    return prepared
+
+
+def quantize_prepared(
+    prepared: Path,
+    quantized: Path,
+    reader: ImageReader | None,
+    options: QuantizeOptions,
+    fp32_nodes: list[str],
+    calibration_cache: Path | None = None,
+) -> Path:
+    """``quantize_static`` with the project's settings (QDQ, per-channel, U8S8) -> ``quantized``."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    extra: dict[str, Any] = {}
+    if reader is not None:
+        extra["extra_options"] = {"CalibStridedMinMax": batches_per_pass(len(reader))}
+    if calibration_cache is not None:
+        extra["calibration_cache_path"] = str(calibration_cache)
     with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress lines
         quantize_static(
             str(prepared),
@@ -176,10 +208,18 @@ def run_quantize_static(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=fp32_nodes,
-            calibrate_method=methods[options.method],
-            extra_options={"CalibStridedMinMax": batches_per_pass(len(reader))},
+            calibrate_method=calibration_method(options.method),
+            **extra,
         )
-    return onnx.load(str(quantized)), fp32_nodes
+    return quantized
+
+
+def calibration_method(name: str) -> Any:
+    """ONNX Runtime's ``CalibrationMethod`` for ``entropy`` / ``minmax`` / ``percentile``."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]  # fmt: skip
 
 
 def int8_record(

@@ -36,7 +36,10 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--host", {"help": "bind address (default 127.0.0.1; 0.0.0.0 in containers)"}),
     ("--port", {"type": int, "help": "default 8000"}),
     ("--workers", {"type": int, "help": "uvicorn worker processes, each with its own model (default 1)"}),
-    ("--max-batch-size", {"type": int, "help": "largest dynamic batch (default 8 on a GPU, 2 on the CPU)"}),
+    (
+        "--max-batch-size",
+        {"type": int, "help": "largest dynamic batch (default 8 on a GPU, 2 per CPU stream on a CPU)"},
+    ),
     (
         "--max-delay-ms",
         {"type": float, "help": "longest wait for a batch to fill (default 0: run when the engine is free)"},

@@ -9,10 +9,12 @@ the resize and normalisation run on the GPU; a batch of same-size images is resi
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -24,6 +26,8 @@ from service.decoding import JpegDecoder
 from service.errors import ServiceError
 from service.imaging import EncodedJpeg
 
+T = TypeVar("T")
+R = TypeVar("R")
 ImageInput = Tensor | EncodedJpeg  # decoded uint8 RGB [3, H, W], or a JPEG for the engine to decode
 
 
@@ -49,11 +53,18 @@ class ImageDetections:
 
 
 class Detector:
-    def __init__(self, backend: Backend) -> None:
+    """``cpu_streams``: on a CPU, a batch of several images runs as that many concurrent single-thread
+    inferences (``CpuStreams``) instead of one call whose threads wait for each other at every layer;
+    a lone image still gets all the engine's threads."""
+
+    def __init__(self, backend: Backend, cpu_streams: int = 1) -> None:
         self.backend = backend
         self.config = backend.loaded_config
         self.postprocessor = PostProcessor(self.config)
         self._jpeg_decoder: JpegDecoder | None = None  # made on the first EncodedJpeg
+        cpu = backend.device.type == "cpu"
+        self.streams = CpuStreams(cpu_streams) if cpu and cpu_streams > 1 else None
+        self._stream_infer = backend.single_thread_infer() if self.streams is not None else backend.infer
 
     @property
     def max_batch(self) -> int:
@@ -78,17 +89,28 @@ class Detector:
         An upload that cannot be decoded gets its ``ServiceError`` in its place; the others are served."""
         results: list[ImageDetections | ServiceError] = []
         for start in range(0, len(inputs), self.max_batch):
-            results.extend(self._run_batch(inputs[start : start + self.max_batch]))
+            chunk = inputs[start : start + self.max_batch]
+            if self.streams is not None and len(chunk) > 1:
+                results.extend(self.streams.run(self._run_stream, chunk))
+            else:
+                if self.streams is not None:
+                    self.streams.claim_engine_threads()
+                results.extend(self._run_batch(chunk))
         return results
 
-    def _run_batch(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | ServiceError]:
+    def _run_stream(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | ServiceError]:
+        return self._run_batch(inputs, self._stream_infer)
+
+    def _run_batch(
+        self, inputs: Sequence[ImageInput], infer: Callable[[Tensor], BackendOutput] | None = None
+    ) -> list[ImageDetections | ServiceError]:
         clock = StageClock(self.backend.device)
         images, failed = self._on_device(inputs)
         if not images:
             return [failed[i] for i in range(len(inputs))]
         x = preprocess(stack_if_same_size(images), self.config.input_size, self.config.normalization)
         clock.mark()
-        outputs = self.backend.infer(x)
+        outputs = (infer or self.backend.infer)(x)
         clock.mark()
         detections = self.postprocess(outputs)  # the one wait for the device: the copy to the host
         clock.mark()
@@ -117,6 +139,52 @@ class Detector:
         if self._jpeg_decoder is None:
             self._jpeg_decoder = JpegDecoder(self.backend.device)
         return self._jpeg_decoder
+
+
+class CpuStreams:
+    """Concurrent single-thread inferences on a CPU: ``run(step, items)`` runs ``step([item])`` for every
+    item on ``count`` threads (PyTorch limited to one intra-op thread there; ONNX Runtime sessions take
+    concurrent runs), each thread taking the next item when it is free, and returns the results in order.
+
+    Why: an intra-op thread team synchronises at every layer, so whenever the OS takes one of its
+    threads away (the service's own handler threads, or any other process on the machine) the others
+    wait; independent single-thread inferences never wait for each other. Measured on the shared 2-core
+    machine: docs/benchmarks.md, "Serving on a CPU"."""
+
+    def __init__(self, count: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.count = count
+        self.engine_threads = torch.get_num_threads()  # what the engine thread runs a lone image with
+        self._pool = ThreadPoolExecutor(count, "refinedet-cpu-stream", initializer=torch.set_num_threads,
+                                        initargs=(1,))  # fmt: skip
+
+    def run(self, step: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
+        """``step`` on every item, one item at a time per stream, each stream taking the next item as
+        soon as it is free (a stream slowed down by the OS never holds the others up); in order."""
+        results: list[list[R] | None] = [None] * len(items)
+        claim = iter(range(len(items)))
+        lock = threading.Lock()
+
+        def stream() -> None:
+            with torch.inference_mode():  # thread-local: the stream threads need their own
+                while True:
+                    with lock:
+                        index = next(claim, None)
+                    if index is None:
+                        return
+                    results[index] = step(items[index : index + 1])
+
+        futures = [self._pool.submit(stream) for _ in range(min(self.count, len(items)))]
+        for future in futures:
+            future.result()
+        return [result for group in results if group is not None for result in group]
+
+    def claim_engine_threads(self) -> None:
+        """PyTorch's thread count is kept per thread but set through a process-wide call: make sure the
+        calling (engine) thread runs with all of its threads."""
+        if torch.get_num_threads() != self.engine_threads:
+            torch.set_num_threads(self.engine_threads)
 
 
 class StageClock:

@@ -91,7 +91,8 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         le=256,
-        description="largest dynamic batch; default 8 on a GPU, 2 on the CPU (where batching adds latency, not throughput)",
+        description="largest dynamic batch; default 8 on a GPU, 2 x CPU_STREAMS on a CPU (whose images run "
+        "concurrently, one per stream)",
     )
     max_delay_ms: float = Field(
         default=0.0,
@@ -105,6 +106,23 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(
         default=30.0, gt=0, description="a request not answered by then gets 504"
+    )
+
+    # CPU serving (service/README.md, "On a CPU").
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="intra-op threads of each worker's engine on a CPU (PyTorch and ONNX Runtime); default: the "
+        "usable cores (affinity mask and cgroup quota) divided by WORKERS, at least 1",
+    )
+
+    cpu_streams: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="on a CPU, a batch of several images runs as up to this many concurrent single-thread "
+        "inferences (a lone image gets all CPU_THREADS); default: CPU_THREADS; 1: one call per batch",
     )
 
     # Request limits.
@@ -219,8 +237,19 @@ class Settings(BaseSettings):
         return self.max_delay_ms / 1000.0
 
     def batch_limit(self, device: str) -> int:
-        """``max_batch_size``, or its default for ``device`` ("cuda" / "cpu")."""
-        return self.max_batch_size or (8 if device == "cuda" else 2)
+        """``max_batch_size``, or its default for ``device``: 8 on "cuda"; on "cpu" two images per CPU
+        stream (a batch's images run concurrently there, see ``cpu_streams``)."""
+        return self.max_batch_size or (8 if device == "cuda" else 2 * self.cpu_streams_for("cpu"))
+
+    def engine_threads(self) -> int:
+        """``cpu_threads``, else this worker's share of the usable cores (cores // workers, at least 1)."""
+        from model.cpu import threads_per_worker
+
+        return self.cpu_threads or threads_per_worker(self.workers)
+
+    def cpu_streams_for(self, device: str) -> int:
+        """Concurrent inferences per batch on ``device`` ("cpu": ``cpu_streams`` or the engine threads)."""
+        return 1 if device != "cpu" else self.cpu_streams or self.engine_threads()
 
     def engine_decodes_jpeg(self, device: str) -> bool:
         """Whether JPEG uploads are decoded in the engine (batched) rather than by PIL in the handler, for a

@@ -69,7 +69,7 @@ class ServiceState:
             return
         if self.status != "loading":  # shut down while loading
             return
-        detector = Detector(backend)
+        detector = Detector(backend, self.settings.cpu_streams_for(backend.device.type))
         engine_jpeg = self.settings.engine_decodes_jpeg(backend.device.type)
         if engine_jpeg:
             try:

@@ -10,6 +10,8 @@ first) is decided above this package, by ``deploy.prepare``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from model.errors import UserError
 from service.backends.base import Backend, ModelInfo
 from service.settings import Settings
 
+log = logging.getLogger("refinedet.service")
 # model file kind -> the backend that runs it
 BACKEND_FOR_KIND = {"checkpoint": "torch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}
 
@@ -80,6 +83,9 @@ def create_backend(settings: Settings, choice: BackendChoice | None = None) -> B
 
     choice = choice or resolve_backend(settings)
     device = torch.device(choice.device)
+    threads = settings.engine_threads() if device.type == "cpu" else None
+    if threads is not None:
+        set_torch_threads(threads)
     if choice.backend == "torch":
         from service.backends.torch import TorchBackend
 
@@ -89,9 +95,22 @@ def create_backend(settings: Settings, choice: BackendChoice | None = None) -> B
         )  # fmt: skip
     from service.backends.artifact import OnnxRuntimeBackend, TensorRTBackend
 
-    cls = OnnxRuntimeBackend if choice.backend == "onnxruntime" else TensorRTBackend
     assert choice.artifact is not None
-    return cls(choice.artifact, device, settings.batch_limit(choice.device), settings.model_name)
+    limit = settings.batch_limit(choice.device)
+    if choice.backend == "onnxruntime":
+        return OnnxRuntimeBackend(choice.artifact, device, limit, settings.model_name, threads)
+    return TensorRTBackend(choice.artifact, device, limit, settings.model_name)
+
+
+def set_torch_threads(threads: int) -> None:
+    """PyTorch's intra-op threads for this process (the engine thread's network, pre- and post-processing
+    on a CPU) and one inter-op thread (the service never runs ops concurrently inside one call)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already set, or inter-op work already ran in this process
+        torch.set_num_interop_threads(1)
+    log.info("CPU engine threads: %d (PyTorch intra-op; ONNX Runtime intra-op likewise)", threads)
 
 
 def load_backend(settings: Settings) -> Backend:

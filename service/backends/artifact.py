@@ -5,6 +5,7 @@ batches itself)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,11 +21,17 @@ class RunnerBackend(Backend):
     """Base for artifact backends; subclasses implement ``make_runner``."""
 
     def __init__(
-        self, artifact: Path, device: torch.device, max_batch: int, model_name: str | None = None
+        self,
+        artifact: Path,
+        device: torch.device,
+        max_batch: int,
+        model_name: str | None = None,
+        cpu_threads: int | None = None,
     ) -> None:
         super().__init__(device, max_batch)
         self.artifact = artifact
         self.model_name = model_name
+        self.cpu_threads = cpu_threads  # intra-op threads on a CPU (None: the runtime's default)
         self.runner: ArtifactRunner | None = None
 
     def make_runner(self) -> ArtifactRunner:
@@ -67,10 +74,19 @@ class RunnerBackend(Backend):
 class OnnxRuntimeBackend(RunnerBackend):
     name = "onnxruntime"
 
-    def make_runner(self) -> ArtifactRunner:
+    def make_runner(self, threads: int | None = None) -> ArtifactRunner:
         from model.runtime.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(self.artifact, device=self.device)
+        threads = threads or (self.cpu_threads if self.device.type == "cpu" else None)
+        return OnnxRuntimeRunner(self.artifact, device=self.device, intra_op_threads=threads)
+
+    def single_thread_infer(self) -> Callable[[Tensor], RunnerOutput]:
+        """On a CPU with more than one thread: a second session of the same model with one intra-op
+        thread (concurrent runs of the first would share, and oversubscribe, its thread pool)."""
+        if self.device.type != "cpu" or self.cpu_threads == 1:
+            return self.infer
+        runner = self.make_runner(threads=1)
+        return runner.__call__
 
 
 class TensorRTBackend(RunnerBackend):

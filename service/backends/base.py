@@ -15,6 +15,7 @@ where the backend ran the post-processing itself, ``SelectedOutput``.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,12 @@ class Backend(abc.ABC):
             for _ in range(iterations):
                 self.infer(x)
         synchronize(self.device)
+
+    def single_thread_infer(self) -> Callable[[Tensor], BackendOutput]:
+        """``infer`` for a CPU stream (``service.detector.CpuStreams``): work on the calling thread only.
+        The default is ``infer`` (PyTorch keeps its thread count per calling thread); a backend whose
+        runtime owns a thread pool returns a call into a one-thread session instead."""
+        return self.infer
 
     @property
     def loaded_config(self) -> RefineDetConfig:

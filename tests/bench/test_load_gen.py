@@ -96,3 +96,17 @@ def test_combine_merges_processes():
 def test_several_client_processes(echo_server):
     result = run_level(echo_server, [b"ok"], concurrency=4, duration_s=0.5, warmup_s=0.1, processes=2)
     assert result["ok"] > 10 and result["errors"] == 0
+
+
+def test_rounds_pool_latencies_and_add_up_their_time():
+    from bench.load_gen import combine_rounds
+
+    def level(latencies, elapsed):
+        parts = [
+            {"latencies_ms": latencies, "errors": {}, "detections": len(latencies), "elapsed_s": elapsed}
+        ]
+        return {"concurrency": 2, "parts": parts}
+
+    out = combine_rounds([level([10.0, 20.0], 2.0), level([30.0, 40.0, 50.0, 60.0], 2.0)])
+    assert out["ok"] == 6 and out["elapsed_s"] == 4.0 and out["requests_per_s"] == 1.5
+    assert out["rounds"] == 2 and out["latency_ms"]["p50"] is not None and out["concurrency"] == 2

@@ -144,3 +144,33 @@ def test_whole_sweep_of_both_apps(tiny_checkpoint, photos, tmp_path):
     ]
     assert result["images"]["count"] == 3
     assert (tmp_path / "service_server.log").is_file() and (tmp_path / "naive_server.log").is_file()
+
+
+def test_a_port_range_is_respected(monkeypatch):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert servers.free_port(f"{port}-{port + 1}") == port + 1  # the first one is busy
+        with pytest.raises(UserError, match="no free port"):
+            servers.free_port(f"{port}-{port}")
+        monkeypatch.setenv("REFINEDET_BENCH_PORTS", f"{port}-{port + 1}")
+        assert servers.free_port() == port + 1
+
+
+def test_rows_say_which_engine_and_cpu():
+    with pytest.raises(UserError, match="rounds"):
+        service_bench.check(args_for("--rounds", "0"))
+    row = {
+        "app": "service",
+        "engine": "onnxruntime-int8",
+        "workers": 1,
+        "concurrency": 4,
+        "requests_per_s": 7.0,
+    }
+    result = {"rows": [row], "service_vs_naive": [],
+              "environment": {"cpu_info": {"model_name": "AMD EPYC", "machine": "x86_64", "flags": ["avx512_vnni"],
+                                           "usable_cores": 2}, "load_average": [1.0, 1.0, 1.0]}}  # fmt: skip
+    text = service_bench.report(result)
+    assert "CPU: AMD EPYC (x86_64), flags avx512_vnni, 2 usable cores" in text and "onnxruntime-int8" in text

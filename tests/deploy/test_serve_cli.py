@@ -49,7 +49,9 @@ def test_options_become_settings_and_win_over_the_environment(monkeypatch):
 
 
 def test_default_batch_limit_depends_on_the_device():
-    assert (Settings().batch_limit("cuda"), Settings().batch_limit("cpu")) == (8, 2)
+    assert Settings().batch_limit("cuda") == 8
+    # On a CPU two images per stream (a batch's images run concurrently, one per stream).
+    assert (Settings(cpu_streams=1).batch_limit("cpu"), Settings(cpu_streams=3).batch_limit("cpu")) == (2, 6)
     assert Settings(max_batch_size=5).batch_limit("cpu") == 5
 
 

@@ -314,3 +314,47 @@ def test_torch_cuda_graphs_with_fused_postprocess_match_separate_postprocess(tin
         torch.testing.assert_close(got.scores, want.scores)
         torch.testing.assert_close(got.labels, want.labels)
         torch.testing.assert_close(got.boxes_xyxy, want.boxes_xyxy)
+
+
+def test_cpu_workers_split_the_cores(monkeypatch):
+    import model.cpu as cpu
+
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 8)
+    assert settings().engine_threads() == 8
+    assert settings(workers=4).engine_threads() == 2
+    assert settings(workers=16).engine_threads() == 1
+    assert settings(workers=4, cpu_threads=3).engine_threads() == 3  # an explicit count wins
+
+
+def test_cpu_engines_run_on_the_configured_threads(tmp_path):
+    pytest.importorskip("onnxruntime")
+    path, _ = export_standin(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        backend = create_backend(settings(model=path, cpu_threads=1))
+        backend.load()
+        assert backend.runner.session.get_session_options().intra_op_num_threads == 1
+        assert torch.get_num_threads() == 1  # pre- and post-processing run on the same share
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_onnxruntime_cpu_streams_run_one_thread_sessions(tmp_path):
+    """Concurrent runs of one multi-thread session would share (and oversubscribe) its pool: a stream
+    runs a second, one-thread session of the same model, with the same answers."""
+    pytest.importorskip("onnxruntime")
+    path, _ = export_standin(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        backend = create_backend(settings(model=path, cpu_threads=2, max_batch_size=4))
+        backend.load()
+        streamed, plain = Detector(backend, cpu_streams=2), Detector(backend)
+        runner = streamed._stream_infer.__self__  # the stream's own session
+        assert runner.session.get_session_options().intra_op_num_threads == 1
+        assert backend.runner.session.get_session_options().intra_op_num_threads == 2
+        images = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8) for _ in range(4)]
+        for got, want in zip(streamed(images), plain(images), strict=True):
+            assert torch.equal(got.labels, want.labels)
+            torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
+    finally:
+        torch.set_num_threads(before)

@@ -74,3 +74,51 @@ def test_an_undecodable_upload_fails_in_its_place_only(tiny_backend):
     assert got[0].times.batch_size == 2  # the bad one never reached the network
     only_bad = detector.detect([encoded(bad)])
     assert len(only_bad) == 1 and isinstance(only_bad[0], ServiceError)
+
+
+def test_cpu_streams_give_the_batch_results_in_order(tiny_backend):
+    """A batch split over concurrent single-thread inferences answers each image as one call would
+    (the network is per image; the tolerance covers the other summation order of one thread)."""
+    datas = [encode(noise_image(96, 72, seed=s)) for s in range(31, 36)]
+    bad = corrupt_huffman_table(datas[2])
+    inputs = [encoded(datas[0]), pixels_of(datas[1]), encoded(bad), encoded(datas[3]), pixels_of(datas[4])]
+    want = Detector(tiny_backend).detect(inputs)
+    streamed = Detector(tiny_backend, cpu_streams=2)
+    assert streamed.streams is not None and streamed.streams.count == 2
+    threads = torch.get_num_threads()
+    got = streamed.detect(inputs)
+    assert isinstance(got[2], ServiceError) and len(got) == 5
+    for g, w in zip(got[:2] + got[3:], want[:2] + want[3:], strict=True):
+        assert isinstance(g, ImageDetections) and isinstance(w, ImageDetections) and len(w.scores) > 0
+        assert torch.equal(g.labels, w.labels)
+        torch.testing.assert_close(g.scores, w.scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(g.boxes_xyxy, w.boxes_xyxy, atol=1e-5, rtol=0)
+    assert [g.times.batch_size for g in got if isinstance(g, ImageDetections)] == [1, 1, 1, 1]  # one per run
+    streamed.detect([pixels_of(datas[0])])  # a lone image runs on the engine thread with all its threads
+    assert torch.get_num_threads() == threads
+
+
+def test_cpu_streams_take_the_next_item_when_free():
+    """A stream held up on one item does not hold up the others: they take the remaining items."""
+    import threading
+
+    from service.detector import CpuStreams
+
+    streams = CpuStreams(2)
+    slow_started, release = threading.Event(), threading.Event()
+    done: list[int] = []
+
+    def step(group):
+        [x] = group
+        if x == 0:
+            slow_started.set()
+            assert release.wait(30)
+        else:
+            assert slow_started.wait(30)
+            done.append(x)
+            if len(done) == 5:
+                release.set()
+        return [x * 10]
+
+    assert streams.run(step, list(range(6))) == [x * 10 for x in range(6)]
+    assert sorted(done) == [1, 2, 3, 4, 5]  # all run by the other stream while item 0 was held
