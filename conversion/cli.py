@@ -135,6 +135,9 @@ def _register_cpu(targets: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", required=True, type=Path, help="cache folder (REFINEDET_CACHE_DIR)")
     p.add_argument("--engine", choices=("auto", "int8", "fp32", "torch"), default="auto",
                    help="auto: INT8 where it is faster and verified, else FP32 ONNX, else torch")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads the serving worker will use (default: the usable cores)")  # fmt: skip
+    p.add_argument("--json-out", type=Path, default=None, help="also write the decision (JSON) to this file")
     p.set_defaults(handler=cmd_export_cpu)
 
 
@@ -161,8 +164,15 @@ def cmd_export_cpu(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or default_checkpoint()
     if checkpoint is None:
         raise UserError("no --checkpoint and no shipped checkpoint")
-    choice = prepare_cpu_artifact(checkpoint, args.cache_dir, engine=args.engine)
-    print(json.dumps(choice.to_dict(), indent=2))
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    choice = prepare_cpu_artifact(checkpoint, args.cache_dir, engine=args.engine, threads=args.threads)
+    text = json.dumps(choice.to_dict(), indent=2)
+    if args.json_out is not None:
+        from model.artifacts import atomic_write_bytes
+
+        atomic_write_bytes(args.json_out, text.encode())
+    print(text)
     return 0
 
 

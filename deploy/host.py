@@ -8,16 +8,18 @@ can decide and log one clear fallback line. Nothing heavy is imported at module 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from model.errors import UserError
 
@@ -133,6 +135,27 @@ def run_build_engine(onnx: Path, plan_out: Path, precision: str, max_batch: int,
     ])  # fmt: skip
 
 
+class CpuChoice(NamedTuple):
+    """What ``refinedet export cpu`` decided: the artifact to serve on this CPU and why."""
+
+    artifact: Path
+    backend: str  # onnxruntime | torch
+    engine: str  # onnxruntime-int8 | onnxruntime-fp32 | torch-fp32
+    reason: str
+
+
+def run_prepare_cpu(checkpoint: Path, cache_dir: Path, threads: int) -> CpuChoice:
+    """``refinedet export cpu``: the fastest verified CPU artifact for ``checkpoint`` (INT8 / FP32 ONNX,
+    else the checkpoint itself), made once into ``cache_dir`` (``conversion.cpu_engine``). A subprocess,
+    so quantization's memory is not kept by the server."""
+    with tempfile.TemporaryDirectory(prefix="refinedet-cpu-") as tmp:
+        out = Path(tmp) / "decision.json"
+        _run_cli(["export", "cpu", "--checkpoint", str(checkpoint), "--cache-dir", str(cache_dir),
+                  "--threads", str(threads), "--json-out", str(out)])  # fmt: skip
+        data = json.loads(out.read_text())
+    return CpuChoice(Path(data["artifact"]), data["backend"], data["engine"], data["reason"])
+
+
 def run_export_triton(deployment: Any, repo: Path) -> None:
     """``refinedet export triton`` for a ``deploy.prepare.Deployment`` (the engine, when there is one)."""
     if deployment.onnx is None:
@@ -155,11 +178,13 @@ class Probes:
 
 @dataclass(frozen=True)
 class Builders:
-    """``export_onnx(checkpoint, onnx_out)``; ``build_engine(onnx, plan_out, precision, max_batch, timing_cache)``.
-    Each writes its output (and the manifest beside it) or raises."""
+    """``export_onnx(checkpoint, onnx_out)``; ``build_engine(onnx, plan_out, precision, max_batch, timing_cache)``;
+    ``prepare_cpu(checkpoint, cache_dir, threads) -> CpuChoice``. Each writes its output (and the manifest
+    beside it) or raises."""
 
     export_onnx: Callable[[Path, Path], None] = run_export_onnx
     build_engine: Callable[[Path, Path, str, int, Path], None] = run_build_engine
+    prepare_cpu: Callable[[Path, Path, int], CpuChoice] = run_prepare_cpu
 
 
 def check_ready(port: int, timeout_s: float = 4.0) -> int:

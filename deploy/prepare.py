@@ -8,8 +8,10 @@ service's own ``Settings``, then serves what it returns. With ``backend auto``:
   made of everything an engine is bound to (``conversion.engine_cache``); later starts and other replicas
   reuse it. If no engine can be had (no GPU, no TensorRT, a build error) one log line says why and ONNX
   Runtime serves the ONNX model (CUDA provider when available), else torch the checkpoint;
-- on a CPU, a checkpoint is exported to ONNX into the cache (once per checkpoint) and served by ONNX
-  Runtime, which is faster than eager PyTorch on a CPU (docs/benchmarks.md); an ONNX model as it is.
+- on a CPU, a checkpoint becomes the fastest artifact that keeps its accuracy (``conversion.cpu_engine``:
+  INT8 ONNX quantized from the ranges table shipped beside the checkpoint, where this CPU gains from it
+  and it agrees with the checkpoint; else FP32 ONNX; else the checkpoint on torch), decided once per
+  checkpoint, CPU and thread count into the cache (docs/benchmarks.md); an ONNX model is served as it is.
 
 ``--backend torch`` serves a checkpoint eagerly without any export. What kind a model file is comes from
 the project's one table, ``model.artifacts.file_kind``. Exports and builds run as ``refinedet export ...``
@@ -82,6 +84,24 @@ def cached_onnx(checkpoint: Path, settings: Settings, builders: Builders) -> Pat
         builders.export_onnx(checkpoint, out)
 
     return build_once(final, export, settings.engine_lock_timeout_s, "ONNX model")
+
+
+def cpu_engine(checkpoint: Path, settings: Settings, builders: Builders) -> Deployment:
+    """The fastest CPU artifact for ``checkpoint`` that keeps its accuracy (``conversion.cpu_engine``:
+    INT8 ONNX where this CPU gains from it and it passes the agreement check, else FP32 ONNX, else the
+    checkpoint on torch), decided and built once per checkpoint, CPU and thread count into the cache.
+    If even that step fails, torch serves the checkpoint, with the reason logged."""
+    try:
+        choice = builders.prepare_cpu(checkpoint, settings.cache_dir, settings.engine_threads())
+    except UserError:
+        raise
+    except Exception as exc:
+        log.warning("CPU engine preparation failed (%s: %s); serving %s with torch", type(exc).__name__, exc,
+                    checkpoint)  # fmt: skip
+        return Deployment(checkpoint, "torch", "cpu")
+    log.info("CPU engine: %s (%s)", choice.engine, choice.reason)
+    onnx = choice.artifact if choice.backend == "onnxruntime" else None
+    return Deployment(choice.artifact, choice.backend, "cpu", onnx)
 
 
 def ensure_engine(onnx: Path, settings: Settings, probes: Probes, builders: Builders) -> Path:
@@ -171,6 +191,8 @@ def prepare(settings: Settings, probes: Probes | None = None, builders: Builders
         if checkpoint is None:
             raise UserError(f"backend torch needs a checkpoint (.pth), got {model}")
         return fallback(None, checkpoint, device, probes)
+    if checkpoint is not None and device == "cpu" and settings.backend == "auto":
+        return cpu_engine(checkpoint, settings, builders)
     try:
         onnx = model if checkpoint is None else cached_onnx(model, settings, builders)
     except UserError as exc:  # the file itself is unusable (e.g. not a checkpoint): torch would fail too

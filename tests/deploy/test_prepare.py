@@ -15,7 +15,7 @@ import pytest
 
 import deploy.host
 from conversion import engine_cache
-from deploy.host import Builders, GpuInfo, Probes
+from deploy.host import Builders, CpuChoice, GpuInfo, Probes
 from deploy.prepare import Deployment, engine_cache_key, plan_path, prepare
 from model.checkpoint import file_sha256
 from model.errors import UserError
@@ -31,6 +31,7 @@ class FakeBuilders:
     def __init__(self, fail: Exception | None = None) -> None:
         self.exports: list[Path] = []
         self.builds: list[tuple] = []
+        self.cpu: list[tuple] = []
         self.fail = fail
 
     def export_onnx(self, checkpoint: Path, out: Path) -> None:
@@ -45,8 +46,17 @@ class FakeBuilders:
         out.write_bytes(b"plan")
         Path(f"{out}.json").write_text('{"kind": "tensorrt"}')
 
+    def prepare_cpu(self, checkpoint: Path, cache_dir: Path, threads: int) -> CpuChoice:
+        self.cpu.append((checkpoint, threads))
+        out = cache_dir / "cpu" / "int8.onnx"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.export_onnx(checkpoint, out)
+        return CpuChoice(out, "onnxruntime", "onnxruntime-int8", "fastest verified")
+
     def bundle(self) -> Builders:
-        return Builders(export_onnx=self.export_onnx, build_engine=self.build_engine)
+        return Builders(
+            export_onnx=self.export_onnx, build_engine=self.build_engine, prepare_cpu=self.prepare_cpu
+        )
 
 
 def probes(
@@ -226,13 +236,31 @@ def test_backend_tensorrt_is_strict(settings):
         prepare(replace(settings, backend="tensorrt"), probes(), FakeBuilders(RuntimeError("boom")).bundle())
 
 
-def test_cpu_device_and_onnxruntime_backend_skip_the_engine(settings):
+def test_cpu_device_and_onnxruntime_backend_skip_the_engine(settings, checkpoint):
     fake = FakeBuilders()
-    cpu = prepare(replace(settings, device="cpu"), probes(), fake.bundle())
+    cpu = prepare(replace(settings, device="cpu", cpu_threads=3), probes(), fake.bundle())
     ort = prepare(replace(settings, backend="onnxruntime"), probes(), fake.bundle())
-    assert (cpu.backend, cpu.device) == ("onnxruntime", "cpu")
+    assert (cpu.backend, cpu.device) == ("onnxruntime", "cpu") and cpu.artifact.name == "int8.onnx"
+    assert fake.cpu == [(checkpoint, 3)], (
+        "auto on a CPU asks conversion.cpu_engine, with the worker's threads"
+    )
     assert (ort.backend, ort.device) == ("onnxruntime", "cuda")
-    assert fake.builds == [] and len(fake.exports) == 1
+    assert fake.builds == [] and len(fake.exports) == 2
+
+
+def test_cpu_engine_failure_falls_back_to_torch_but_bad_input_stops(settings, checkpoint, caplog):
+    def broken(checkpoint: Path, cache_dir: Path, threads: int) -> CpuChoice:
+        raise RuntimeError("quantizer crashed")
+
+    def refused(checkpoint: Path, cache_dir: Path, threads: int) -> CpuChoice:
+        raise UserError("not a readable checkpoint")
+
+    cpu = replace(settings, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
+        result = prepare(cpu, probes(), Builders(prepare_cpu=broken))
+    assert result == Deployment(checkpoint, "torch", "cpu") and "quantizer crashed" in caplog.text
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        prepare(cpu, probes(), Builders(prepare_cpu=refused))
 
 
 def test_backend_torch_needs_a_checkpoint(settings, tmp_path):

@@ -157,30 +157,33 @@ def test_shipped_default_is_announced(captured_run, capsys):
     assert f"serving {default_checkpoint()} (the project's default model) with torch on cpu" in err
 
 
-def test_default_start_on_a_cpu_serves_the_cached_onnx_export(captured_run, capsys, monkeypatch, tmp_path):
-    """No options (the container's default start): the shipped .pth.xz is exported into the cache once
-    and ONNX Runtime serves it; the second start reuses the export."""
+def test_default_start_on_a_cpu_serves_the_cpu_engine(captured_run, capsys, monkeypatch, tmp_path):
+    """No options (the container's default start, `.pth.xz` model): the CPU engine step
+    (`refinedet export cpu`, faked here; conversion.cpu_engine is tested on its own) gets the shipped
+    checkpoint, the cache and the worker's threads, and ONNX Runtime serves what it chose."""
+    from deploy.host import CpuChoice
     from model.zoo import default_checkpoint
 
     if default_checkpoint() is None:
         pytest.skip("no default checkpoint in this checkout")
-    exports = []
+    calls = []
+    chosen = tmp_path / "cache" / "cpu" / "int8.onnx"
 
-    def fake_export(checkpoint, out):
-        exports.append(checkpoint)
-        out.write_bytes(b"onnx")
+    def fake_prepare_cpu(checkpoint, cache_dir, threads):
+        calls.append((checkpoint, cache_dir, threads))
+        return CpuChoice(chosen, "onnxruntime", "onnxruntime-int8", "fastest verified")
 
     real = deploy.prepare.Builders
-    monkeypatch.setattr(deploy.prepare, "Builders", lambda: real(export_onnx=fake_export))
+    monkeypatch.setattr(deploy.prepare, "Builders", lambda: real(prepare_cpu=fake_prepare_cpu))
     monkeypatch.setenv("REFINEDET_CACHE_DIR", str(tmp_path / "cache"))
-    for _ in range(2):
-        assert main(["serve", "--device", "cpu"]) == 0
-    assert exports == [default_checkpoint()]
+    monkeypatch.setenv("REFINEDET_CPU_THREADS", "2")
+    assert main(["serve", "--device", "cpu"]) == 0
+    assert calls == [(default_checkpoint(), tmp_path / "cache", 2)]
     err = capsys.readouterr().err
-    assert "(built from the project's default model) with onnxruntime on cpu" in err
-    [(app, _), _] = captured_run
-    assert app.state.service.settings.backend == "onnxruntime"
-    assert app.state.service.settings.model.parent.parent == tmp_path / "cache" / "onnx"
+    assert f"serving {chosen} (built from the project's default model) with onnxruntime on cpu" in err
+    [(app, _)] = captured_run
+    settings = app.state.service.settings
+    assert (settings.model, settings.backend, settings.device) == (chosen, "onnxruntime", "cpu")
 
 
 def test_prepare_prints_the_decision(capsys, tiny_checkpoint, tmp_path):
