@@ -10,8 +10,12 @@
   (which would answer a bare 500).
 - One worker: the app object. Several: the ``create_app_from_env`` factory, each worker reading the
   settings from ``REFINEDET_*`` variables exported here.
-- glibc: large buffers (decoded images) are allocated with ``mmap`` from ``MMAP_THRESHOLD`` up, so their
-  memory goes back to the system when they are freed (glibc's adaptive threshold would keep it).
+- glibc: buffers from ``MMAP_THRESHOLD`` (32 MiB) up are allocated with ``mmap``, so their memory goes back
+  to the system when they are freed (glibc's adaptive threshold would keep it); Pillow allocates decoded
+  images in blocks of ``PIL_BLOCK_SIZE`` (64 MiB, above the threshold) instead of its default 16 MiB, so a
+  large decode is such a buffer. The threshold stays above a network activation at batch 1 (26 MB at
+  320 px), which therefore reuses heap memory: a 4 MiB threshold made every PyTorch activation a fresh
+  ``mmap`` (4x the page faults, +40% latency per CPU inference, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from service.settings import Settings
 log = logging.getLogger("refinedet.service")
 PROTOCOL = "service.protocol:LimitedHttpToolsProtocol"
 DRAIN_MARGIN_S = 3.0
-MMAP_THRESHOLD = 4 * 1024 * 1024  # measured: 16 MiB keeps ~570 MB after two 40 MP decodes, 4 MiB ~10 MB
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest; the adaptive threshold would grow to it anyway
+PIL_BLOCK_SIZE = 64 * 1024 * 1024  # Pillow's default 16 MiB blocks stay on the heap and fragment it
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
@@ -66,7 +71,15 @@ def prepare_process() -> None:
     """Per serving process (``run``, and each worker through ``create_app_from_env``): the glibc mmap
     threshold, and warnings as log records (JSON lines), not bare stderr text."""
     cap_mmap_threshold()
+    set_pil_block_size()
     logging.captureWarnings(True)
+
+
+def set_pil_block_size(size: int = PIL_BLOCK_SIZE) -> None:
+    """Pillow's image memory blocks (a decoded image is one or more of them)."""
+    from PIL import Image
+
+    Image.core.set_block_size(size)
 
 
 def cap_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
