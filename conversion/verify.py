@@ -158,7 +158,7 @@ def match_detections(
     iou_threshold: float = 0.99,
 ) -> Agreement:
     """Greedy per-image, per-class matching of two Detections at ``iou_threshold``."""
-    from torchvision.ops import box_iou
+    from model.postprocess import box_iou
 
     agreement = Agreement()
     for i in range(reference.scores.shape[0]):

@@ -105,15 +105,23 @@ def to_pixels(boxes_xyxy: Tensor, width: float, height: float, clip: bool = True
     return boxes
 
 
+def box_iou(a_xyxy: Tensor, b_xyxy: Tensor) -> Tensor:
+    """Pairwise IoU: Tensor[..., N, 4] x Tensor[..., M, 4] -> Tensor[..., N, M] (leading dims broadcast).
+    The project's one IoU for tensors (torchvision's ``box_iou`` is 2-D only and needs torchvision, which
+    the CPU serving image does not have)."""
+
+    def area(boxes: Tensor) -> Tensor:
+        return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+    lt = torch.maximum(a_xyxy[..., :, None, :2], b_xyxy[..., None, :, :2])
+    rb = torch.minimum(a_xyxy[..., :, None, 2:], b_xyxy[..., None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)
+    return inter / (area(a_xyxy)[..., :, None] + area(b_xyxy)[..., None, :] - inter).clamp(min=1e-12)
+
+
 def box_iou_matrix(boxes_xyxy: Tensor) -> Tensor:
     """Pairwise IoU within each group: Tensor[N, K, 4] -> Tensor[N, K, K]."""
-    area = (boxes_xyxy[..., 2] - boxes_xyxy[..., 0]).clamp(min=0) * (
-        boxes_xyxy[..., 3] - boxes_xyxy[..., 1]
-    ).clamp(min=0)
-    lt = torch.maximum(boxes_xyxy[:, :, None, :2], boxes_xyxy[:, None, :, :2])
-    rb = torch.minimum(boxes_xyxy[:, :, None, 2:], boxes_xyxy[:, None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=-1)
-    return inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-12)
+    return box_iou(boxes_xyxy, boxes_xyxy)
 
 
 # NMS passes of the sync-free mode. On BCCD photos with the shipped model (122 images, 400 candidates

@@ -63,7 +63,9 @@ def ready(url: str, timeout_s: str) -> None:
     fail(f"{url}/readyz not 200 within {timeout_s} s")
 
 
-def detect(url: str, image: str, annotation: str) -> None:
+def detect(url: str, image: str, annotation: str, backend: str = "") -> None:
+    """POST the photo; its detections must look like its annotation and, when ``backend`` is given, the
+    service must be serving with that backend (the CPU image's default start: onnxruntime, the CPU engine)."""
     truth = Counter(o.findtext("name") for o in ET.parse(annotation).getroot().iter("object"))
     status, body = post_image(url, Path(image).read_bytes())
     if status != 200:
@@ -75,6 +77,10 @@ def detect(url: str, image: str, annotation: str) -> None:
         f"detected {sum(found.values())} {dict(sorted(found.items()))} "
         f"by {reply['model']['backend']} on {reply['model']['device']} in {reply['timings_ms']['total']:.0f} ms"
     )
+    if backend and reply["model"]["backend"] != backend:
+        fail(
+            f"served by {reply['model']['backend']}, expected {backend} (see the CPU engine line in the log); {summary}"
+        )
     if not set(found) <= CLASSES:
         fail(f"unknown classes {set(found) - CLASSES}; {summary}")
     if truth["WBC"] and not found["WBC"]:

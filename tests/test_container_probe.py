@@ -20,12 +20,12 @@ ANNOTATION = """<annotation>{}</annotation>""".format(
 )
 
 
-def reply(labels: list[str]) -> dict:
+def reply(labels: list[str], backend: str = "onnxruntime") -> dict:
     box = {"x1": 0, "y1": 0, "x2": 1, "y2": 1}
     return {
         "detections": [{"label": n, "class_id": 0, "score": 0.9, "box": box} for n in labels],
         "image": {"width": 640, "height": 480},
-        "model": {"name": "m", "backend": "onnxruntime", "device": "cpu", "precision": "fp32"},
+        "model": {"name": "m", "backend": backend, "device": "cpu", "precision": "fp32"},
         "timings_ms": {"total": 12.0},
     }
 
@@ -89,6 +89,15 @@ def test_detect_check(server: str, photo: tuple[str, str], status: int, labels: 
     done = probe("detect", server, *photo)
     assert verdict in done.stdout
     assert (done.returncode == 0) == (verdict == "detected 11"), done.stdout
+
+
+def test_detect_check_wants_the_cpu_engine(server: str, photo: tuple[str, str]):
+    """The default CPU start must serve ONNX Runtime: a silent fallback to torch fails the check."""
+    StandIn.answer = (200, reply(["RBC"] * 9 + ["WBC"], backend="torch"))
+    done = probe("detect", server, *photo, "onnxruntime")
+    assert done.returncode != 0 and "served by torch, expected onnxruntime" in done.stdout
+    StandIn.answer = (200, reply(["RBC"] * 9 + ["WBC"]))
+    assert probe("detect", server, *photo, "onnxruntime").returncode == 0
 
 
 def test_ready_and_in_flight(server: str):

@@ -249,3 +249,20 @@ def test_post_processor_finishes_any_stage_with_the_same_detections():
     assert pp.to_stage_of(raw, raw, anchors) is raw
     with pytest.raises(ValueError, match="anchors"):
         pp(raw)
+
+
+def test_box_iou_equals_torchvision_and_broadcasts():
+    """The project's IoU (used by verify in the CPU image, which has no torchvision) is torchvision's."""
+    from torchvision.ops import box_iou as tv_box_iou
+
+    from model.postprocess import box_iou
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(7, 4, generator=g) * 100, torch.rand(5, 4, generator=g) * 100
+    a[:, 2:] += a[:, :2]
+    b[:, 2:] += b[:, :2]
+    b[0] = a[0]  # an exact match
+    assert torch.allclose(box_iou(a, b), tv_box_iou(a, b), atol=1e-6)
+    assert box_iou(a, b)[0, 0] == pytest.approx(1.0)
+    batched = box_iou(torch.stack([a, a]), torch.stack([a, a]))
+    assert batched.shape == (2, 7, 7) and torch.allclose(batched[1], tv_box_iou(a, a), atol=1e-6)
