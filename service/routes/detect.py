@@ -229,17 +229,7 @@ def build_response(
     detections = detection_dicts(
         result, image.width, image.height, names, score_threshold, class_mask, max_detections
     )
-    times = result.times
-    timings = {
-        "decode": decode_ms,
-        "preprocess": times.preprocess_ms,
-        "queue": queue_ms,
-        "inference": times.inference_ms,
-        "postprocess": times.postprocess_ms,
-        "total": (time.perf_counter() - start) * 1e3,
-    }
-    state.metrics.observe_stages(timings)
-    state.metrics.detections.inc(len(detections))
+    timings = record_stages(state, result, decode_ms, queue_ms, start, len(detections))
     return {
         "detections": detections,
         "image": {"width": image.width, "height": image.height},
@@ -288,3 +278,22 @@ def wants_jpeg(accept: str) -> bool:
     """``Accept: image/jpeg`` (without also accepting JSON) asks for the annotated image."""
     accept = accept.lower()
     return "image/jpeg" in accept and "application/json" not in accept
+
+
+def record_stages(
+    state: ServiceState, result: Any, decode_ms: float, queue_ms: float, start: float, found: int
+) -> dict[str, float]:
+    """One request's stage times in ms (decode, preprocess, queue, inference, postprocess, total), observed
+    in the metrics with its number of detections; returned for the response."""
+    times = result.times
+    timings = {
+        "decode": decode_ms,
+        "preprocess": times.preprocess_ms,
+        "queue": queue_ms,
+        "inference": times.inference_ms,
+        "postprocess": times.postprocess_ms,
+        "total": (time.perf_counter() - start) * 1e3,
+    }
+    state.metrics.observe_stages(timings)
+    state.metrics.detections.inc(found)
+    return timings

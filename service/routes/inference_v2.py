@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import oip
 from service.errors import ServiceError
 from service.routes.deps import api_key_dependencies, get_state
-from service.routes.detect import detection_dicts, parse_classes, run_detection
+from service.routes.detect import detection_dicts, parse_classes, record_stages, run_detection
 from service.routes.health import describe_model
 from service.routes.uploads import Upload, read_images
 from service.settings import Settings
@@ -162,15 +162,4 @@ def options(parameters: dict[str, Any], state: ServiceState) -> tuple[float, int
 def observe(
     state: ServiceState, result: Any, decode_ms: float, queue_ms: float, start: float, found: int
 ) -> None:
-    times = result.times
-    state.metrics.observe_stages(
-        {
-            "decode": decode_ms,
-            "preprocess": times.preprocess_ms,
-            "queue": queue_ms,
-            "inference": times.inference_ms,
-            "postprocess": times.postprocess_ms,
-            "total": (time.perf_counter() - start) * 1e3,
-        }
-    )
-    state.metrics.detections.inc(found)
+    record_stages(state, result, decode_ms, queue_ms, start, found)
