@@ -114,9 +114,14 @@ def sniff_other_format(data: bytes) -> str | None:
     return None
 
 
-def check_media_type(content_type: str | None) -> None:
-    """A raw request body must declare a supported image type (415 otherwise)."""
-    media = (content_type or "").split(";")[0].strip().lower()
+def media_type(content_type: str | None) -> str:
+    """``image/JPEG; q=1`` -> ``image/jpeg``; "" when absent."""
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def check_media_type(media: str) -> None:
+    """A raw request body must declare a supported image type (``media`` as ``media_type`` gives it;
+    415 otherwise)."""
     if media not in SUPPORTED_MEDIA_TYPES and media != "application/octet-stream":
         raise ServiceError(
             415,

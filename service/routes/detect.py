@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from model.postprocess import to_pixels
 from service.admission import request_deadline, shutting_down
-from service.batcher import ClientGone, QueueFull, ShuttingDown, TooLate
+from service.batcher import ClientGone, DynamicBatcher, QueueFull, ShuttingDown, TooLate
 from service.detector import ImageDetections
 from service.errors import ServiceError
 from service.imaging import DecodedImage, annotate
@@ -69,7 +69,7 @@ def router(settings: Settings) -> APIRouter:
         With `format=image` (or `Accept: image/jpeg`) the answer is the image with the boxes drawn."""
         start = time.perf_counter()
         state = get_state(request)
-        state.require_ready()
+        _, batcher = state.require_ready()  # before the upload is read: not ready answers 503 at once
         class_mask = parse_classes(classes, state)
         annotated = response_format == "image" or wants_jpeg(request.headers.get("accept", ""))
         uploads = await read_uploads(request, SINGLE_FIELDS, max_files=2)
@@ -79,7 +79,7 @@ def router(settings: Settings) -> APIRouter:
             )
         # The annotated image is drawn on host pixels: decode it here (PIL) rather than in the engine.
         [(image, decode_ms)] = await read_images(uploads, state.settings, state.engine_jpeg and not annotated)
-        [(result, queue_ms)] = await run_detection(state, request, [image])
+        [(result, queue_ms)] = await run_detection(state, request, batcher, [image])
         body = build_response(
             state, image, result, decode_ms, queue_ms, start, score_threshold, class_mask, max_detections
         )
@@ -110,12 +110,12 @@ def router(settings: Settings) -> APIRouter:
         back in upload order. Any undecodable file fails the whole request with a 4xx naming it."""
         start = time.perf_counter()
         state = get_state(request)
-        state.require_ready()
+        _, batcher = state.require_ready()
         class_mask = parse_classes(classes, state)
         uploads = await read_uploads(request, BATCH_FIELDS, max_files=state.settings.max_images_per_request)
         decoded = await read_images(uploads, state.settings, state.engine_jpeg)
         results = await run_detection(
-            state, request, [image for image, _ in decoded], [u.filename for u in uploads]
+            state, request, batcher, [image for image, _ in decoded], [u.filename for u in uploads]
         )
         bodies = [
             build_response(
@@ -153,13 +153,13 @@ def parse_classes(classes: list[str] | None, state: ServiceState) -> np.ndarray 
 async def run_detection(
     state: ServiceState,
     request: Request,
+    batcher: DynamicBatcher,
     images: list[UploadedImage],
     filenames: list[str | None] | None = None,
 ) -> list[tuple[ImageDetections, float]]:
     """Queue every image (decoded pixels, or a JPEG for the engine), wait (bounded by the request
     timeout); returns (detections, queue ms) each. An image the engine could not decode fails the
     request with its 4xx, naming the file when there are several."""
-    _, batcher = state.require_ready()
     timeout = state.settings.request_timeout_s
     deadline = request_deadline(request.scope.setdefault("state", {}), timeout)
     futures: list[asyncio.Future] = []

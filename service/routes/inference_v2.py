@@ -106,6 +106,7 @@ def router(settings: Settings) -> APIRouter:
         start = time.perf_counter()
         state = get_state(request)
         model_name = describe_model(state, name)["name"]
+        _, batcher = state.require_ready()  # before the body is read: not ready answers 503 at once
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise ServiceError(415, "unsupported_encoding", "compressed inference requests are not supported")
         body = await request.body()
@@ -116,7 +117,7 @@ def router(settings: Settings) -> APIRouter:
         uploads = [Upload(data, None) for data in parsed.images]
         decoded = await read_images(uploads, state.settings, state.engine_jpeg)
         filenames: list[str | None] = [None] * len(uploads)
-        results = await run_detection(state, request, [image for image, _ in decoded], filenames)
+        results = await run_detection(state, request, batcher, [image for image, _ in decoded], filenames)
         names = state.detector.config.class_names if state.detector else ()
         per_image = []
         for (image, decode_ms), (result, queue_ms) in zip(decoded, results, strict=True):

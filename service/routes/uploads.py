@@ -18,6 +18,7 @@ from service.imaging import (
     DecodedImage,
     EncodedJpeg,
     check_media_type,
+    media_type,
     read_header,
     read_image,
 )
@@ -53,7 +54,7 @@ class Upload:
 
 async def read_uploads(request: Request, fields: tuple[str, ...], max_files: int) -> list[Upload]:
     """The uploaded image(s): multipart ``fields`` (in that order) or the raw body. 4xx for anything else."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = media_type(request.headers.get("content-type"))
     if media == "multipart/form-data":
         return await _read_multipart(request, fields, max_files)
     body = await request.body()
