@@ -1,5 +1,5 @@
 """The serving process's allocator settings, compared: latency of one client and RSS around a burst of
-large uploads, for ``default`` (service.server: glibc mmap threshold 32 MiB, Pillow 64 MiB blocks),
+large uploads, for ``default`` (service.process: glibc mmap threshold 32 MiB, Pillow 64 MiB blocks),
 ``mmap4`` (a 4 MiB threshold, Pillow's 16 MiB blocks) and ``adaptive`` (glibc's and Pillow's own).
 
     python -m bench.allocator [--variants default,mmap4,adaptive] [--port 18950] [--json out/alloc.json]
@@ -37,7 +37,7 @@ PATCHES = {
 
 def launcher(variant: str, port: int) -> str:
     return (
-        "import ctypes\nimport service.server as s\n" + PATCHES[variant] + "from model.cli import main\n"
+        "import ctypes\nimport service.process as s\n" + PATCHES[variant] + "from model.cli import main\n"
         f"main(['serve', '--backend', 'torch', '--device', 'cpu', '--port', '{port}', '--log-level', 'warning'])\n"
     )
 

@@ -97,7 +97,7 @@ def http_limits(settings: Settings) -> HttpLimits:
 
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory``: settings from the REFINEDET_* environment."""
-    from service.server import prepare_process
+    from service.process import prepare_process
 
     prepare_process()  # worker processes are spawned: set up each one as ``run`` does its own
     return create_app(Settings())
