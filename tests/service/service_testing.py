@@ -100,16 +100,20 @@ class GatedBackend(StandInBackend):
         return super().infer(images)
 
 
-def gated_loader(max_batch: int = 1, delay_s: float = 0.0):
-    """A loader returning one loaded GatedBackend (``loader.backend``)."""
-    backend = GatedBackend(max_batch, delay_s)
+def fixed_loader(backend):
+    """A loader that loads ``backend`` once and returns it for any settings (also ``loader.backend``)."""
     backend.load()
 
-    def loader(settings: Settings) -> GatedBackend:
+    def loader(settings: Settings):
         return backend
 
     loader.backend = backend  # type: ignore[attr-defined]
     return loader
+
+
+def gated_loader(max_batch: int = 1, delay_s: float = 0.0):
+    """A loader returning one loaded GatedBackend (``loader.backend``)."""
+    return fixed_loader(GatedBackend(max_batch, delay_s))
 
 
 def poll(condition, timeout_s: float = 30.0, what: str = "condition") -> None:
@@ -123,14 +127,7 @@ def poll(condition, timeout_s: float = 30.0, what: str = "condition") -> None:
 
 def standin_loader(max_batch: int = 8, delay_s: float = 0.0):
     """A loader returning one loaded StandInBackend (also reachable as ``loader.backend``)."""
-    backend = StandInBackend(max_batch, delay_s)
-    backend.load()
-
-    def loader(settings: Settings) -> StandInBackend:
-        return backend
-
-    loader.backend = backend  # type: ignore[attr-defined]
-    return loader
+    return fixed_loader(StandInBackend(max_batch, delay_s))
 
 
 def settings(**changes) -> Settings:
