@@ -38,7 +38,7 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--workers", {"type": int, "help": "uvicorn worker processes, each with its own model (default 1)"}),
     (
         "--max-batch-size",
-        {"type": int, "help": "largest dynamic batch (default 8 on a GPU, 2 per CPU stream on a CPU)"},
+        {"type": int, "help": "largest dynamic batch (default 8 on a GPU, 1 on a CPU)"},
     ),
     (
         "--max-delay-ms",
@@ -46,10 +46,11 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ),
     ("--max-queue-size", {"type": int, "help": "queued images beyond this get 503 (default 64)"}),
     (
-        "--gpu-decode",
+        "--engine-decode",
         {
             "choices": ["auto", "on", "off"],
-            "help": "decode JPEG uploads in the engine, batched (nvJPEG on CUDA); default auto: on with CUDA",
+            "help": "decode uploads in the engine (nvJPEG on CUDA, PIL in the engine slots on a CPU) rather than "
+            "in the handler; default auto: yes (on: fail if nvJPEG does not work; off: the handler decodes)",
         },
     ),
     ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),

@@ -1,25 +1,30 @@
-"""Dynamic batching: group concurrent requests into one engine call.
+"""Dynamic batching: group concurrent requests into engine calls, up to ``concurrency`` calls at once.
 
 A batch starts with the oldest queued request and is cut when it holds ``max_batch_size`` items or when
-``max_delay_s`` has passed since that first request arrived (a monotonic deadline). Batches run one
-after another, so with ``max_delay_s = 0`` a lone request runs at once and, under load, everything that
-queued while the engine worked becomes the next batch (no timer on the latency path). Before the batch
-runs, requests whose caller already gave up (timed out, so their future is cancelled) are dropped, and
-so are those whose client disconnected, asked only of requests that waited at least
-``disconnect_check_s`` (asking costs a turn of the event loop per request; a request younger than that
-is cheaper to run than to ask about). The engine call runs on a single worker thread, never on the
-event loop, and every submitted future is resolved exactly once: with its own result (results are
+``max_delay_s`` has passed since that first request arrived (a monotonic deadline). A batch starts as soon
+as one of the ``concurrency`` engine slots is free, so with ``max_delay_s = 0`` a lone request runs at
+once and, under load, everything that queued while the slots worked becomes the next batch (no timer on
+the latency path). One slot (a GPU: one batch after another) is the default; on a CPU the service runs as
+many slots as the engine has threads, each taking the next request the moment it is free, so no core
+waits for the slowest image of a batch (``service.detector.Detector`` gives a call that runs alone all
+the threads). Before a batch runs, requests whose caller already gave up (timed out, so their future is
+cancelled) are dropped, and so are those whose client disconnected, asked only of requests that waited
+at least ``disconnect_check_s`` (asking costs a turn of the event loop per request; a request younger
+than that is cheaper to run than to ask about). Engine calls run on the slots' worker threads, never on
+the event loop, and every submitted future is resolved exactly once: with its own result (results are
 matched to requests by position; an ``Exception`` instance in the results fails that request alone),
-with the batch's exception, or with ``ClientGone`` / ``ShuttingDown``. It also keeps the recent batch time (``batch_seconds``, a moving
-average), from which admission control estimates a new request's wait (``expected_wait_s``).
+with the batch's exception, or with ``ClientGone`` / ``ShuttingDown`` / ``TooLate``. It also keeps the
+recent batch time (``batch_seconds``, a moving average), from which admission control estimates a new
+request's wait (``expected_wait_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -76,8 +81,12 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_size: int,
         observer: BatchObserver | None = None,
         disconnect_check_s: float = 0.02,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.process = process
+        self.concurrency = concurrency
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
@@ -86,28 +95,41 @@ class DynamicBatcher(Generic[T, R]):
         self._queue: asyncio.Queue[_Pending[T]] = (
             asyncio.Queue()
         )  # bounded by hand: the stop marker always fits
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinedet-engine")
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="refinedet-engine")
+        self._slots = asyncio.Semaphore(concurrency)  # engine calls that may run at once
         self._task: asyncio.Task | None = None
+        self._calls: set[asyncio.Task] = set()  # engine calls in flight
+        self._waiting: _Pending[T] | None = None  # taken from the queue, waiting for a free slot
         self._closing = False
         self.batch_seconds: float | None = None  # moving average of recent engine calls (wall time)
         self._running: set[asyncio.Future] = set()
 
     def expected_wait_s(self, ahead: int) -> float:
         """Expected seconds until a request with ``ahead`` images before it is answered: its batch and
-        those ahead of it, at the recent batch time (0 before the first batch)."""
+        those ahead of it, ``concurrency`` batches at a time, at the recent batch time (0 before the first
+        batch)."""
         if self.batch_seconds is None:
             return 0.0
-        return (ahead // self.max_batch_size + 1) * self.batch_seconds
+        return (ahead // (self.max_batch_size * self.concurrency) + 1) * self.batch_seconds
 
     @property
     def depth(self) -> int:
         """Requests waiting for a batch."""
-        return self._queue.qsize()
+        return self._queue.qsize() + (self._waiting is not None)
 
-    @property
-    def executor(self) -> ThreadPoolExecutor:
-        """The engine thread; other engine work (the benchmark) runs here too, never concurrently."""
-        return self._executor
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[ThreadPoolExecutor]:
+        """Every engine slot, once the calls in flight have finished: other engine work (the benchmark)
+        runs on the yielded executor with the engine to itself."""
+        taken = 0
+        try:
+            for _ in range(self.concurrency):
+                await self._slots.acquire()
+                taken += 1
+            yield self._executor
+        finally:
+            for _ in range(taken):
+                self._slots.release()
 
     def start(self) -> None:
         if self._task is None:
@@ -124,7 +146,7 @@ class DynamicBatcher(Generic[T, R]):
         fails with ``TooLate``."""
         if self._closing or self._task is None:
             raise ShuttingDown("the service is shutting down")
-        if self._queue.qsize() >= self.max_queue_size:
+        if self.depth >= self.max_queue_size:
             self.observer.on_drop("queue_full")
             raise QueueFull(f"{self.max_queue_size} requests are already queued")
         future = asyncio.get_running_loop().create_future()
@@ -145,19 +167,39 @@ class DynamicBatcher(Generic[T, R]):
             except asyncio.TimeoutError:
                 log.warning("batcher did not drain in %.1f s; cancelling the rest", timeout_s)
                 self._task.cancel()
+                _fail(self._running, ShuttingDown("the service shut down while this request ran"))
         self._fail_queued(ShuttingDown("the service shut down before this request ran"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _loop(self) -> None:
         stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is _STOP:
-                break
-            batch, stopping = await self._collect(first)
-            live = await self._drop_abandoned(batch)
-            if live:
-                await self._execute(live)
+        try:
+            while not stopping:
+                first = await self._queue.get()
+                if first is _STOP:
+                    break
+                self._waiting = first  # still queued, as far as anyone asks, until a slot is free
+                await self._slots.acquire()  # meanwhile the batch fills with what queues
+                self._waiting = None
+                batch, stopping = await self._collect(first)
+                live = await self._drop_abandoned(batch)
+                if not live:
+                    self._slots.release()
+                    continue
+                call = asyncio.get_running_loop().create_task(self._execute(live))
+                self._calls.add(call)
+                call.add_done_callback(self._call_done)
+            if self._calls:
+                await asyncio.wait(set(self._calls))
+        except asyncio.CancelledError:
+            self._fail_queued(ShuttingDown("the service shut down before this request ran"))
+            for call in self._calls:  # each fails its batch with ShuttingDown
+                call.cancel()
+            raise
+
+    def _call_done(self, call: asyncio.Task) -> None:
+        self._calls.discard(call)
+        self._slots.release()
 
     async def _collect(self, first: _Pending[T]) -> tuple[list[_Pending[T]], bool]:
         """Fill a batch until it is full or the first item's deadline passes. Returns (batch, stop seen)."""
@@ -202,20 +244,21 @@ class DynamicBatcher(Generic[T, R]):
         started = time.monotonic()
         self.observer.on_batch(len(batch))
         loop = asyncio.get_running_loop()
-        self._running = {p.future for p in batch}
+        futures = {p.future for p in batch}
+        self._running |= futures
         try:
             results = await loop.run_in_executor(self._executor, self.process, [p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} inputs")
         except asyncio.CancelledError:
-            _fail(batch, ShuttingDown("the service shut down while this request ran"))
+            _fail(futures, ShuttingDown("the service shut down while this request ran"))
             raise
         except Exception as exc:
             log.exception("batch of %d failed", len(batch))
-            _fail(batch, exc)
+            _fail(futures, exc)
             return
         finally:
-            self._running = set()
+            self._running -= futures
             self._record(time.monotonic() - started)
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
@@ -230,17 +273,18 @@ class DynamicBatcher(Generic[T, R]):
         self.batch_seconds = seconds if last is None else last + BATCH_TIME_WEIGHT * (seconds - last)
 
     def _fail_queued(self, exc: Exception) -> None:
-        queued = []
+        queued = [self._waiting] if self._waiting is not None else []
+        self._waiting = None
         while not self._queue.empty():
             queued.append(self._queue.get_nowait())
-        _fail([p for p in queued if p is not _STOP], exc)
+        _fail([p.future for p in queued if p is not _STOP], exc)
 
 
 async def _client_left(pending: _Pending[Any]) -> bool:
     return pending.is_disconnected is not None and await pending.is_disconnected()
 
 
-def _fail(batch: list[_Pending[Any]], exc: BaseException) -> None:
-    for pending in batch:
-        if not pending.future.done():
-            pending.future.set_exception(exc)
+def _fail(futures: Iterable[asyncio.Future], exc: BaseException) -> None:
+    for future in list(futures):
+        if not future.done():
+            future.set_exception(exc)

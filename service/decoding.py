@@ -1,11 +1,19 @@
-"""JPEG uploads -> uint8 RGB pixels on the engine's device: the whole batch in one torchvision
-``decode_jpeg`` call (nvJPEG on CUDA, batched; libjpeg-turbo on the CPU), then EXIF orientation.
+"""Who decodes an upload (``UploadDecoding``: decided here only), and the engine's decoders.
 
-The handler has already checked each header (``service.imaging.read_header``), so only damage past
-the header is left to find. When the batched call fails, every image is decoded alone; an image the
-decoder still refuses (or returns at a size its header did not promise) is decoded by PIL on the CPU,
-exactly as the handler would have, so an image PIL can read is served and a truly corrupt one gets the
-same ``ServiceError`` 400 as before, for that image only.
+The handler always checks an upload's header first (``service.imaging.read_header``: format, size,
+limits, the pixel budget); then either it decodes the pixels itself (PIL, in a worker thread) or it
+queues the bytes (``EncodedImage``) and the engine decodes them, in the thread that runs the request:
+
+- on CUDA, plain JPEGs go to nvJPEG, a whole batch in one torchvision ``decode_jpeg`` call, then EXIF
+  orientation (``JpegDecoder``); other formats are decoded by the handler;
+- on a CPU, every upload is decoded by PIL in the engine slot that runs it (``decode_on_host``), so the
+  handlers only move bytes and the decoding shares the cores with inference the way the engine does
+  (one image per slot), instead of in up to 40 handler threads at once (docs/benchmarks.md).
+
+Only damage past the header is left for the engine to find. When nvJPEG's batched call fails, every
+image is decoded alone; an image it still refuses (or returns at a size its header did not promise) is
+decoded by PIL on the CPU, exactly as the handler would have, so an image PIL can read is served and a
+truly corrupt one gets the same ``ServiceError`` 400 as before, for that image only.
 """
 
 from __future__ import annotations
@@ -13,12 +21,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from service.errors import ServiceError
-from service.imaging import EncodedJpeg, decode_pixels
+from service.imaging import EncodedImage, ImageHeader, decode_pixels
 
 log = logging.getLogger("refinedet.service")
 
@@ -34,6 +44,43 @@ ORIENT: dict[int, Callable[[Tensor], Tensor]] = {
 }
 
 
+@dataclass(frozen=True)
+class UploadDecoding:
+    """Which uploads the engine decodes rather than the handler: ``"nvjpeg"`` plain JPEGs (CUDA),
+    ``"pil"`` every upload (a CPU engine), ``"handler"`` none."""
+
+    engine: Literal["nvjpeg", "pil", "handler"]
+
+    @classmethod
+    def choose(cls, setting: str, device: str) -> UploadDecoding:
+        """From the ``engine_decode`` setting ("auto" / "on" / "off") and the engine's device."""
+        if setting == "off":
+            return cls("handler")
+        return cls("nvjpeg" if device == "cuda" else "pil")
+
+    def in_engine(self, header: ImageHeader, host_pixels: bool = False) -> bool:
+        """Whether the upload with ``header`` is left for the engine to decode; never when the request
+        needs its pixels on the host (``host_pixels``: the annotated image is drawn on them)."""
+        if host_pixels or self.engine == "handler":
+            return False
+        return self.engine == "pil" or header.plain_jpeg
+
+    def describe(self, device: object) -> str:
+        return {"nvjpeg": f"the engine (nvJPEG on {device})", "pil": "the engine (PIL, in each engine slot)",
+                "handler": "the handler (PIL)"}[self.engine]  # fmt: skip
+
+
+def decode_on_host(images: Sequence[EncodedImage]) -> list[Tensor | ServiceError]:
+    """The CPU engine's decoder: PIL, one image after another, in the calling thread."""
+    decoded: list[Tensor | ServiceError] = []
+    for image in images:
+        try:
+            decoded.append(decode_pixels(image.data))
+        except ServiceError as exc:
+            decoded.append(exc)
+    return decoded
+
+
 def orient(pixels: Tensor, orientation: int) -> Tensor:
     """Tensor[C, H, W] as stored -> as displayed for EXIF ``orientation`` (1..8; others: unchanged)."""
     transform = ORIENT.get(orientation)
@@ -41,7 +88,8 @@ def orient(pixels: Tensor, orientation: int) -> Tensor:
 
 
 class JpegDecoder:
-    """``decoder(jpegs) -> [pixels | ServiceError]``: uint8 RGB Tensor[3, H, W] on ``device`` per upload.
+    """``decoder(jpegs) -> [pixels | ServiceError]``: uint8 RGB Tensor[3, H, W] on ``device`` per upload
+    (plain JPEGs: ``UploadDecoding("nvjpeg")``).
 
     Uses torchvision's ``decode_jpeg(list_of_uint8_tensors, mode=, device=)`` (the list form since
     torchvision 0.19, the project's floor); 0.29 deprecates it in favour of TorchCodec and warns on every
@@ -75,7 +123,7 @@ class JpegDecoder:
         if [tuple(d.shape) for d in decoded] != [(3, height, width)] * 2:
             raise RuntimeError(f"the JPEG decoder on {self.device} returned {[d.shape for d in decoded]}")
 
-    def __call__(self, jpegs: Sequence[EncodedJpeg]) -> list[Tensor | ServiceError]:
+    def __call__(self, jpegs: Sequence[EncodedImage]) -> list[Tensor | ServiceError]:
         encoded = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
         try:
             decoded: list[Tensor | None] = list(self._decode(encoded))
@@ -97,7 +145,7 @@ class JpegDecoder:
         except RuntimeError:
             return None
 
-    def _checked(self, jpeg: EncodedJpeg, pixels: Tensor | None) -> Tensor | ServiceError:
+    def _checked(self, jpeg: EncodedImage, pixels: Tensor | None) -> Tensor | ServiceError:
         if pixels is not None:
             pixels = orient(pixels, jpeg.orientation)
             if pixels.shape == (3, jpeg.height, jpeg.width):

@@ -2,19 +2,19 @@
 
 ``Detector(backend)(images)`` is what the benchmark times; ``detector.detect(inputs)`` is what the
 batcher's worker thread runs. Images are uint8 RGB Tensor[3, H, W] (``model.preprocess`` contract) of
-any sizes, or JPEG uploads still encoded (``EncodedJpeg``), which are decoded together on the
-backend's device (``service.decoding``). Everything is on that device before preprocessing, so on CUDA
+any sizes, or uploads still encoded (``EncodedImage``), which the engine decodes (``service.decoding``:
+nvJPEG on CUDA, a batch in one call; PIL on a CPU). Everything is on that device before preprocessing, so on CUDA
 the resize and normalisation run on the GPU; a batch of same-size images is resized in one call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -22,13 +22,11 @@ from torch import Tensor
 from model.postprocess import Detections, PostProcessor
 from model.preprocess import preprocess
 from service.backends.base import Backend, BackendOutput
-from service.decoding import JpegDecoder
+from service.decoding import JpegDecoder, decode_on_host
 from service.errors import ServiceError
-from service.imaging import EncodedJpeg
+from service.imaging import EncodedImage
 
-T = TypeVar("T")
-R = TypeVar("R")
-ImageInput = Tensor | EncodedJpeg  # decoded uint8 RGB [3, H, W], or a JPEG for the engine to decode
+ImageInput = Tensor | EncodedImage  # decoded uint8 RGB [3, H, W], or an upload for the engine to decode
 
 
 @dataclass(frozen=True)
@@ -53,18 +51,20 @@ class ImageDetections:
 
 
 class Detector:
-    """``cpu_streams``: on a CPU, a batch of several images runs as that many concurrent single-thread
-    inferences (``CpuStreams``) instead of one call whose threads wait for each other at every layer;
-    a lone image still gets all the engine's threads."""
+    """``cpu_streams``: on a CPU, how many calls may run at once (the batcher's engine slots). A call that
+    runs alone gets all the engine's threads; one that starts while another runs gets one thread
+    (``CpuShare``), so under load the cores run independent one-thread inferences."""
 
     def __init__(self, backend: Backend, cpu_streams: int = 1) -> None:
         self.backend = backend
         self.config = backend.loaded_config
         self.postprocessor = PostProcessor(self.config)
-        self._jpeg_decoder: JpegDecoder | None = None  # made on the first EncodedJpeg
+        self._jpeg_decoder: JpegDecoder | None = None  # made on the first EncodedImage on CUDA
         cpu = backend.device.type == "cpu"
-        self.streams = CpuStreams(cpu_streams) if cpu and cpu_streams > 1 else None
-        self._stream_infer = backend.single_thread_infer() if self.streams is not None else backend.infer
+        self.cpu_share = CpuShare(torch.get_num_threads()) if cpu and cpu_streams > 1 else None
+        self._one_thread_infer = (
+            backend.single_thread_infer() if self.cpu_share is not None else backend.infer
+        )
 
     @property
     def max_batch(self) -> int:
@@ -79,30 +79,32 @@ class Detector:
         """Detect on decoded images (any number; split into chunks of ``max_batch``)."""
         results = self.detect(images)
         for result in results:
-            if isinstance(result, ServiceError):  # only an EncodedJpeg can fail: not reached
+            if isinstance(result, ServiceError):  # only an EncodedImage can fail: not reached
                 raise result
         return [r for r in results if isinstance(r, ImageDetections)]
 
     @torch.inference_mode()
     def detect(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | ServiceError]:
-        """Detect on decoded images and/or encoded JPEGs (any number; split into chunks of ``max_batch``).
-        An upload that cannot be decoded gets its ``ServiceError`` in its place; the others are served."""
+        """Detect on decoded images and/or encoded uploads (any number; split into chunks of ``max_batch``).
+        An upload that cannot be decoded gets its ``ServiceError`` in its place; the others are served.
+        Safe to call from several threads at once (the batcher's engine slots)."""
+        if self.cpu_share is None:
+            return self._run_chunks(inputs, self.backend.infer)
+        with self.cpu_share.call() as threads:
+            if torch.get_num_threads() != threads:  # kept per calling thread
+                torch.set_num_threads(threads)
+            return self._run_chunks(inputs, self.backend.infer if threads > 1 else self._one_thread_infer)
+
+    def _run_chunks(
+        self, inputs: Sequence[ImageInput], infer: Callable[[Tensor], BackendOutput]
+    ) -> list[ImageDetections | ServiceError]:
         results: list[ImageDetections | ServiceError] = []
         for start in range(0, len(inputs), self.max_batch):
-            chunk = inputs[start : start + self.max_batch]
-            if self.streams is not None and len(chunk) > 1:
-                results.extend(self.streams.run(self._run_stream, chunk))
-            else:
-                if self.streams is not None:
-                    self.streams.claim_engine_threads()
-                results.extend(self._run_batch(chunk))
+            results.extend(self._run_batch(inputs[start : start + self.max_batch], infer))
         return results
 
-    def _run_stream(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | ServiceError]:
-        return self._run_batch(inputs, self._stream_infer)
-
     def _run_batch(
-        self, inputs: Sequence[ImageInput], infer: Callable[[Tensor], BackendOutput] | None = None
+        self, inputs: Sequence[ImageInput], infer: Callable[[Tensor], BackendOutput]
     ) -> list[ImageDetections | ServiceError]:
         clock = StageClock(self.backend.device)
         images, failed = self._on_device(inputs)
@@ -110,7 +112,7 @@ class Detector:
             return [failed[i] for i in range(len(inputs))]
         x = preprocess(stack_if_same_size(images), self.config.input_size, self.config.normalization)
         clock.mark()
-        outputs = (infer or self.backend.infer)(x)
+        outputs = infer(x)
         clock.mark()
         detections = self.postprocess(outputs)  # the one wait for the device: the copy to the host
         clock.mark()
@@ -120,19 +122,25 @@ class Detector:
 
     def _on_device(self, inputs: Sequence[ImageInput]) -> tuple[list[Tensor], dict[int, ServiceError]]:
         """(the decodable inputs as uint8 Tensor[3, H, W] on the backend's device, in input order;
-        {input index: error} for the others). The JPEGs are decoded together, in one call."""
+        {input index: error} for the others). The encoded ones are decoded together, in one call."""
         device = self.backend.device
-        jpegs = [item for item in inputs if isinstance(item, EncodedJpeg)]
-        decoded = iter(self.jpeg_decoder(jpegs) if jpegs else [])
+        encoded = [item for item in inputs if isinstance(item, EncodedImage)]
+        decoded = iter(self.decode(encoded) if encoded else [])
         images: list[Tensor] = []
         failed: dict[int, ServiceError] = {}
         for i, item in enumerate(inputs):
-            pixels = next(decoded) if isinstance(item, EncodedJpeg) else item.to(device, non_blocking=True)
+            pixels = next(decoded) if isinstance(item, EncodedImage) else item.to(device, non_blocking=True)
             if isinstance(pixels, ServiceError):
                 failed[i] = pixels
             else:
                 images.append(pixels)
         return images, failed
+
+    def decode(self, encoded: Sequence[EncodedImage]) -> list[Tensor | ServiceError]:
+        """The engine's decode of queued uploads: nvJPEG on CUDA (plain JPEGs, batched), PIL on a CPU."""
+        if self.backend.device.type == "cuda":
+            return self.jpeg_decoder(encoded)
+        return decode_on_host(encoded)
 
     @property
     def jpeg_decoder(self) -> JpegDecoder:
@@ -141,50 +149,32 @@ class Detector:
         return self._jpeg_decoder
 
 
-class CpuStreams:
-    """Concurrent single-thread inferences on a CPU: ``run(step, items)`` runs ``step([item])`` for every
-    item on ``count`` threads (PyTorch limited to one intra-op thread there; ONNX Runtime sessions take
-    concurrent runs), each thread taking the next item when it is free, and returns the results in order.
+class CpuShare:
+    """How concurrent calls share a CPU engine's threads: ``with share.call() as threads`` gives a call
+    that starts while no other runs all ``threads`` (one intra-op team: the lowest latency for a lone
+    request), and a call that starts while another runs one thread.
 
-    Why: an intra-op thread team synchronises at every layer, so whenever the OS takes one of its
-    threads away (the service's own handler threads, or any other process on the machine) the others
-    wait; independent single-thread inferences never wait for each other. Measured on the shared 2-core
-    machine: docs/benchmarks.md, "Serving on a CPU"."""
+    Why: an intra-op team synchronises at every layer, so whenever the OS takes one of its threads away
+    (another inference, the handlers, any other process) the others wait; independent one-thread
+    inferences never wait for each other. With the batcher's slots each taking the next request the
+    moment they are free, a loaded engine runs one one-thread inference per core with no core idle
+    (docs/benchmarks.md, "Serving on a CPU")."""
 
-    def __init__(self, count: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._active = 0
+        self._lock = threading.Lock()
 
-        self.count = count
-        self.engine_threads = torch.get_num_threads()  # what the engine thread runs a lone image with
-        self._pool = ThreadPoolExecutor(count, "refinedet-cpu-stream", initializer=torch.set_num_threads,
-                                        initargs=(1,))  # fmt: skip
-
-    def run(self, step: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
-        """``step`` on every item, one item at a time per stream, each stream taking the next item as
-        soon as it is free (a stream slowed down by the OS never holds the others up); in order."""
-        results: list[list[R] | None] = [None] * len(items)
-        claim = iter(range(len(items)))
-        lock = threading.Lock()
-
-        def stream() -> None:
-            with torch.inference_mode():  # thread-local: the stream threads need their own
-                while True:
-                    with lock:
-                        index = next(claim, None)
-                    if index is None:
-                        return
-                    results[index] = step(items[index : index + 1])
-
-        futures = [self._pool.submit(stream) for _ in range(min(self.count, len(items)))]
-        for future in futures:
-            future.result()
-        return [result for group in results if group is not None for result in group]
-
-    def claim_engine_threads(self) -> None:
-        """PyTorch's thread count is kept per thread but set through a process-wide call: make sure the
-        calling (engine) thread runs with all of its threads."""
-        if torch.get_num_threads() != self.engine_threads:
-            torch.set_num_threads(self.engine_threads)
+    @contextlib.contextmanager
+    def call(self) -> Iterator[int]:
+        with self._lock:
+            threads = self.threads if self._active == 0 else 1
+            self._active += 1
+        try:
+            yield threads
+        finally:
+            with self._lock:
+                self._active -= 1
 
 
 class StageClock:

@@ -4,16 +4,16 @@ more pixels than allowed (413, checked from the header before anything is decode
 decompression bomb is never expanded), smaller than the minimum side (422). Also draws detections
 onto an image for ``?format=image``.
 
-Every check needs only the header (PIL opens lazily), so a JPEG the engine can decode is not decoded
-here: ``read_header`` checks it and says so, and the route queues the bytes as an ``EncodedJpeg``
-for the engine's batched decode (``service.decoding``). Anything else is decoded here by PIL.
+Every check needs only the header (PIL opens lazily), so an upload the engine decodes is not decoded
+here: ``read_header`` checks it, and the bytes are queued as an ``EncodedImage`` for the engine
+(``service.decoding.UploadDecoding`` says which uploads those are). Anything else is decoded by PIL.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -58,8 +58,8 @@ PALETTE = (
     (240, 50, 230),
 )
 EXIF_ORIENTATION = 0x0112
-# PIL modes of JPEGs the engine decodes (nvJPEG / libjpeg-turbo to RGB); CMYK and YCCK stay with PIL.
-ENGINE_JPEG_MODES = ("RGB", "L")
+# PIL modes of plain JPEGs (what nvJPEG decodes to RGB as libjpeg does); CMYK and YCCK are not.
+PLAIN_JPEG_MODES = ("RGB", "L")
 
 
 @dataclass(frozen=True)
@@ -73,32 +73,32 @@ class DecodedImage:
 
 
 @dataclass(frozen=True)
-class EncodedJpeg:
-    """A JPEG upload whose header passed every check, left for the engine to decode. width/height are
-    after EXIF orientation (as ``DecodedImage``'s); orientation is the EXIF value (1: as stored)."""
+class EncodedImage:
+    """An upload whose header passed every check, left for the engine to decode. width/height are after
+    EXIF orientation (as ``DecodedImage``'s); orientation is the EXIF value (1: as stored)."""
 
     data: bytes
     width: int
     height: int
     orientation: int
-    format: str = "JPEG"
+    format: str
 
 
 @dataclass(frozen=True)
 class ImageHeader:
     """What the header says: format, PIL mode, size after EXIF orientation, the orientation, and whether
-    the engine can decode it (``engine_decodable``: a complete baseline/progressive RGB or grayscale JPEG
-    without an Adobe colour transform marker)."""
+    it is a ``plain_jpeg`` (complete, baseline or progressive, RGB or grayscale, without an Adobe colour
+    transform marker: what a GPU JPEG decoder reads exactly as PIL does)."""
 
     format: str
     mode: str
     width: int
     height: int
     orientation: int
-    engine_decodable: bool
+    plain_jpeg: bool
 
-    def deferred(self, data: bytes) -> EncodedJpeg:
-        return EncodedJpeg(data, self.width, self.height, self.orientation)
+    def deferred(self, data: bytes) -> EncodedImage:
+        return EncodedImage(data, self.width, self.height, self.orientation, self.format)
 
 
 def sniff_other_format(data: bytes) -> str | None:
@@ -178,25 +178,9 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
         return _decode(image)
 
 
-def read_image(
-    data: bytes,
-    max_pixels: int,
-    min_side: int,
-    engine_jpeg: bool,
-    reserve: Callable[[int], None] | None = None,
-) -> DecodedImage | EncodedJpeg:
-    """``decode_image``, except that with ``engine_jpeg`` a JPEG the engine can decode comes back undecoded.
-    ``reserve(width * height)`` runs once the header passed the checks, before any pixel is decoded."""
-    with open_image(data, max_pixels, min_side) as image:
-        header = _header(image, data)
-        if reserve is not None:
-            reserve(header.width * header.height)
-        return header.deferred(data) if engine_jpeg and header.engine_decodable else _decode(image)
-
-
 def decode_pixels(data: bytes) -> Tensor:
-    """uint8 RGB Tensor[3, H, W] of an upload whose header already passed the checks (the engine's
-    fallback for a JPEG its decoder refused); ServiceError 400 if it is damaged."""
+    """uint8 RGB Tensor[3, H, W] of an upload whose header already passed the checks (the engine's PIL
+    decode); ServiceError 400 if it is damaged."""
     return decode_image(data, max_pixels=1 << 62, min_side=1).pixels
 
 
@@ -206,17 +190,17 @@ def _header(image: Image.Image, data: bytes) -> ImageHeader:
     try:
         value = image.getexif().get(EXIF_ORIENTATION, 1)  # as ImageOps.exif_transpose reads it
     except Exception:  # damaged EXIF: left to PIL's decode, as before
-        return ImageHeader(fmt, mode, width, height, 1, engine_decodable=False)
+        return ImageHeader(fmt, mode, width, height, 1, plain_jpeg=False)
     orientation = value if isinstance(value, int) and 1 <= value <= 8 else 1
     if orientation in (5, 6, 7, 8):  # transposed: width and height swap
         width, height = height, width
-    decodable = (
+    plain_jpeg = (
         fmt == "JPEG"
-        and mode in ENGINE_JPEG_MODES
+        and mode in PLAIN_JPEG_MODES
         and "adobe" not in image.info  # APP14 colour transforms: libjpeg and nvJPEG may read them apart
         and _ends_with_eoi(data)  # a truncated JPEG goes to PIL, which answers 400 for it
     )
-    return ImageHeader(fmt, mode, width, height, orientation, decodable)
+    return ImageHeader(fmt, mode, width, height, orientation, plain_jpeg)
 
 
 def _ends_with_eoi(data: bytes) -> bool:

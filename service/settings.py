@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-GpuDecode = Literal["auto", "on", "off"]
+EngineDecode = Literal["auto", "on", "off"]
 EnginePrecision = Literal["fp16", "fp32"]
 ON_OFF_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 ENV_PREFIX = "REFINEDET_"
@@ -51,10 +51,14 @@ class Settings(BaseSettings):
         description="torch backend with CUDA graphs: capture the post-processing (decoding, selection, NMS) in the graphs too",
     )
     warmup_iterations: int = Field(default=2, ge=0, le=100)
-    gpu_decode: GpuDecode = Field(
+    engine_decode: EngineDecode = Field(
         default="auto",
-        description="decode JPEG uploads in the engine, each batch in one torchvision decode_jpeg call (nvJPEG "
-        "on CUDA; libjpeg-turbo in the engine thread on a CPU device); auto: on when the device is CUDA",
+        validation_alias=AliasChoices(
+            "engine_decode", f"{ENV_PREFIX}ENGINE_DECODE", f"{ENV_PREFIX}GPU_DECODE"
+        ),
+        description="decode uploads in the engine rather than in the request handler: on CUDA plain JPEGs, a batch "
+        "in one nvJPEG call; on a CPU every upload, by PIL in the engine slot that runs it. auto and on: yes (on: "
+        "fail to start if nvJPEG does not work); off: the handler decodes. (Was REFINEDET_GPU_DECODE, still read.)",
     )
 
     # Prepared artifacts (`refinedet serve` / `refinedet prepare`, the container).
@@ -91,8 +95,8 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         le=256,
-        description="largest dynamic batch; default 8 on a GPU, 2 x CPU_STREAMS on a CPU (whose images run "
-        "concurrently, one per stream)",
+        description="largest dynamic batch; default 8 on a GPU, 1 on a CPU (where a batch costs its images' time "
+        "one after another: it adds waiting, not throughput; CPU_STREAMS requests run at once instead)",
     )
     max_delay_ms: float = Field(
         default=0.0,
@@ -121,8 +125,9 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         le=256,
-        description="on a CPU, a batch of several images runs as up to this many concurrent single-thread "
-        "inferences (a lone image gets all CPU_THREADS); default: CPU_THREADS; 1: one call per batch",
+        description="on a CPU, how many requests the engine runs at once, each taking the next one the moment it "
+        "is free (a request that runs alone gets all CPU_THREADS, concurrent ones one thread each); default: "
+        "CPU_THREADS; 1: one request after another",
     )
 
     # Request limits.
@@ -197,9 +202,9 @@ class Settings(BaseSettings):
     )
     benchmark_max_iterations: int = Field(default=500, ge=1, le=100_000)
 
-    @field_validator("gpu_decode", mode="before")
+    @field_validator("engine_decode", mode="before")
     @classmethod
-    def _gpu_decode_words(cls, value: object) -> object:
+    def _engine_decode_words(cls, value: object) -> object:
         """on/off also as true/false, 1/0, yes/no (any case)."""
         if isinstance(value, bool):
             return "on" if value else "off"
@@ -237,9 +242,9 @@ class Settings(BaseSettings):
         return self.max_delay_ms / 1000.0
 
     def batch_limit(self, device: str) -> int:
-        """``max_batch_size``, or its default for ``device``: 8 on "cuda"; on "cpu" two images per CPU
-        stream (a batch's images run concurrently there, see ``cpu_streams``)."""
-        return self.max_batch_size or (8 if device == "cuda" else 2 * self.cpu_streams_for("cpu"))
+        """``max_batch_size``, or its default for ``device``: 8 on "cuda", 1 on "cpu" (requests run
+        concurrently there instead, see ``cpu_streams``)."""
+        return self.max_batch_size or (8 if device == "cuda" else 1)
 
     def engine_threads(self) -> int:
         """``cpu_threads``, else this worker's share of the usable cores (cores // workers, at least 1)."""
@@ -248,13 +253,9 @@ class Settings(BaseSettings):
         return self.cpu_threads or threads_per_worker(self.workers)
 
     def cpu_streams_for(self, device: str) -> int:
-        """Concurrent inferences per batch on ``device`` ("cpu": ``cpu_streams`` or the engine threads)."""
+        """Engine calls at once on ``device`` (the batcher's slots): 1 on "cuda", ``cpu_streams`` or the
+        engine threads on "cpu"."""
         return 1 if device != "cpu" else self.cpu_streams or self.engine_threads()
-
-    def engine_decodes_jpeg(self, device: str) -> bool:
-        """Whether JPEG uploads are decoded in the engine (batched) rather than by PIL in the handler, for a
-        backend on ``device`` ("cuda" / "cpu")."""
-        return self.gpu_decode == "on" or (self.gpu_decode == "auto" and device == "cuda")
 
     @property
     def benchmark_allowed(self) -> bool:

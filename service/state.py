@@ -19,6 +19,7 @@ from collections.abc import Callable
 from service.admission import PixelBudget, overloaded, shutting_down
 from service.backends.base import Backend
 from service.batcher import DynamicBatcher
+from service.decoding import UploadDecoding
 from service.detector import Detector
 from service.errors import ServiceError
 from service.metrics import Metrics
@@ -36,7 +37,7 @@ class ServiceState:
         self.backend: Backend | None = None
         self.detector: Detector | None = None
         self.batcher: DynamicBatcher | None = None
-        self.engine_jpeg = False  # JPEG uploads are decoded in the engine (settings.gpu_decode)
+        self.decoding = UploadDecoding("handler")  # which uploads the engine decodes (set when loaded)
         self._summary: dict[str, str] | None = None
         self.status = "loading"  # loading -> ready -> draining -> shutting_down, or failed
         self.error: str | None = None  # for the log only
@@ -69,19 +70,20 @@ class ServiceState:
             return
         if self.status != "loading":  # shut down while loading
             return
-        detector = Detector(backend, self.settings.cpu_streams_for(backend.device.type))
-        engine_jpeg = self.settings.engine_decodes_jpeg(backend.device.type)
-        if engine_jpeg:
+        streams = self.settings.cpu_streams_for(backend.device.type)
+        detector = Detector(backend, streams)
+        decoding = UploadDecoding.choose(self.settings.engine_decode, backend.device.type)
+        if decoding.engine == "nvjpeg":
             try:
                 await asyncio.to_thread(detector.jpeg_decoder.warmup)
             except Exception as exc:  # e.g. torchvision built without nvJPEG
                 problem = f"the JPEG decoder on {backend.device} failed: {type(exc).__name__}: {exc}"
-                if self.settings.gpu_decode == "on":
+                if self.settings.engine_decode == "on":
                     self.status, self.error = "failed", problem
-                    log.error("%s (REFINEDET_GPU_DECODE=on)", problem)
+                    log.error("%s (REFINEDET_ENGINE_DECODE=on)", problem)
                     return
-                log.warning("%s; decoding uploads with PIL instead", problem)
-                engine_jpeg = False
+                log.warning("%s; decoding uploads with PIL in the handler instead", problem)
+                decoding = UploadDecoding("handler")
             if self.status != "loading":
                 return
         batcher: DynamicBatcher = DynamicBatcher(
@@ -90,19 +92,20 @@ class ServiceState:
             max_delay_s=self.settings.max_delay_s,
             max_queue_size=self.settings.max_queue_size,
             observer=self.metrics,
+            concurrency=streams,
         )
         batcher.start()
         self.backend, self.detector, self.batcher = backend, detector, batcher
-        self.engine_jpeg = engine_jpeg
+        self.decoding = decoding
         self.metrics.track_queue(lambda: batcher.depth)
         self.metrics.model_info.labels(**self.summary()).set(1)
         self.metrics.ready.set(1)
         self.status = "ready"
         info = backend.info
         log.info(
-            "ready: %s on %s (%s, %s), max batch %d, JPEG decode in %s; weights: %s",
-            self.summary()["name"], backend.device, backend.name, backend.precision, batcher.max_batch_size,
-            f"the engine ({backend.device})" if engine_jpeg else "the handler (PIL)", info.weights if info else "?",
+            "ready: %s on %s (%s, %s), max batch %d, %d at once, uploads decoded in %s; weights: %s",
+            self.summary()["name"], backend.device, backend.name, backend.precision, batcher.max_batch_size, streams,
+            decoding.describe(backend.device), info.weights if info else "?",
         )  # fmt: skip
 
     def begin_drain(self) -> None:

@@ -72,7 +72,8 @@ def router(settings: Settings) -> APIRouter:
             data = (await read_uploads(request, SINGLE_FIELDS, max_files=1))[0].data
         loop = asyncio.get_running_loop()
         args = (detector, data, iterations, batch_size, warmup, s.max_image_pixels, s.min_image_side)
-        stats = await loop.run_in_executor(batcher.executor, run_benchmark, *args)
+        async with batcher.exclusive() as engine:  # the engine to itself: no request runs meanwhile
+            stats = await loop.run_in_executor(engine, run_benchmark, *args)
         return {
             "iterations": iterations,
             "batch_size": batch_size,

@@ -1,5 +1,5 @@
 """POST /detect (one image) and POST /detect/batch (several): check (and decode, unless the engine
-decodes JPEGs: ``gpu_decode``) -> batcher -> response.
+decodes the upload: ``service.decoding.UploadDecoding``) -> batcher -> response.
 
 Per-request options are applied to the shared post-processing's output: ``score_threshold`` (strictly
 greater, as ``Detections.image``), ``classes`` and ``max_detections``; boxes are mapped to the original
@@ -77,8 +77,9 @@ def router(settings: Settings) -> APIRouter:
             raise ServiceError(
                 422, "too_many_files", "send one image to /detect; use /detect/batch for several"
             )
-        # The annotated image is drawn on host pixels: decode it here (PIL) rather than in the engine.
-        [(image, decode_ms)] = await read_images(uploads, state.settings, state.engine_jpeg and not annotated)
+        [(image, decode_ms)] = await read_images(
+            uploads, state.settings, state.decoding, host_pixels=annotated
+        )
         [(result, queue_ms)] = await run_detection(state, request, batcher, [image])
         body = build_response(
             state, image, result, decode_ms, queue_ms, start, score_threshold, class_mask, max_detections
@@ -113,7 +114,7 @@ def router(settings: Settings) -> APIRouter:
         _, batcher = state.require_ready()
         class_mask = parse_classes(classes, state)
         uploads = await read_uploads(request, BATCH_FIELDS, max_files=state.settings.max_images_per_request)
-        decoded = await read_images(uploads, state.settings, state.engine_jpeg)
+        decoded = await read_images(uploads, state.settings, state.decoding)
         results = await run_detection(
             state, request, batcher, [image for image, _ in decoded], [u.filename for u in uploads]
         )

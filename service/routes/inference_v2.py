@@ -115,7 +115,7 @@ def router(settings: Settings) -> APIRouter:
         )
         threshold, max_detections, class_mask = options(parsed.parameters, state)
         uploads = [Upload(data, None) for data in parsed.images]
-        decoded = await read_images(uploads, state.settings, state.engine_jpeg)
+        decoded = await read_images(uploads, state.settings, state.decoding)
         filenames: list[str | None] = [None] * len(uploads)
         results = await run_detection(state, request, batcher, [image for image, _ in decoded], filenames)
         names = state.detector.config.class_names if state.detector else ()

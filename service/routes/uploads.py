@@ -12,15 +12,16 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 
 from service.admission import current_reserver
+from service.decoding import UploadDecoding
 from service.errors import ServiceError
 from service.imaging import (
     SUPPORTED_TEXT,
     DecodedImage,
-    EncodedJpeg,
+    EncodedImage,
     check_media_type,
+    decode_image,
     media_type,
     read_header,
-    read_image,
 )
 from service.settings import Settings
 
@@ -32,7 +33,7 @@ _BINARY = {"type": "string", "format": "binary"}
 # hop to a thread; a hostile one padded with junk PIL skips byte by byte, ~20 ms per 64 KiB); larger
 # ones are read in a worker thread.
 INLINE_HEADER_BYTES = 128 * 1024
-UploadedImage = DecodedImage | EncodedJpeg
+UploadedImage = DecodedImage | EncodedImage
 
 
 def upload_body(fields: tuple[str, ...], many: bool, required: bool = True) -> dict[str, Any]:
@@ -91,28 +92,32 @@ async def _read_multipart(request: Request, fields: tuple[str, ...], max_files: 
 async def read_images(
     uploads: list[Upload],
     settings: Settings,
-    engine_jpeg: bool,
+    decoding: UploadDecoding,
+    host_pixels: bool = False,
     reserve: Callable[[int], None] | None = None,
 ) -> list[tuple[UploadedImage, float]]:
-    """Check every upload and decode it off the event loop, except (with ``engine_jpeg``) the JPEGs the
-    engine decodes, which stay encoded; returns (image, ms spent here) each. A failing file names itself.
-    ``reserve(width * height)`` is called for each image once its header passed the checks, before it is
-    decoded here or queued for the engine (``service.admission.PixelBudget``: it raises 503 when over);
-    by default the current request's (``service.admission.current_reserver``)."""
+    """Check every upload's header, then decode it here (off the event loop) or leave it encoded for the
+    engine, as ``decoding`` says (never with ``host_pixels``: the request needs the pixels here); returns
+    (image, ms spent here) each. A failing file names itself. ``reserve(width * height)`` is called for
+    each image once its header passed the checks, before it is decoded here or queued for the engine
+    (``service.admission.PixelBudget``: it raises 503 when over); by default the current request's
+    (``service.admission.current_reserver``)."""
     limits = (settings.max_image_pixels, settings.min_image_side)
     reserve = reserve or current_reserver.get()
 
     async def read(upload: Upload) -> tuple[UploadedImage, float]:
         start = time.perf_counter()
-        image: UploadedImage | None = None
-        if engine_jpeg and len(upload.data) <= INLINE_HEADER_BYTES:
+        if len(upload.data) <= INLINE_HEADER_BYTES:
             header = read_header(upload.data, *limits)
-            if header.engine_decodable:
-                if reserve is not None:
-                    reserve(header.width * header.height)
-                image = header.deferred(upload.data)
-        if image is None:
-            image = await asyncio.to_thread(read_image, upload.data, *limits, engine_jpeg, reserve)
+        else:
+            header = await asyncio.to_thread(read_header, upload.data, *limits)
+        if reserve is not None:
+            reserve(header.width * header.height)
+        image: UploadedImage
+        if decoding.in_engine(header, host_pixels):
+            image = header.deferred(upload.data)
+        else:
+            image = await asyncio.to_thread(decode_image, upload.data, *limits)
         return image, (time.perf_counter() - start) * 1e3
 
     if len(uploads) == 1:

@@ -48,34 +48,34 @@ def test_options_become_settings_and_win_over_the_environment(monkeypatch):
     }
 
 
-def test_default_batch_limit_depends_on_the_device():
-    assert Settings().batch_limit("cuda") == 8
-    # On a CPU two images per stream (a batch's images run concurrently, one per stream).
-    assert (Settings(cpu_streams=1).batch_limit("cpu"), Settings(cpu_streams=3).batch_limit("cpu")) == (2, 6)
-    assert Settings(max_batch_size=5).batch_limit("cpu") == 5
+def test_default_batch_limit_and_slots_depend_on_the_device():
+    assert Settings().batch_limit("cuda") == 8 and Settings().cpu_streams_for("cuda") == 1
+    # On a CPU one image per call, CPU_STREAMS calls at once (default: the engine threads).
+    assert Settings().batch_limit("cpu") == 1 and Settings(max_batch_size=5).batch_limit("cpu") == 5
+    assert Settings(cpu_threads=3).cpu_streams_for("cpu") == 3
+    assert Settings(cpu_threads=3, cpu_streams=1).cpu_streams_for("cpu") == 1
 
 
-def test_gpu_decode_setting(monkeypatch):
-    """auto|on|off (also as true/false, 1/0, yes/no); auto decodes in the engine only on CUDA."""
-    assert Settings().gpu_decode == "auto"
-    assert (Settings().engine_decodes_jpeg("cuda"), Settings().engine_decodes_jpeg("cpu")) == (True, False)
-    for word, value in [("on", "on"), ("OFF", "off"), ("true", "on"), ("0", "off"), ("Yes", "on")]:
-        monkeypatch.setenv("REFINEDET_GPU_DECODE", word)
-        assert Settings().gpu_decode == value, word
+def test_engine_decode_setting(monkeypatch):
+    """auto|on|off (also as true/false, 1/0, yes/no), from REFINEDET_ENGINE_DECODE or the old
+    REFINEDET_GPU_DECODE; the option --engine-decode wins over both."""
+    assert Settings().engine_decode == "auto"
+    for variable in ("REFINEDET_ENGINE_DECODE", "REFINEDET_GPU_DECODE"):
+        for word, value in [("on", "on"), ("OFF", "off"), ("true", "on"), ("0", "off"), ("Yes", "on")]:
+            monkeypatch.setenv(variable, word)
+            assert Settings().engine_decode == value, (variable, word)
+        monkeypatch.setenv(variable, "sometimes")
+        with pytest.raises(ValueError, match=r"engine_decode|ENGINE_DECODE|GPU_DECODE"):
+            Settings()
+        monkeypatch.delenv(variable)
     monkeypatch.setenv("REFINEDET_GPU_DECODE", "on")
-    assert Settings().engine_decodes_jpeg("cpu") and not Settings(gpu_decode="off").engine_decodes_jpeg(
-        "cuda"
-    )
-    monkeypatch.setenv("REFINEDET_GPU_DECODE", "sometimes")
-    with pytest.raises(ValueError, match="gpu_decode"):
-        Settings()
-    monkeypatch.delenv("REFINEDET_GPU_DECODE")
-    args = build_parser().parse_args(["serve", "--gpu-decode", "off"])
+    args = build_parser().parse_args(["serve", "--engine-decode", "off"])
     assert (
-        overrides_from(args) == {"gpu_decode": "off"}
-        and settings_from(overrides_from(args)).gpu_decode == "off"
+        overrides_from(args) == {"engine_decode": "off"}
+        and settings_from(overrides_from(args)).engine_decode == "off"
     )
-    assert Settings(gpu_decode="on").to_env() == {"REFINEDET_GPU_DECODE": "on"}
+    monkeypatch.delenv("REFINEDET_GPU_DECODE")
+    assert Settings(engine_decode="on").to_env() == {"REFINEDET_ENGINE_DECODE": "on"}
 
 
 def test_bad_values_and_missing_models_fail_before_starting(captured_run, capsys, tmp_path):

@@ -87,15 +87,23 @@ class GatedBackend(StandInBackend):
         super().__init__(max_batch, delay_s)
         self.permits = threading.Semaphore(0)
         self.running = threading.Event()
+        self.held = 0  # batches waiting for a permit now
+        self._lock = threading.Lock()
 
     def release(self, batches: int = 1) -> None:
         self.permits.release(batches)
 
     @torch.inference_mode()
     def infer(self, images: torch.Tensor) -> RefineDetOutput:
+        with self._lock:
+            self.held += 1
         self.running.set()
-        if not self.permits.acquire(timeout=60):
-            raise RuntimeError("the test never let this batch run")
+        try:
+            if not self.permits.acquire(timeout=60):
+                raise RuntimeError("the test never let this batch run")
+        finally:
+            with self._lock:
+                self.held -= 1
         self.running.clear()
         return super().infer(images)
 
@@ -131,7 +139,14 @@ def standin_loader(max_batch: int = 8, delay_s: float = 0.0):
 
 
 def settings(**changes) -> Settings:
-    base = {"device": "cpu", "max_delay_ms": 1.0, "warmup_iterations": 0, "access_log": False}
+    # One engine slot unless a test asks for more: the gated tests count batches one at a time.
+    base = {
+        "device": "cpu",
+        "max_delay_ms": 1.0,
+        "warmup_iterations": 0,
+        "access_log": False,
+        "cpu_streams": 1,
+    }
     return Settings(**{**base, **changes})
 
 

@@ -349,11 +349,12 @@ def test_onnxruntime_cpu_streams_run_one_thread_sessions(tmp_path):
         backend = create_backend(settings(model=path, cpu_threads=2, max_batch_size=4))
         backend.load()
         streamed, plain = Detector(backend, cpu_streams=2), Detector(backend)
-        runner = streamed._stream_infer.__self__  # the stream's own session
+        runner = streamed._one_thread_infer.__self__  # what a concurrent call runs: its own session
         assert runner.session.get_session_options().intra_op_num_threads == 1
         assert backend.runner.session.get_session_options().intra_op_num_threads == 2
         images = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8) for _ in range(4)]
-        for got, want in zip(streamed(images), plain(images), strict=True):
+        one_thread = streamed._run_chunks(images, streamed._one_thread_infer)
+        for got, want in zip(one_thread, plain(images), strict=True):
             assert torch.equal(got.labels, want.labels)
             torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
     finally:

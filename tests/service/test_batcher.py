@@ -1,5 +1,6 @@
 """DynamicBatcher: batches cut at size or deadline, results matched to requests, abandoned requests
-skipped, bounded queue, one resolution per future, draining on stop."""
+skipped, bounded queue, one resolution per future, draining on stop, several engine calls at once
+(each slot taking the next request the moment it is free) and exclusive use of the engine."""
 
 from __future__ import annotations
 
@@ -254,3 +255,97 @@ def test_requests_that_cannot_finish_by_their_deadline_are_not_run():
     calls, obs, (late, fine) = run(main())
     assert isinstance(late, TooLate) and fine[0] == 6
     assert calls == [[1], [3]] and obs.drops == ["too_late"]
+
+
+def test_slots_run_calls_at_once_and_each_takes_the_next_request_when_free():
+    """concurrency=2: two calls run at once; while one is held, the other slot serves every request
+    queued after it (none waits for the held one), and results still go to their own requests."""
+
+    async def main():
+        held, release = threading.Event(), threading.Event()
+        running_now, most = [0], [0]
+        lock = threading.Lock()
+
+        def process(items):
+            with lock:
+                running_now[0] += 1
+                most[0] = max(most[0], running_now[0])
+            try:
+                if items == [0]:
+                    held.set()
+                    assert release.wait(30)
+                return [10 * x for x in items]
+            finally:
+                with lock:
+                    running_now[0] -= 1
+
+        obs = Recorder()
+        b = DynamicBatcher(process, max_batch_size=1, max_delay_s=0.0, max_queue_size=16, observer=obs,
+                           concurrency=2)  # fmt: skip
+        b.start()
+        first = b.submit(0)
+        assert await asyncio.to_thread(held.wait, 10)
+        others = await asyncio.gather(*(b.submit(x) for x in range(1, 6)))  # served by the free slot
+        assert not first.done() and b.started(first)
+        release.set()
+        result = await first
+        await b.stop()
+        return result, others, obs, most[0]
+
+    result, others, obs, most = run(main())
+    assert result[0] == 0 and [r for r, _ in others] == [10, 20, 30, 40, 50]
+    assert obs.batches == [1] * 6 and most == 2
+
+
+def test_exclusive_waits_for_calls_in_flight_and_holds_new_batches():
+    async def main():
+        calls: list[list[int]] = []
+        release = threading.Event()
+        started = threading.Event()
+
+        def process(items):
+            calls.append(list(items))
+            started.set()
+            assert release.wait(30)
+            return list(items)
+
+        b = DynamicBatcher(process, max_batch_size=1, max_delay_s=0.0, max_queue_size=16, concurrency=2)
+        b.start()
+        running_one = b.submit(1)
+        assert await asyncio.to_thread(started.wait, 10)
+        order: list[str] = []
+
+        async def benchmark():
+            async with b.exclusive() as executor:
+                order.append("exclusive")
+                assert await asyncio.get_running_loop().run_in_executor(executor, lambda: 42) == 42
+                order.append("exclusive done")
+
+        bench = asyncio.create_task(benchmark())
+        await asyncio.sleep(0)  # the benchmark takes the free slot and waits for the busy one
+        later = b.submit(2)
+        release.set()
+        await running_one
+        order.append("first done")
+        await bench
+        await later
+        order.append("later done")
+        await b.stop()
+        return order, calls
+
+    order, calls = run(main())
+    assert order == ["first done", "exclusive", "exclusive done", "later done"]
+    assert calls == [[1], [2]]
+
+
+def test_expected_wait_counts_the_slots():
+    b = DynamicBatcher(
+        lambda items: items, max_batch_size=2, max_delay_s=0.0, max_queue_size=16, concurrency=3
+    )
+    assert b.expected_wait_s(5) == 0.0  # no batch timed yet
+    b.batch_seconds = 0.5
+    assert [b.expected_wait_s(ahead) for ahead in (0, 5, 6, 13)] == [0.5, 0.5, 1.0, 1.5]
+    with pytest.raises(ValueError, match="concurrency"):
+        DynamicBatcher(
+            lambda items: items, max_batch_size=1, max_delay_s=0.0, max_queue_size=1, concurrency=0
+        )

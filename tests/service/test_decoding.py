@@ -16,7 +16,7 @@ from model.preprocess import pil_to_rgb
 from service.benchmark import synthetic_jpeg
 from service.decoding import JpegDecoder
 from service.errors import ServiceError
-from service.imaging import EncodedJpeg, read_header
+from service.imaging import EncodedImage, read_header
 
 LIMITS = (40_000_000, 8)
 
@@ -35,9 +35,9 @@ def exif_jpeg(image: Image.Image, orientation: int) -> bytes:
     return encode(image, "JPEG", exif=exif)
 
 
-def as_upload(data: bytes) -> EncodedJpeg:
+def as_upload(data: bytes) -> EncodedImage:
     header = read_header(data, *LIMITS)
-    assert header.engine_decodable
+    assert header.plain_jpeg
     return header.deferred(data)
 
 

@@ -1,10 +1,13 @@
 """The Detector's inputs: same-size images resized as one stacked batch (exactly the per-image result),
-encoded JPEGs decoded in the engine (the same detections as PIL-decoded pixels), and an undecodable
-upload answered in its own place while the rest of the batch is detected."""
+encoded uploads decoded in the engine (the same detections as PIL-decoded pixels), an undecodable
+upload answered in its own place while the rest of the batch is detected, and how concurrent calls
+share a CPU engine's threads."""
 
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -76,49 +79,42 @@ def test_an_undecodable_upload_fails_in_its_place_only(tiny_backend):
     assert len(only_bad) == 1 and isinstance(only_bad[0], ServiceError)
 
 
-def test_cpu_streams_give_the_batch_results_in_order(tiny_backend):
-    """A batch split over concurrent single-thread inferences answers each image as one call would
-    (the network is per image; the tolerance covers the other summation order of one thread)."""
-    datas = [encode(noise_image(96, 72, seed=s)) for s in range(31, 36)]
-    bad = corrupt_huffman_table(datas[2])
-    inputs = [encoded(datas[0]), pixels_of(datas[1]), encoded(bad), encoded(datas[3]), pixels_of(datas[4])]
+def test_a_call_alone_gets_every_thread_and_a_concurrent_one_one_thread(tiny_backend, monkeypatch):
+    """cpu_streams=2: the first call (alone) runs with all the engine's threads; a call that starts while
+    it runs gets one thread (and the backend's one-thread infer); alone again, all threads. The answers
+    are the plain detector's (the tolerance covers one thread's other summation order)."""
+    datas = [encode(noise_image(96, 72, seed=s)) for s in (31, 32)]
+    inputs = [pixels_of(datas[0]), encoded(datas[1])]
     want = Detector(tiny_backend).detect(inputs)
-    streamed = Detector(tiny_backend, cpu_streams=2)
-    assert streamed.streams is not None and streamed.streams.count == 2
-    threads = torch.get_num_threads()
-    got = streamed.detect(inputs)
-    assert isinstance(got[2], ServiceError) and len(got) == 5
-    for g, w in zip(got[:2] + got[3:], want[:2] + want[3:], strict=True):
-        assert isinstance(g, ImageDetections) and isinstance(w, ImageDetections) and len(w.scores) > 0
-        assert torch.equal(g.labels, w.labels)
-        torch.testing.assert_close(g.scores, w.scores, atol=1e-5, rtol=0)
-        torch.testing.assert_close(g.boxes_xyxy, w.boxes_xyxy, atol=1e-5, rtol=0)
-    assert [g.times.batch_size for g in got if isinstance(g, ImageDetections)] == [1, 1, 1, 1]  # one per run
-    streamed.detect([pixels_of(datas[0])])  # a lone image runs on the engine thread with all its threads
-    assert torch.get_num_threads() == threads
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    inside, release = threading.Event(), threading.Event()
+    real = tiny_backend.infer
 
-
-def test_cpu_streams_take_the_next_item_when_free():
-    """A stream held up on one item does not hold up the others: they take the remaining items."""
-    import threading
-
-    from service.detector import CpuStreams
-
-    streams = CpuStreams(2)
-    slow_started, release = threading.Event(), threading.Event()
-    done: list[int] = []
-
-    def step(group):
-        [x] = group
-        if x == 0:
-            slow_started.set()
+    def infer(x):
+        seen.append(torch.get_num_threads())
+        if len(seen) == 1:  # the first call holds on until the second has run
+            inside.set()
             assert release.wait(30)
-        else:
-            assert slow_started.wait(30)
-            done.append(x)
-            if len(done) == 5:
-                release.set()
-        return [x * 10]
+        return real(x)
 
-    assert streams.run(step, list(range(6))) == [x * 10 for x in range(6)]
-    assert sorted(done) == [1, 2, 3, 4, 5]  # all run by the other stream while item 0 was held
+    monkeypatch.setattr(tiny_backend, "infer", infer)
+    try:
+        torch.set_num_threads(2)
+        detector = Detector(tiny_backend, cpu_streams=2)
+        assert detector.cpu_share is not None and detector.cpu_share.threads == 2
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(detector.detect, inputs)
+            assert inside.wait(30)
+            second = detector.detect(inputs)
+            release.set()
+            answers = [first.result(30), second, detector.detect(inputs)]
+        assert seen == [2, 1, 2]
+    finally:
+        torch.set_num_threads(before)
+    for got in answers:
+        for g, w in zip(got, want, strict=True):
+            assert isinstance(g, ImageDetections) and isinstance(w, ImageDetections) and len(w.scores) > 0
+            assert torch.equal(g.labels, w.labels)
+            torch.testing.assert_close(g.scores, w.scores, atol=1e-5, rtol=0)
+            torch.testing.assert_close(g.boxes_xyxy, w.boxes_xyxy, atol=1e-5, rtol=0)

@@ -1,7 +1,7 @@
-"""REFINEDET_GPU_DECODE=on with a CPU device: JPEG uploads are decoded in the engine thread, batched
-(torchvision decode_jpeg, libjpeg-turbo), which is the CUDA path's plumbing without nvJPEG. Answers
-equal the PIL path's, the annotated image still works, and a corrupt JPEG in a batch of good ones
-answers 400 for itself only."""
+"""Uploads decoded in the engine (``REFINEDET_ENGINE_DECODE``, on by default): on a CPU by PIL in the
+engine slot that runs the request, which is also the plumbing of the CUDA path (nvJPEG, GPU-only test
+below). Answers equal the handler-decoded path's, the annotated image still works, and a corrupt JPEG
+in a batch of good ones answers 400 for itself only."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from service_testing import (
 from test_server import metric_samples
 
 from service.app import create_app
-from service.decoding import JpegDecoder
-from service.imaging import DecodedImage, EncodedJpeg
+from service.decoding import JpegDecoder, UploadDecoding
+from service.imaging import DecodedImage, EncodedImage
 from service.routes.uploads import INLINE_HEADER_BYTES, Upload, read_images
 
 THRESHOLD = 0.3
@@ -40,9 +40,9 @@ IMAGE = encode(noise_image(96, 72, seed=1))
 
 @pytest.fixture(scope="module")
 def engine_client(tiny_backend):
-    app = create_app(settings(gpu_decode="on", max_batch_size=4), loader=lambda s: tiny_backend)
+    app = create_app(settings(max_batch_size=4), loader=lambda s: tiny_backend)
     with running(app) as client:
-        assert app.state.service.engine_jpeg
+        assert app.state.service.decoding == UploadDecoding("pil")
         yield client
 
 
@@ -67,7 +67,8 @@ def test_engine_decoded_answers_equal_the_pil_path(engine_client, tiny_model):
 
 
 def test_uploads_small_and_large_are_left_encoded_for_the_engine():
-    """Small uploads' headers are read on the event loop, large ones' in a thread: both stay encoded."""
+    """Small uploads' headers are read on the event loop, large ones' in a thread: both stay encoded when
+    the engine decodes them; nvJPEG's engine leaves the PNG to the handler."""
     big = encode(noise_image(1000, 800, seed=5), "JPEG", quality=95)
     assert len(big) > INLINE_HEADER_BYTES >= len(IMAGE)
     uploads = [
@@ -75,11 +76,15 @@ def test_uploads_small_and_large_are_left_encoded_for_the_engine():
         Upload(big, "b.jpg"),
         Upload(encode(noise_image(40, 30, 6), "PNG"), None),
     ]
-    read = asyncio.run(read_images(uploads, settings(), engine_jpeg=True))
-    assert [type(image) for image, _ in read] == [EncodedJpeg, EncodedJpeg, DecodedImage]
+    read = asyncio.run(read_images(uploads, settings(), UploadDecoding("nvjpeg")))
+    assert [type(image) for image, _ in read] == [EncodedImage, EncodedImage, DecodedImage]
     assert (read[1][0].width, read[1][0].height) == (1000, 800) and all(ms >= 0 for _, ms in read)
-    plain = asyncio.run(read_images(uploads[:1], settings(), engine_jpeg=False))
-    assert isinstance(plain[0][0], DecodedImage)
+    on_cpu = asyncio.run(read_images(uploads, settings(), UploadDecoding("pil")))
+    assert [type(image) for image, _ in on_cpu] == [EncodedImage] * 3 and on_cpu[2][0].format == "PNG"
+    plain = asyncio.run(read_images(uploads, settings(), UploadDecoding("handler")))
+    assert [type(image) for image, _ in plain] == [DecodedImage] * 3
+    drawn = asyncio.run(read_images(uploads[:1], settings(), UploadDecoding("pil"), host_pixels=True))
+    assert isinstance(drawn[0][0], DecodedImage)
 
 
 def test_annotated_image_is_still_drawn(engine_client):
@@ -100,9 +105,10 @@ def test_batch_request_names_a_corrupt_file(engine_client):
 
 
 def test_a_corrupt_jpeg_fails_alone_in_a_shared_batch(tiny_backend):
-    """Three clients at once, one batch (max delay 300 ms): the corrupt upload gets 400, the others 200."""
+    """Three clients at once, one batch (cut when it holds all three): the corrupt upload gets 400, the
+    others 200."""
     app = create_app(
-        settings(gpu_decode="on", max_batch_size=4, max_delay_ms=300), loader=lambda s: tiny_backend
+        settings(max_batch_size=3, max_delay_ms=10_000, cpu_streams=1), loader=lambda s: tiny_backend
     )
     bodies = [IMAGE, corrupt_huffman_table(IMAGE), encode(noise_image(64, 48, seed=7))]
     with serving(app) as (url, _):
@@ -122,12 +128,13 @@ def test_a_corrupt_jpeg_fails_alone_in_a_shared_batch(tiny_backend):
     assert metrics["refinedet_batch_size_count", ()] == 1 and metrics["refinedet_batch_size_sum", ()] == 3
 
 
-def test_gpu_decode_on_with_a_broken_decoder_fails_the_load(tiny_backend, monkeypatch, caplog):
+def test_engine_decode_on_with_a_broken_nvjpeg_fails_the_load(tiny_backend, monkeypatch, caplog):
     def broken(self, *args, **kwargs):
         raise RuntimeError("torchvision was built without nvJPEG")
 
     monkeypatch.setattr(JpegDecoder, "warmup", broken)
-    app = create_app(settings(gpu_decode="on"), loader=lambda s: tiny_backend)
+    monkeypatch.setattr(UploadDecoding, "choose", classmethod(lambda cls, setting, device: cls("nvjpeg")))
+    app = create_app(settings(engine_decode="on"), loader=lambda s: tiny_backend)
     with running_until_settled(app) as client:
         r = client.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "failed"
@@ -154,9 +161,9 @@ def test_cuda_service_decodes_jpegs_on_the_gpu(tiny_checkpoint):
     photo = synthetic_jpeg(640, 480)
     answers = {}
     for mode in ("auto", "off"):
-        app = create_app(settings(model=tiny_checkpoint, device="cuda", max_batch_size=4, gpu_decode=mode))
+        app = create_app(settings(model=tiny_checkpoint, device="cuda", max_batch_size=4, engine_decode=mode))
         with running(app) as client:
-            assert app.state.service.engine_jpeg is (mode == "auto")
+            assert app.state.service.decoding.engine == ("nvjpeg" if mode == "auto" else "handler")
             r = client.post("/detect", params={"score_threshold": 0.0}, content=photo,
                             headers={"content-type": "image/jpeg"})  # fmt: skip
             assert r.status_code == 200, r.text

@@ -1,5 +1,5 @@
 """Header checks: which uploads the engine may decode (complete RGB/grayscale JPEGs), the size after EXIF
-orientation, the same 4xx as a full decode, and ``read_image`` deferring only when asked."""
+orientation, the same 4xx as a full decode, and ``UploadDecoding`` deciding which uploads the engine decodes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 from service_testing import encode, noise_image
 
+from service.decoding import UploadDecoding
 from service.errors import ServiceError
-from service.imaging import DecodedImage, EncodedJpeg, decode_image, read_header, read_image
+from service.imaging import decode_image, read_header
 
 LIMITS = (40_000_000, 8)
 BASE = noise_image(80, 64, seed=3)
@@ -34,7 +35,7 @@ def exif_jpeg(orientation: int) -> bytes:
 )
 def test_only_complete_rgb_or_grayscale_jpegs_are_left_to_the_engine(name, data, decodable):
     header = read_header(data, *LIMITS)
-    assert header.engine_decodable is decodable, name
+    assert header.plain_jpeg is decodable, name
     assert (header.width, header.height) == (80, 64)
 
 
@@ -43,7 +44,7 @@ def test_header_size_is_after_exif_orientation_like_the_decode(orientation):
     data = exif_jpeg(orientation)
     header = read_header(data, *LIMITS)
     decoded = decode_image(data, *LIMITS)
-    assert header.orientation == orientation and header.engine_decodable
+    assert header.orientation == orientation and header.plain_jpeg
     assert (header.width, header.height) == (decoded.width, decoded.height)
 
 
@@ -63,10 +64,20 @@ def test_header_errors_are_the_decode_errors():
     assert too_large.value.status == 413
 
 
-def test_read_image_defers_a_jpeg_only_when_asked():
-    jpeg, png = exif_jpeg(6), encode(BASE, "PNG")
-    deferred = read_image(jpeg, *LIMITS, engine_jpeg=True)
-    assert isinstance(deferred, EncodedJpeg) and deferred.data == jpeg
-    assert (deferred.width, deferred.height, deferred.orientation) == (64, 80, 6)
-    assert isinstance(read_image(jpeg, *LIMITS, engine_jpeg=False), DecodedImage)
-    assert isinstance(read_image(png, *LIMITS, engine_jpeg=True), DecodedImage)
+@pytest.mark.parametrize(
+    ("engine", "jpeg", "png", "jpeg_with_host_pixels"),
+    [("pil", True, True, False), ("nvjpeg", True, False, False), ("handler", False, False, False)],
+)
+def test_upload_decoding_says_which_uploads_the_engine_decodes(engine, jpeg, png, jpeg_with_host_pixels):
+    jpeg_header, png_header = read_header(exif_jpeg(6), *LIMITS), read_header(encode(BASE, "PNG"), *LIMITS)
+    decoding = UploadDecoding(engine)
+    assert decoding.in_engine(jpeg_header) is jpeg and decoding.in_engine(png_header) is png
+    assert decoding.in_engine(jpeg_header, host_pixels=True) is jpeg_with_host_pixels
+    deferred = jpeg_header.deferred(b"bytes")
+    assert (deferred.width, deferred.height, deferred.orientation, deferred.format) == (64, 80, 6, "JPEG")
+
+
+def test_upload_decoding_follows_the_setting_and_the_device():
+    choose = UploadDecoding.choose
+    assert [choose(s, "cuda").engine for s in ("auto", "on", "off")] == ["nvjpeg", "nvjpeg", "handler"]
+    assert [choose(s, "cpu").engine for s in ("auto", "on", "off")] == ["pil", "pil", "handler"]

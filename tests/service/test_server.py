@@ -17,6 +17,7 @@ from service_testing import (
     assert_same_detections,
     direct_detections_many,
     encode,
+    gated_loader,
     noise_image,
     serving,
     settings,
@@ -24,6 +25,7 @@ from service_testing import (
 )
 
 from service.app import create_app
+from service.settings import Settings
 
 THRESHOLD = 0.3
 
@@ -128,6 +130,27 @@ def poll(predicate, timeout_s: float = 10.0):
     while not (value := predicate()) and time.monotonic() < deadline:
         time.sleep(0.01)
     return value
+
+
+def test_cpu_streams_run_requests_at_once_each_as_soon_as_a_slot_is_free():
+    """CPU_STREAMS=2: two requests are in the engine at once (each a batch of one); a third waits for a
+    slot and runs the moment either is free, not when both are."""
+    loader = gated_loader(max_batch=1)
+    engine = loader.backend
+    app = create_app(settings(cpu_streams=2), loader=loader)
+    assert Settings(device="cpu", cpu_streams=2).batch_limit("cpu") == 1
+    with serving(app) as (url, _):
+        send = {"content": encode(noise_image(64, 48, seed=9)), "headers": {"content-type": "image/jpeg"}}
+        pool = ThreadPoolExecutor(3)
+        pending = [pool.submit(httpx.post, f"{url}/detect", timeout=30, **send) for _ in range(3)]
+        depth = ("refinedet_queue_depth", ())
+        assert poll(lambda: engine.held == 2 and metric_samples(httpx.get(f"{url}/metrics").text)[depth] == 1)
+        engine.release(1)  # one slot frees: the third request goes in while the other is still held
+        assert poll(lambda: sum(p.done() for p in pending) == 1 and engine.held == 2)
+        engine.release(2)
+        answers = [p.result() for p in pending]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert engine.calls == [1, 1, 1]
 
 
 def test_a_client_that_left_is_dropped_before_inference():
