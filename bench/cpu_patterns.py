@@ -10,7 +10,8 @@ patterns taking turns ``--repeats`` times so that load from other processes fall
   before #14, and the naive app at concurrency 1);
 - ``threads-N``: N Python threads each running inferences on its own team of all cores (the naive app
   at concurrency N: FastAPI's thread pool);
-- ``streams``: as many threads as cores, each inference single-threaded (``service.detector.CpuStreams``).
+- ``streams``: as many threads as cores, each inference single-threaded (the service's engine slots under
+  load: ``service.detector.CpuShare``).
 
 Reported per pattern: images/s (median over repeats) and CPU seconds per image. Run it twice, with and
 without ``OMP_WAIT_POLICY=PASSIVE`` in the environment (libgomp reads it once, when torch loads).

@@ -6,7 +6,7 @@
 #   (c) the model benchmark on CUDA (<3 min), the CPU comparison with 2 threads on 2 cores (<1 min),
 #       a check of the service's batched GPU JPEG decoder against PIL on the photos (pixels, time),
 #       the service benchmark (<4 min: refinedet serve with JPEG decoding on the GPU
-#       (REFINEDET_GPU_DECODE=auto: on with CUDA, PIL if nvJPEG fails its start-up check, as the
+#       (REFINEDET_ENGINE_DECODE=auto: on with CUDA, PIL if nvJPEG fails its start-up check, as the
 #       server log says) with 1 and with 4 uvicorn workers, then the naive app; concurrency
 #       1/4/16/64, 6 s each).
 # Writes 5 files to $OUT (the device tool returns at most 8): model_bench.json, model_bench_cpu.json,
@@ -46,14 +46,14 @@ if [ -n "${BENCH_QUICK:-}" ]; then  # local dry run: tiny sizes and durations
   MODEL_ARGS=(--sizes 320 --batch-sizes 1 --iters 3 --warmup 1 --time-budget 1)
   CPU_ARGS=(--iters 3 --warmup 1 --time-budget 1)
   SERVICE_ARGS=(--concurrency 1,4 --duration 3 --warmup 1 --client-processes 2 --max-batch-size 4
-                --workers 1,2 --server-env REFINEDET_GPU_DECODE=auto)
+                --workers 1,2 --server-env REFINEDET_ENGINE_DECODE=auto)
   LIMIT_MODEL=600 LIMIT_CPU=300 LIMIT_SERVICE=300
 else
   MODEL_ARGS=(--time-budget 1.0 --warmup 5 --iters 300 --max-seconds 140)
   CPU_ARGS=(--iters 40 --warmup 3 --time-budget 6)
   SERVICE_ARGS=(--concurrency 1,4,16,64 --duration 6 --warmup 2 --client-processes 4
                 --max-batch-size 32 --max-delay-ms 0 --max-queue-size 1024
-                --workers 1,4 --server-env REFINEDET_GPU_DECODE=auto)
+                --workers 1,4 --server-env REFINEDET_ENGINE_DECODE=auto)
   LIMIT_MODEL=180 LIMIT_CPU=75 LIMIT_SERVICE=230
 fi
 

@@ -88,7 +88,8 @@ class Backend(abc.ABC):
         synchronize(self.device)
 
     def single_thread_infer(self) -> Callable[[Tensor], BackendOutput]:
-        """``infer`` for a CPU stream (``service.detector.CpuStreams``): work on the calling thread only.
+        """``infer`` for a call that shares the CPU with others (``service.detector.CpuShare``): work on the
+        calling thread only.
         The default is ``infer`` (PyTorch keeps its thread count per calling thread); a backend whose
         runtime owns a thread pool returns a call into a one-thread session instead."""
         return self.infer

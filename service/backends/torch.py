@@ -1,6 +1,7 @@
 """PyTorch backend: a RefineDet checkpoint (or the untrained default) on CPU or CUDA.
 
-On CUDA it runs in float16 (``fp16``), channels-last (``channels_last``), with cuDNN's autotuner on,
+It runs channels-last (``channels_last``; on a CPU oneDNN's convolutions are ~20% faster so, measured in
+docs/benchmarks.md). On CUDA it also runs in float16 (``fp16``), with cuDNN's autotuner on,
 and replays one CUDA graph per batch bucket (``cuda_graphs``: buckets 1, 2, 4, ..., max_batch; a batch
 is padded up to its bucket). With ``fuse_postprocess`` (the service's default) each graph holds the
 network *and* the whole post-processing (decoding, then ``select_detections`` in its sync-free mode),
@@ -60,7 +61,7 @@ class TorchBackend(Backend):
         cuda = device.type == "cuda"
         self.checkpoint = checkpoint
         self.dtype = torch.float16 if (cuda and fp16) else torch.float32
-        self.memory_format = torch.channels_last if (cuda and channels_last) else torch.contiguous_format
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.use_graphs = cuda and cuda_graphs
         self.fuse_postprocess = self.use_graphs and fuse_postprocess
         self.model_name = model_name

@@ -20,6 +20,9 @@ def echo_server() -> Iterator[str]:
 
     async def detect(request: web.Request) -> web.Response:
         body = await request.read()
+        if body == b"slow":
+            await asyncio.sleep(0.5)
+            body = b"ok"
         if body == b"ok":
             return web.json_response({"detections": [{"score": 0.9}, {"score": 0.8}]})
         return web.json_response({"error": "bad"}, status=500)
@@ -72,6 +75,15 @@ def test_a_level_counts_answers_latencies_and_errors(echo_server):
     assert result["requests_per_s"] > 0 and 0.5 < result["elapsed_s"] < 5
     latency = result["latency_ms"]
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+
+
+def test_answers_are_counted_when_they_arrive_in_the_window(echo_server):
+    """A request started in the window but answered after it is not counted (nor, the other way round,
+    one answered in the window but started in the warm-up), and the rate is over the window's length."""
+    late = run_level(echo_server, [b"slow"], concurrency=1, duration_s=0.3, warmup_s=0.0)
+    assert (late["ok"], late["elapsed_s"]) == (0, 0.3)
+    early = run_level(echo_server, [b"slow"], concurrency=2, duration_s=0.6, warmup_s=0.2)
+    assert early["ok"] == 2 and early["requests_per_s"] == round(2 / 0.6, 2)  # answered at ~0.5 s
 
 
 def test_connection_errors_are_counted_not_raised():

@@ -359,3 +359,20 @@ def test_onnxruntime_cpu_streams_run_one_thread_sessions(tmp_path):
             torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_torch_backend_runs_channels_last_on_a_cpu_with_the_same_answers(tiny_checkpoint):
+    from service.backends.torch import TorchBackend
+
+    fast = TorchBackend(tiny_checkpoint, torch.device("cpu"), max_batch=2)
+    plain = TorchBackend(tiny_checkpoint, torch.device("cpu"), max_batch=2, channels_last=False)
+    fast.load()
+    plain.load()
+    assert (fast.memory_format, plain.memory_format) == (torch.channels_last, torch.contiguous_format)
+    assert fast.model is not None
+    conv = next(m for m in fast.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    size = fast.loaded_config.input_size
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    for got, want in zip(fast.infer(x), plain.infer(x), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
