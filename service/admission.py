@@ -99,11 +99,11 @@ def is_inference(scope: Scope) -> bool:
 
 def admit(state: ServiceState, scope: Scope) -> ServiceError | None:
     """The admission decision for the request of ``scope``, made once, where the request is first seen:
-    by the HTTP protocol when its headers are complete (``service.protocol``, through
-    ``service.middleware.early_refusals``), else by ``GuardMiddleware`` (other ASGI servers, tests'
-    clients, a pipelined request). Sets the request's deadline; an inference request is either admitted
-    (``ServiceState.admitted``, given back by ``GuardMiddleware`` when the request ends) or gets the 503 to
-    answer it with. None if admitted, exempt, or decided already."""
+    by the HTTP protocol when its headers are complete and it is next in line on its connection
+    (``service.protocol``, through ``service.middleware.early_refusals``), else by ``GuardMiddleware``
+    (other ASGI servers, in-process test clients). Sets the request's deadline; an inference request is
+    either admitted (``ServiceState.admitted``, given back by ``GuardMiddleware`` when the request ends)
+    or gets the 503 to answer it with. None if admitted, exempt, or decided already."""
     scope_state = scope.setdefault("state", {})
     if DEADLINE_KEY in scope_state:
         return None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -303,8 +304,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if transport.is_closing():
             return False
         try:
-            if transport.can_write_eof():
-                transport.write_eof()
+            sock = transport.get_extra_info("socket")
+            if sock is not None and not transport.get_write_buffer_size():
+                # uvloop's write_eof() sends its FIN at the loop's next poll of this socket, after every
+                # other callback and task ready now (under a burst, tens of ms later): send it now.
+                raw = socket.socket(sock.family, sock.type, fileno=sock.fileno())
+                try:
+                    raw.shutdown(socket.SHUT_WR)
+                finally:
+                    raw.detach()  # the transport still owns (and closes) the descriptor
+            elif transport.can_write_eof():
+                transport.write_eof()  # after what is still buffered
         except OSError:
             transport.close()
             return False
