@@ -190,6 +190,12 @@ def test_a_refusal_closes_when_no_body_will_come_or_it_is_too_large():
             status, headers, _ = read_response(sock)
             assert (status, headers["connection"]) == (503, "close")
             assert sock.recv(1) == b""  # and the server closed (its side)
+        # A chunked body is dropped only up to the limit: past it, the connection is closed.
+        endless = connect(url)
+        endless.sendall(f"{DETECT_HEAD}Transfer-Encoding: chunked\r\n\r\n".encode())
+        assert read_response(endless)[0] == 503
+        endless.sendall(b"2000\r\n" + b"\xff" * 8192 + b"\r\n")
+        assert endless.recv(1) == b""
 
 
 def test_a_refusal_is_counted_and_logged_like_any_answer(caplog):
