@@ -12,20 +12,21 @@ app (uvicorn has none of them for httptools):
 Every answer here is ``{"error": {"code", "message"}}`` with ``Connection: close``; details go to the log.
 Body limits and timeouts are the app's (``service.middleware``).
 
-- Early answers: when a request's headers are complete and it is next in line on its connection (where
-  uvicorn would start its ASGI task), the app's hook under ``EARLY_KEY`` may answer it instead
-  (``service.middleware.early_refusals``: admission control's 503). The answer is written at once, from the
-  parser's callback, so refusals do not wait behind the event loop's queue of app tasks; the request's
-  body is then read and dropped as it arrives (within ``max_body_bytes``, pausing at most
-  ``body_timeout_s``), after which the connection serves its next request, or closes if the request
-  asked to. A client waiting for ``100 Continue``, or declaring a body over the limit, gets the answer
-  with ``Connection: close`` and the connection is closed after a linger.
+Early answers: where uvicorn would start a request's ASGI task (its headers complete, every request before
+it on the connection answered), the app's hook may answer it instead (``service.middleware.early_refusals``:
+admission control's 503). The answer is written at once, from the parser's callback, so a refusal does not
+wait behind the event loop's queue of app tasks. The request's body is then read and dropped as it arrives
+(at most ``max_body_bytes``, pausing at most ``body_timeout_s``, else the connection is closed), after
+which the connection serves its next request, or closes if the request asked to (half-closed at the
+answer, so the client sees its end at once). A client waiting for ``100 Continue``, or declaring a body
+over the limit, gets the answer with ``Connection: close``, and the connection closes after a linger.
 
 uvicorn builds a protocol per connection from its config alone, and a class given to worker processes must
 be importable by name, so the limits come from the app: its lifespan state (``scope["state"]``, shared
 with the protocols) holds ``HttpLimits`` under ``LIMITS_KEY``. It also holds, under ``DRAIN_KEY``, the
 app's ``begin_drain()``, which this protocol calls when uvicorn starts a graceful shutdown (uvicorn calls
-``shutdown()`` on every open connection first thing), so the app learns of the drain at its start.
+``shutdown()`` on every open connection first thing), so the app learns of the drain at its start; and,
+under ``EARLY_KEY``, the early-answer hook.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._answer_early(cycle, answer)
 
     def _answer_early(self, cycle: RequestResponseCycle, answer: EarlyAnswer) -> None:
+        """Write ``answer`` for ``cycle``'s request now; then drop its body, or close (module docstring)."""
         cycle.response_complete = True  # from here uvicorn's parser callbacks ignore its body
         self._unset_keepalive_if_required()
         if self.transport.is_closing():
@@ -205,6 +207,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._finish_early(cycle)
 
     def _render(self, answer: EarlyAnswer, close: bool) -> bytes:
+        """The response's bytes, as uvicorn would write them (its default headers first)."""
         head = [STATUS_LINE[answer.status]]
         for name, value in [*self.server_state.default_headers, *answer.headers]:
             head += [name, b": ", value, b"\r\n"]
