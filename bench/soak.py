@@ -5,7 +5,8 @@ samples the server's RSS (``/proc/<pid>/status``) and open sockets (``/proc/<pid
 prints a table and writes JSON:
 
 - ``load``: ``waves`` waves of ``clients`` concurrent ``POST /detect`` (a BCCD JPEG): 200/503/504/other
-  counts, 503 and 200 latency, non-JSON answers.
+  counts, 503 and 200 latency (each from the request's start: connecting included), the 503s' time to
+  connect and from the request written to the answer read, non-JSON answers.
 - ``pixels``: ``bombs`` concurrent single-colour 6300x6300 PNGs (39.7 MP, 38 KB each): statuses, peak and
   after RSS over the idle baseline.
 - ``headers``: 8 connections each sending up to 64 MiB of header bytes: statuses, RSS.
@@ -161,6 +162,11 @@ def summarise(answers: list[tuple[int, dict[str, str], bytes, float]]) -> dict[s
         "latency_503": latency([a[3] for a in answers if a[0] == 503]),
         "latency_503_connect": latency([float(a[1]["x-client-connect-s"]) for a in answers if a[0] == 503]),
         "latency_503_sent": latency([float(a[1]["x-client-sent-s"]) for a in answers if a[0] == 503]),
+        # From the request written to the answer read: without the time this one process took to open
+        # the other connections of its wave before writing (the load generator's own queue).
+        "latency_503_after_sent": latency(
+            [a[3] - float(a[1]["x-client-sent-s"]) for a in answers if a[0] == 503]
+        ),
     }
 
 

@@ -9,7 +9,9 @@ share of the decoded-pixel budget, and an answer (never a silent drop) when the 
 - **Admission** (inference requests: every POST except the benchmark). Before the body is read: with
   ``ahead`` requests admitted and not finished, the expected wait is ``(ahead // batch + 1) x recent
   batch time``; if that exceeds ``admission_headroom`` of the time left to the deadline (or ``ahead``
-  reaches ``max_queue_size``), the answer is 503 ``overloaded`` + ``Retry-After`` at once.
+  reaches ``max_queue_size``), the answer is 503 ``overloaded`` + ``Retry-After`` at once. ``admit``
+  decides, once per request: under ``refinedet serve`` in the HTTP protocol as soon as the headers are
+  complete (``service.protocol``: a refused request never becomes an ASGI task), else here.
 - **Drain.** When the server starts shutting down (``ServiceState.begin_drain``), every request in
   flight gets until ``graceful_timeout_s`` from then; one still unanswered at that point is cancelled
   and answered 503 ``shutting_down``. A request that arrives during the drain and cannot be served
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("refinedet.service")
 DEADLINE_KEY = "refinedet.deadline"
+ADMITTED_KEY = "refinedet.admitted"  # an inference request admitted (counted in ServiceState.admitted)
 PIXELS_KEY = "refinedet.pixels"
 EXEMPT_POSTS = frozenset({"/v1/benchmark"})  # POSTs that are not inference (admission does not apply)
 
@@ -89,6 +92,30 @@ def request_deadline(scope_state: dict[str, Any], timeout_s: float) -> float:
     return deadline if deadline is not None else time.monotonic() + timeout_s
 
 
+def is_inference(scope: Scope) -> bool:
+    """Whether admission applies to the request: every POST except the benchmark."""
+    return scope["method"] == "POST" and scope["path"] not in EXEMPT_POSTS
+
+
+def admit(state: ServiceState, scope: Scope) -> ServiceError | None:
+    """The admission decision for the request of ``scope``, made once, where the request is first seen:
+    by the HTTP protocol when its headers are complete and it is next in line on its connection
+    (``service.protocol``, through ``service.middleware.early_refusals``), else by ``GuardMiddleware``
+    (other ASGI servers, in-process test clients). Sets the request's deadline; an inference request is
+    either admitted (``ServiceState.admitted``, given back by ``GuardMiddleware`` when the request ends)
+    or gets the 503 to answer it with. None if admitted, exempt, or decided already."""
+    scope_state = scope.setdefault("state", {})
+    if DEADLINE_KEY in scope_state:
+        return None
+    deadline = scope_state[DEADLINE_KEY] = time.monotonic() + state.settings.request_timeout_s
+    if not is_inference(scope):
+        return None
+    refusal = state.admit(deadline)
+    if refusal is None:
+        scope_state[ADMITTED_KEY] = True
+    return refusal
+
+
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app = app
@@ -99,17 +126,13 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         state = self.state
-        scope_state = scope.setdefault("state", {})
-        arrived = time.monotonic()
-        scope_state[DEADLINE_KEY] = arrived + state.settings.request_timeout_s
-        inference = scope["method"] == "POST" and scope["path"] not in EXEMPT_POSTS
-        if inference:
-            refusal = state.admit(scope_state[DEADLINE_KEY])
-            if refusal is not None:
-                settings = state.settings
-                clean = await discard_body(scope, receive, settings.max_upload_bytes, settings.body_timeout_s)
-                await send_error(send, refusal, close=not clean)
-                return
+        refusal = admit(state, scope)
+        if refusal is not None:
+            settings = state.settings
+            clean = await discard_body(scope, receive, settings.max_upload_bytes, settings.body_timeout_s)
+            await send_error(send, refusal, close=not clean)
+            return
+        scope_state = scope["state"]
         current_reserver.set(pixel_reserver(scope, state.pixels))  # this request's task (and its threads)
         started = False
 
@@ -132,7 +155,7 @@ class GuardMiddleware:
             if not started:
                 await send_error(send, shutting_down(), close=True)
         finally:
-            if inference:
+            if scope_state.pop(ADMITTED_KEY, False):
                 state.admitted -= 1
             held = scope_state.get(PIXELS_KEY)
             if held:
@@ -181,9 +204,14 @@ def overloaded(expected_s: float, allowed_s: float) -> ServiceError:
     )
 
 
+def error_json(error: ServiceError) -> bytes:
+    """The service's JSON error body for ``error``."""
+    return json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
+
+
 async def send_error(send: Send, error: ServiceError, close: bool) -> None:
     """``error`` as a complete JSON response, straight to the ASGI server."""
-    body = json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
+    body = error_json(error)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     if close:

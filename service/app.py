@@ -18,8 +18,8 @@ from service.admission import GuardMiddleware
 from service.docs_ui import install_swagger_ui
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.protocol import DRAIN_KEY, LIMITS_KEY, HttpLimits
+from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, RequestLog, early_refusals
+from service.protocol import DRAIN_KEY, EARLY_KEY, LIMITS_KEY, HttpLimits
 from service.routes import benchmark, detect, health, inference_v2
 from service.settings import Settings
 from service.state import Loader, ServiceState
@@ -47,8 +47,14 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         state.start_loading()
-        # Shared with uvicorn's protocols (service.protocol): their limits, and the drain's start.
-        yield {LIMITS_KEY: http_limits(settings), DRAIN_KEY: state.begin_drain}
+        requests.prepare()  # the OpenAPI schema, once, before any request (not on the first refusal)
+        # Shared with uvicorn's protocols (service.protocol): their limits, the drain's start, and
+        # admission at the HTTP layer (refusals answered from the request's headers).
+        yield {
+            LIMITS_KEY: http_limits(settings),
+            DRAIN_KEY: state.begin_drain,
+            EARLY_KEY: early_refusals(state, requests),
+        }
         await state.shutdown()
 
     app = FastAPI(
@@ -81,18 +87,21 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     docs = frozenset(
         p for p in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p
     )
-    app.add_middleware(
-        RequestContextMiddleware,
-        metrics=metrics,
-        log_requests=settings.access_log,
-        known_paths=docs,
-        route_paths=lambda: app.openapi().get("paths", {}),
+    requests = RequestLog(
+        metrics, settings.access_log, known_paths=docs, route_paths=lambda: app.openapi().get("paths", {})
     )
+    app.add_middleware(RequestContextMiddleware, requests=requests)
     return app
 
 
 def http_limits(settings: Settings) -> HttpLimits:
-    return HttpLimits(settings.max_connections, settings.max_header_bytes, settings.header_timeout_s)
+    return HttpLimits(
+        settings.max_connections,
+        settings.max_header_bytes,
+        settings.header_timeout_s,
+        max_body_bytes=settings.max_upload_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
 
 
 def create_app_from_env() -> FastAPI:

@@ -12,11 +12,21 @@ app (uvicorn has none of them for httptools):
 Every answer here is ``{"error": {"code", "message"}}`` with ``Connection: close``; details go to the log.
 Body limits and timeouts are the app's (``service.middleware``).
 
+Early answers: where uvicorn would start a request's ASGI task (its headers complete, every request before
+it on the connection answered), the app's hook may answer it instead (``service.middleware.early_refusals``:
+admission control's 503). The answer is written at once, from the parser's callback, so a refusal does not
+wait behind the event loop's queue of app tasks. The request's body is then read and dropped as it arrives
+(at most ``max_body_bytes``, pausing at most ``body_timeout_s``, else the connection is closed), after
+which the connection serves its next request, or closes if the request asked to (half-closed at the
+answer, so the client sees its end at once). A client waiting for ``100 Continue``, or declaring a body
+over the limit, gets the answer with ``Connection: close``, and the connection closes after a linger.
+
 uvicorn builds a protocol per connection from its config alone, and a class given to worker processes must
 be importable by name, so the limits come from the app: its lifespan state (``scope["state"]``, shared
 with the protocols) holds ``HttpLimits`` under ``LIMITS_KEY``. It also holds, under ``DRAIN_KEY``, the
 app's ``begin_drain()``, which this protocol calls when uvicorn starts a graceful shutdown (uvicorn calls
-``shutdown()`` on every open connection first thing), so the app learns of the drain at its start.
+``shutdown()`` on every open connection first thing), so the app learns of the drain at its start; and,
+under ``EARLY_KEY``, the early-answer hook.
 """
 
 from __future__ import annotations
@@ -24,28 +34,47 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 log = logging.getLogger("refinedet.service")
-LINGER_S = 1.0  # after an early answer, how long unread request bytes are discarded before closing
+LINGER_S = 1.0  # after an answer that closes, how long unread request bytes are discarded before closing
 IDLE_RECHECK_S = 1.0  # a connection idle at its header timeout is closed if still idle this much later
 
 
 LIMITS_KEY = "refinedet.http_limits"
 DRAIN_KEY = "refinedet.begin_drain"
+EARLY_KEY = "refinedet.early_answer"
 
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """What ``LimitedHttpToolsProtocol`` enforces (defaults: the settings' defaults)."""
+    """What ``LimitedHttpToolsProtocol`` enforces (defaults: the settings' defaults); the body limits apply
+    to the bodies it drops after an early answer."""
 
     max_connections: int = 1000
     max_header_bytes: int = 16 * 1024
     header_timeout_s: float = 10.0
+    max_body_bytes: int = 20 * 1024 * 1024
+    body_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class EarlyAnswer:
+    """A complete response the app gives a request from its headers alone (``EARLY_KEY``); the protocol
+    adds its default headers (date, server), the length and, when it closes, ``Connection: close``."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+EarlyHook = Callable[[Any], EarlyAnswer | None]  # (the request's ASGI scope) -> answer or None
 
 
 def error_bytes(status: int, reason: str, code: str, message: str, retry_after: int | None = None) -> bytes:
@@ -80,9 +109,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.limits: HttpLimits = self.app_state.get(LIMITS_KEY) or HttpLimits()
         self._header_bytes = 0  # bytes of the current request's line and headers so far
         self._in_headers = False  # between a request's first byte and its complete headers
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # header, idle or dropped-body timeout
         self._refused = False  # answered here: discard whatever else arrives
         self._idle_strike = False  # the idle timer fired once with nothing read
+        self.early: EarlyHook | None = self.app_state.get(EARLY_KEY)
+        self._dropping: RequestResponseCycle | None = None  # answered early; its body is being dropped
+        self._dropped = 0  # body bytes of ``_dropping`` so far
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -95,13 +127,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
+        self._cancel_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._in_headers or self.cycle is None or self.cycle.response_complete:
+        if self._in_headers or (
+            self._dropping is None and (self.cycle is None or self.cycle.response_complete)
+        ):
             self._header_bytes += len(data)  # (a chunk may hold body bytes too: never fewer)
         self._unset_keepalive_if_required()
         try:
@@ -110,6 +144,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._upgrade()
             return
         except httptools.HttpParserError as exc:
+            if self._refused:  # stopped on purpose (_StopParsing): the connection is closing already
+                return
             if isinstance(exc.__context__, _HeadersTooLarge):
                 self._refuse(HEADERS_TOO_LARGE)
             else:
@@ -133,11 +169,83 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
-        self._cancel_header_timer()
+        self._cancel_timer()
         size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
         if size > self.limits.max_header_bytes:
             raise _HeadersTooLarge()  # stops the parser; data_received answers 431
         super().on_headers_complete()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """Where uvicorn starts a request's app (headers complete, nothing before it still unanswered on
+        this connection): the early hook answers it instead, or the app starts."""
+        answer = self.early(cycle.scope) if self.early is not None and app is self.app else None
+        if answer is None:
+            super()._start_asgi_task(cycle, app)
+        else:
+            self._answer_early(cycle, answer)
+
+    def _answer_early(self, cycle: RequestResponseCycle, answer: EarlyAnswer) -> None:
+        """Write ``answer`` for ``cycle``'s request now; then drop its body, or close (module docstring)."""
+        cycle.response_complete = True  # from here uvicorn's parser callbacks ignore its body
+        self._unset_keepalive_if_required()
+        if self.transport.is_closing():
+            return
+        headers = dict(cycle.scope["headers"])
+        declared = headers.get(b"content-length", b"0")
+        over = not declared.isdigit() or int(declared) > self.limits.max_body_bytes
+        if cycle.waiting_for_100_continue or over:  # no body to wait for, or one too large to take
+            self._refuse(self._render(answer, close=True))
+            return
+        close = not cycle.keep_alive
+        self.transport.write(self._render(answer, close))
+        if close and not self._send_eof():
+            return
+        if cycle.more_body:  # the rest of the body is dropped as it arrives (on_body)
+            self._dropping, self._dropped = cycle, 0
+            self._arm_timer(self.limits.body_timeout_s, self._body_stalled)
+        else:
+            self._finish_early(cycle)
+
+    def _render(self, answer: EarlyAnswer, close: bool) -> bytes:
+        """The response's bytes, as uvicorn would write them (its default headers first)."""
+        head = [STATUS_LINE[answer.status]]
+        for name, value in [*self.server_state.default_headers, *answer.headers]:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"content-length: %d\r\n" % len(answer.body))
+        if close:
+            head.append(b"connection: close\r\n")
+        return b"".join([*head, b"\r\n", answer.body])
+
+    def _finish_early(self, cycle: RequestResponseCycle) -> None:
+        """The early-answered request was read to its end: close, or go on as after any response."""
+        self._dropping = None
+        self._cancel_timer()
+        if not cycle.keep_alive:
+            self.transport.close()
+        else:
+            self.on_response_complete()
+
+    def _body_stalled(self) -> None:
+        self._timer = None
+        self._dropping = None
+        self._linger_close()
+
+    def on_body(self, body: bytes) -> None:
+        if self._dropping is None:
+            super().on_body(body)
+            return
+        self._dropped += len(body)
+        if self._dropped > self.limits.max_body_bytes:
+            self._dropping = None
+            self._linger_close()
+            raise _StopParsing()
+        self._arm_timer(self.limits.body_timeout_s, self._body_stalled)
+
+    def on_message_complete(self) -> None:
+        if self._dropping is None:
+            super().on_message_complete()
+        else:
+            self._finish_early(self._dropping)
 
     def shutdown(self) -> None:
         begin_drain = self.app_state.get(DRAIN_KEY)
@@ -150,16 +258,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
 
     def _arm_header_timer(self) -> None:
-        self._cancel_header_timer()
-        self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timeout)
+        self._arm_timer(self.limits.header_timeout_s, self._header_timeout)
 
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+    def _arm_timer(self, delay_s: float, callback: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(delay_s, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _header_timeout(self) -> None:
-        self._header_timer = None
+        self._timer = None
         if self.transport.is_closing():
             return
         if self._in_headers and self._header_bytes:
@@ -168,7 +279,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # Nothing read yet. uvloop runs due timers before it polls the sockets, so after a stall of
             # the event loop the request may be waiting unread: look once more after the next poll.
             self._idle_strike = True
-            self._header_timer = self.loop.call_later(IDLE_RECHECK_S, self._header_timeout)
+            self._timer = self.loop.call_later(IDLE_RECHECK_S, self._header_timeout)
         elif self.cycle is None:  # opened and never sent a byte
             log.debug("closing a connection that sent nothing")
             self.transport.close()
@@ -176,22 +287,46 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, response: bytes) -> None:
         """Answer ``response`` and close; unread request bytes are discarded for up to LINGER_S first, so
         the close does not reset the connection before the client has read the answer."""
+        if not self.transport.is_closing():
+            self.transport.write(response)
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Send no more, discard what arrives for up to LINGER_S (or until the client closes), then close."""
         self._refused = True
         self._in_headers = False
-        self._cancel_header_timer()
+        self._cancel_timer()
         self._unset_keepalive_if_required()
+        if self._send_eof():
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _send_eof(self) -> bool:
+        """Half-close: the client sees the end of the answer at once, while what it still sends is read.
+        False if the connection is closed (or closing) instead."""
         transport = self.transport
         if transport.is_closing():
-            return
-        transport.write(response)
+            return False
         try:
-            if transport.can_write_eof():
-                transport.write_eof()
+            sock = transport.get_extra_info("socket")
+            if sock is not None and not transport.get_write_buffer_size():
+                # uvloop's write_eof() sends its FIN at the loop's next poll of this socket, after every
+                # other callback and task ready now (under a burst, tens of ms later): send it now.
+                raw = socket.socket(sock.family, sock.type, fileno=sock.fileno())
+                try:
+                    raw.shutdown(socket.SHUT_WR)
+                finally:
+                    raw.detach()  # the transport still owns (and closes) the descriptor
+            elif transport.can_write_eof():
+                transport.write_eof()  # after what is still buffered
         except OSError:
             transport.close()
-            return
-        self.loop.call_later(LINGER_S, transport.close)
+            return False
+        return True
 
 
 class _HeadersTooLarge(Exception):
     pass
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop parsing a connection that is being closed."""

@@ -2,7 +2,8 @@
 (``refinedet serve``) decides what to serve, then calls ``run``.
 
 - HTTP protocol: ``service.protocol.LimitedHttpToolsProtocol`` (httptools with a connection cap, a
-  header-size limit (431) and a header timeout); its limits come from the app's lifespan state.
+  header-size limit (431) and a header timeout, and admission's refusals answered from the request's
+  headers); its limits and the admission hook come from the app's lifespan state.
 - ``timeout_keep_alive``: ``keep_alive_timeout_s``.
 - Graceful shutdown: on SIGTERM/SIGINT uvicorn stops accepting, the app drains (``service.admission``):
   every request in flight is answered within ``graceful_timeout_s``, a result or 503 ``shutting_down``.

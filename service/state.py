@@ -23,6 +23,7 @@ from service.decoding import UploadDecoding
 from service.detector import Detector
 from service.errors import ServiceError
 from service.metrics import Metrics
+from service.process import settle_after_load
 from service.settings import Settings
 
 log = logging.getLogger("refinedet.service")
@@ -100,6 +101,7 @@ class ServiceState:
         self.metrics.track_queue(lambda: batcher.depth)
         self.metrics.model_info.labels(**self.summary()).set(1)
         self.metrics.ready.set(1)
+        settle_after_load()  # (service.process: the startup objects out of the collector's reach)
         self.status = "ready"
         info = backend.info
         log.info(

@@ -1,13 +1,31 @@
 """The HTTP protocol's limits (service/protocol.py) and the body timeout, under a real uvicorn server with
 the options ``refinedet serve`` uses: oversized headers get 431, idle and slow connections are closed
 (408 when part of a request came), connections beyond the cap get 503, malformed requests get JSON 400;
-every answer is the service's JSON error format."""
+every answer is the service's JSON error format. Admission's refusals are answered by the protocol from
+the request's headers (before its body), and the connection stays usable: keep-alive, chunked bodies,
+pipelining, ``Expect: 100-continue``."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-from service_testing import connect, poll, read_response, serving, settings, standin_loader
+import httpx
+from service_testing import (
+    connect,
+    encode,
+    gated_loader,
+    noise_image,
+    poll,
+    read_response,
+    serving,
+    settings,
+    standin_loader,
+)
+from test_server import metric_samples
 
 from service.app import create_app
 
@@ -91,3 +109,105 @@ def test_keep_alive_connections_still_serve_several_requests():
         for _ in range(3):
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_response(sock)[0] == 200
+
+
+IMAGE = encode(noise_image(64, 48, seed=5))
+DETECT_HEAD = "POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def statuses(sock: socket.socket, count: int) -> list[int]:
+    """The statuses of the next ``count`` responses on ``sock`` (each with a Content-Length), in order."""
+    stream = sock.makefile("rb")
+    found = []
+    for _ in range(count):
+        found.append(int(stream.readline().split()[1]))
+        length = 0
+        while (line := stream.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            length = int(value) if name.strip().lower() == b"content-length" else length
+        stream.read(length)
+    return found
+
+
+@contextlib.contextmanager
+def refusing(**changes) -> Iterator[tuple[str, object]]:
+    """A server whose one queue place is taken by a request the engine holds, so every other inference
+    request is refused; yields (URL, app). The held request is let through (and answered 200) at the end."""
+    loader = gated_loader(max_batch=1)
+    app = create_app(settings(max_batch_size=1, max_delay_ms=0, max_queue_size=1, **changes), loader=loader)
+    engine = loader.backend
+    with serving(app) as (url, _):
+        held = ThreadPoolExecutor(1).submit(
+            httpx.post, f"{url}/detect", content=IMAGE, headers={"content-type": "image/jpeg"}, timeout=60
+        )
+        poll(engine.running.is_set, what="a request to hold the only queue place")
+        try:
+            yield url, app
+        finally:
+            engine.release()
+            assert held.result().status_code == 200
+    assert app.state.service.admitted == 0  # every admission was given back
+
+
+def test_a_refusal_is_answered_from_the_headers_and_the_connection_kept():
+    """The 503 comes before the body is sent (the server does not wait for it); the body, sent after, is
+    dropped and the same connection serves the next request."""
+    with refusing(body_timeout_s=30) as (url, _):
+        sock = connect(url)
+        sock.sendall(f"{DETECT_HEAD}Content-Length: 2000\r\n\r\n".encode() + b"\xff" * 1000)
+        status, headers, body = read_response(sock)  # only half the body has been sent
+        assert (status, body["error"]["code"]) == (503, "overloaded")
+        assert int(headers["retry-after"]) >= 1 and headers["x-request-id"] and "connection" not in headers
+        sock.sendall(b"\xff" * 1000 + HEALTHZ)
+        assert read_response(sock)[0] == 200
+
+
+def test_refused_chunked_and_pipelined_requests_are_answered_in_order():
+    with refusing(body_timeout_s=30) as (url, _):
+        sock = connect(url)
+        sock.sendall(
+            f"{DETECT_HEAD}Transfer-Encoding: chunked\r\n\r\n".encode() + b"400\r\n" + b"\xff" * 1024
+        )
+        assert read_response(sock)[0] == 503  # after the first chunk
+        sock.sendall(b"\r\n10\r\n" + b"\xff" * 16 + b"\r\n0\r\n\r\n" + HEALTHZ)
+        assert read_response(sock)[0] == 200
+        # Pipelined: a refusal is written only once the answers before it on the connection are.
+        post = f"{DETECT_HEAD}Content-Length: {len(IMAGE)}\r\n\r\n".encode() + IMAGE
+        sock.sendall(HEALTHZ + post + post + HEALTHZ)
+        assert statuses(sock, 4) == [200, 503, 503, 200]
+
+
+def test_a_refusal_closes_when_no_body_will_come_or_it_is_too_large():
+    with refusing(max_upload_bytes=4096) as (url, _):
+        waiting = connect(url)  # waits for "100 Continue" before sending its body: it will not send it
+        waiting.sendall(f"{DETECT_HEAD}Content-Length: 3000\r\nExpect: 100-continue\r\n\r\n".encode())
+        too_large = connect(url)
+        too_large.sendall(f"{DETECT_HEAD}Content-Length: 999999\r\n\r\n".encode() + b"\xff" * 8192)
+        asked = connect(url)
+        asked.sendall(f"{DETECT_HEAD}Connection: close\r\nContent-Length: 10\r\n\r\n0123456789".encode())
+        for sock in (waiting, too_large, asked):
+            status, headers, _ = read_response(sock)
+            assert (status, headers["connection"]) == (503, "close")
+            assert sock.recv(1) == b""  # and the server closed (its side)
+        # A chunked body is dropped only up to the limit: past it, the connection is closed.
+        endless = connect(url)
+        endless.sendall(f"{DETECT_HEAD}Transfer-Encoding: chunked\r\n\r\n".encode())
+        assert read_response(endless)[0] == 503
+        endless.sendall(b"2000\r\n" + b"\xff" * 8192 + b"\r\n")
+        assert endless.recv(1) == b""
+
+
+def test_a_refusal_is_counted_and_logged_like_any_answer(caplog):
+    with caplog.at_level(logging.INFO, logger="refinedet.access"), refusing(access_log=True) as (url, _):
+        refused = httpx.post(
+            f"{url}/detect", content=IMAGE, headers={"content-type": "image/jpeg", "x-request-id": "abc-1"}
+        )
+        metrics = metric_samples(httpx.get(f"{url}/metrics").text)
+    assert refused.status_code == 503 and refused.headers["x-request-id"] == "abc-1"
+    labels = (("method", "POST"), ("route", "/detect"), ("status", "503"))
+    assert metrics[("refinedet_http_requests_total", labels)] == 1
+    assert metrics[("refinedet_dropped_requests_total", (("reason", "admission"),))] == 1
+    [line] = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("request_id") == "abc-1"]
+    assert (line["event"], line["path"], line["status"]) == ("access", "/detect", 503)
+    assert line["response_bytes"] == len(refused.content)
