@@ -11,7 +11,9 @@ patterns taking turns ``--repeats`` times so that load from other processes fall
 - ``threads-N``: N Python threads each running inferences on its own team of all cores (the naive app
   at concurrency N: FastAPI's thread pool);
 - ``streams``: as many threads as cores, each inference single-threaded (the service's engine slots under
-  load: ``service.detector.CpuShare``).
+  load: ``service.detector.CpuShare``);
+- ``team-cl``, ``streams-cl``: the same two with the model and input channels-last (the service's torch
+  backend's format, on a CPU too).
 
 Reported per pattern: images/s (median over repeats) and CPU seconds per image. Run it twice, with and
 without ``OMP_WAIT_POLICY=PASSIVE`` in the environment (libgomp reads it once, when torch loads).
@@ -80,16 +82,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         * 50
     )
+    import copy
+
+    last = torch.channels_last
+    model_cl, x_cl = copy.deepcopy(model).to(memory_format=last), x.contiguous(memory_format=last)
     patterns = {
-        "team": (1, None),
-        f"threads-{args.naive_threads}": (args.naive_threads, None),
-        "streams": (cores, 1),
+        "team": (1, None, model, x),
+        f"threads-{args.naive_threads}": (args.naive_threads, None, model, x),
+        "streams": (cores, 1, model, x),
+        "team-cl": (1, None, model_cl, x_cl),
+        "streams-cl": (cores, 1, model_cl, x_cl),
     }
     run_threads(model, x, 1, 1, None)  # warm-up
+    run_threads(model_cl, x_cl, 1, 1, None)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in patterns}
     for _ in range(args.repeats):
-        for name, (threads, per_thread) in patterns.items():
-            results[name].append(run_threads(model, x, args.images, threads, per_thread))
+        for name, (threads, per_thread, net, inputs) in patterns.items():
+            results[name].append(run_threads(net, inputs, args.images, threads, per_thread))
             torch.set_num_threads(cores)
     summary = {
         name: {"images_per_s": round(statistics.median(r[0] for r in runs), 3),

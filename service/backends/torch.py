@@ -1,7 +1,7 @@
 """PyTorch backend: a RefineDet checkpoint (or the untrained default) on CPU or CUDA.
 
-It runs channels-last (``channels_last``; on a CPU oneDNN's convolutions are ~20% faster so, measured in
-docs/benchmarks.md). On CUDA it also runs in float16 (``fp16``), with cuDNN's autotuner on,
+It runs channels-last (``channels_last``; on a CPU too, where oneDNN's convolutions are 15-23% faster so:
+``python -m bench.cpu_patterns``, docs/benchmarks.md). On CUDA it also runs in float16 (``fp16``), with cuDNN's autotuner on,
 and replays one CUDA graph per batch bucket (``cuda_graphs``: buckets 1, 2, 4, ..., max_batch; a batch
 is padded up to its bucket). With ``fuse_postprocess`` (the service's default) each graph holds the
 network *and* the whole post-processing (decoding, then ``select_detections`` in its sync-free mode),
