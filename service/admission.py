@@ -7,8 +7,8 @@ share of the decoded-pixel budget, and an answer (never a silent drop) when the 
   ``scope["state"]["refinedet.deadline"]``); the routes wait for the engine until then (504 after), and
   the body must have arrived by then (408, ``service.middleware``).
 - **Admission** (inference requests: every POST except the benchmark). Before the body is read: with
-  ``ahead`` requests admitted and not finished, the expected wait is ``(ahead // batch + 1) x recent
-  batch time``; if that exceeds ``admission_headroom`` of the time left to the deadline (or ``ahead``
+  ``ahead`` requests admitted and not finished, the expected wait is ``(ahead // (batch x engine slots)
+  + 1) x recent batch time`` (``DynamicBatcher.expected_wait_s``); if that exceeds ``admission_headroom`` of the time left to the deadline (or ``ahead``
   reaches ``max_queue_size``), the answer is 503 ``overloaded`` + ``Retry-After`` at once. ``admit``
   decides, once per request: under ``refinedet serve`` in the HTTP protocol as soon as the headers are
   complete (``service.protocol``: a refused request never becomes an ASGI task), else here.

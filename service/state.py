@@ -142,7 +142,8 @@ class ServiceState:
 
     def admit(self, deadline: float) -> ServiceError | None:
         """Admit one inference request due by ``deadline`` (monotonic), or the 503 to answer it with now:
-        its expected wait (``ahead // batch + 1`` batches of the recent batch time) must fit in
+        its expected wait (``DynamicBatcher.expected_wait_s``: ``ahead // (batch x slots) + 1`` recent batch
+        times) must fit in
         ``admission_headroom`` of the time it has left (to the drain's end, while draining)."""
         now = time.monotonic()
         draining = self.drain_deadline is not None and self.drain_deadline < deadline
