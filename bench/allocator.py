@@ -37,7 +37,7 @@ PATCHES = {
 
 def launcher(variant: str, port: int) -> str:
     return (
-        "import ctypes\nimport service.process as s\n" + PATCHES[variant] + "from model.cli import main\n"
+        "import ctypes\nimport service.process as s\n" + PATCHES[variant] + "from refinedet.cli import main\n"
         f"main(['serve', '--backend', 'torch', '--device', 'cpu', '--port', '{port}', '--log-level', 'warning'])\n"
     )
 

@@ -33,7 +33,7 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 mkdir -p /tmp/bin
-printf '#!/bin/sh\nexec %s -m model.cli "$@"\n' "$(command -v "$PYTHON")" >/tmp/bin/refinedet
+printf '#!/bin/sh\nexec %s -m refinedet "$@"\n' "$(command -v "$PYTHON")" >/tmp/bin/refinedet
 chmod +x /tmp/bin/refinedet
 export PATH=/tmp/bin:$PATH
 

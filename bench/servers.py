@@ -53,7 +53,7 @@ def free_port(ports: str | None = None) -> int:
 def refinedet_command() -> list[str]:
     """``refinedet`` if it is on PATH, else the same entry point through this Python."""
     exe = shutil.which("refinedet")
-    return [exe] if exe else [sys.executable, "-m", "model.cli"]
+    return [exe] if exe else [sys.executable, "-m", "refinedet"]
 
 
 def server_env(extra: dict[str, str]) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Bounded soak of the service under overload, shutdown and hostile clients (issue 13), on 127.0.0.1 only.
 
-Starts ``refinedet serve`` (``python -m model.cli serve``) as a subprocess, runs each phase against it,
+Starts ``refinedet serve`` (``python -m refinedet serve``) as a subprocess, runs each phase against it,
 samples the server's RSS (``/proc/<pid>/status``) and open sockets (``/proc/<pid>/fd``) every 20 ms, and
 prints a table and writes JSON:
 
@@ -94,7 +94,7 @@ class ServerProcess:
         self.port = port
         full_env = {**os.environ, "REFINEDET_PORT": str(port), "REFINEDET_HOST": HOST, **env}
         self.log = log_path.open("w")
-        cmd = [sys.executable, "-m", "model.cli", "serve", "--device", "cpu"]
+        cmd = [sys.executable, "-m", "refinedet", "serve", "--device", "cpu"]
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         self.samples: list[tuple[float, int, int]] = []  # (time, rss bytes, open sockets)
         self._stop = threading.Event()

@@ -2,18 +2,21 @@
 
 ``serve`` is the one way to start the service, on a laptop and in the containers alike: the options
 become the service's ``Settings`` (every option is also ``REFINEDET_<OPTION>``; options win), then
-``deploy.prepare`` makes the artifact to serve exist, then ``service.server.run`` serves it.
-``prepare`` does only the first two (to warm the cache ahead of time, or to see the decision), and
-``healthcheck`` is the container HEALTHCHECK. Only argparse is imported at import time.
+``deploy.prepare`` decides the engine plan and makes its artifact exist, then ``service.server.run``
+serves exactly that plan. ``prepare`` does only the first two (to warm the cache ahead of time, or to see
+the decision), ``predict`` runs the same plan over image files, and ``healthcheck`` is the container
+HEALTHCHECK. Only argparse is imported at import time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
+from pathlib import Path
 from typing import Any
+
+from model.errors import UserError
 
 OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
@@ -26,9 +29,10 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
         "--backend",
         {
-            "choices": ["auto", "tensorrt", "onnxruntime", "torch"],
-            "help": "default auto: a TensorRT engine on a GPU, ONNX Runtime on a CPU (the checkpoint is "
-            "exported once into the cache); torch: serve a checkpoint eagerly",
+            "choices": ["auto", "tensorrt", "onnxruntime", "openvino", "torch"],
+            "help": "default auto: a TensorRT engine on a GPU; on a CPU the fastest engine verified against "
+            "the checkpoint (OpenVINO / ONNX Runtime, INT8 or FP32, or torch), decided once into the cache; "
+            "torch: serve a checkpoint eagerly",
         },
     ),
     ("--device", {"choices": ["auto", "cpu", "cuda"], "help": "default auto: cuda when available"}),
@@ -71,6 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--enable-benchmark", action="store_true", default=None, help="allow POST /v1/benchmark"
     )
     serve.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    serve.add_argument(
+        "--plan-out", default=None, metavar="FILE", help="also write the full engine decision (JSON) to FILE"
+    )
     serve.set_defaults(handler=cmd_serve)
 
     prepare = subparsers.add_parser(
@@ -84,6 +91,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             prepare.add_argument(flag, default=None, **kwargs)
     prepare.add_argument("--triton-repo", default=None, help="also write a Triton model repository here")
     prepare.set_defaults(handler=cmd_prepare)
+
+    predict = subparsers.add_parser(
+        "predict",
+        help="detect objects on image files, folders or list files; one JSONL row per image, resumable",
+        description="Streams any number of images through the engine `refinedet serve` would run here (on "
+        "a CPU the fastest verified one, from the same cache) and appends one row per image to "
+        "OUTPUT/detections.jsonl (a bad image is an error row). Rerunning with the same OUTPUT skips the "
+        "images already there. class_id is the 0-based index into the model's class_names.",
+    )
+    from model.evaluation.cli import add_predict_arguments
+
+    add_predict_arguments(predict)
+    predict.set_defaults(handler=cmd_predict)
 
     health = subparsers.add_parser(
         "healthcheck",
@@ -116,8 +136,9 @@ def settings_from(overrides: dict[str, Any]):
         ) from None
 
 
-def announce(deployment: Any, default: bool) -> None:
-    if deployment.artifact is None:
+def announce(plan: Any, default: bool) -> None:
+    """One short summary of what is served, on stderr (the whole plan: ``refinedet prepare``, ``--plan-out``)."""
+    if plan.artifact is None:
         bar = "!" * 78
         print(
             f"{bar}\n  refinedet serve: NO TRAINED DEFAULT CHECKPOINT EXISTS YET.\n"
@@ -127,46 +148,67 @@ def announce(deployment: Any, default: bool) -> None:
             file=sys.stderr,
         )
         return
-    what = str(deployment.artifact)
-    if default:
-        what = (
-            f"{what} (built from the project's default model)"
-            if deployment.onnx
-            else f"{what} (the project's default model)"
-        )
-    print(
-        f"refinedet serve: serving {what} with {deployment.backend} on {deployment.device}", file=sys.stderr
-    )
+    origin = " (from the project's default model)" if default else ""
+    print(f"refinedet serve: {plan.summary()}{origin}", file=sys.stderr)
 
 
-def _prepared(args: argparse.Namespace):
+def configure_logging(level: str, json_logs: bool) -> None:
+    """The service's log format (``service.logs``) for the preparation step too: one format from start to end."""
+    import logging.config
+
+    from service.logs import log_config
+
+    logging.config.dictConfig(log_config(level, json_logs=json_logs))
+
+
+def _prepared(args: argparse.Namespace, json_logs: bool = False):
     from deploy.prepare import prepare
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s refinedet-deploy %(levelname)s %(message)s")
     settings = settings_from(overrides_from(args))
-    deployment = prepare(settings)
-    return settings, deployment
+    configure_logging(settings.log_level, json_logs)
+    return settings, prepare(settings)
+
+
+def write_plan(plan: Any, path: str) -> None:
+    from model.artifacts import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(plan.to_dict(), indent=1) + "\n").encode())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings, deployment = _prepared(args)
-    announce(deployment, default=settings.model is None)
+    if args.plan_out is not None and Path(args.plan_out).is_dir():
+        raise UserError(f"--plan-out {args.plan_out} is a folder; give a file name")
+    settings, plan = _prepared(args, json_logs=not args.plain_logs)
+    announce(plan, default=settings.model is None)
+    if args.plan_out is not None:
+        write_plan(plan, args.plan_out)
     from service.server import run
 
-    run(deployment.apply(settings), json_logs=not args.plain_logs)
+    run(settings, plan, json_logs=not args.plain_logs)
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    _, deployment = _prepared(args)
+    _, plan = _prepared(args)
     if args.triton_repo is not None:
-        from pathlib import Path
-
         from deploy.host import run_export_triton
 
-        run_export_triton(deployment, Path(args.triton_repo))
-    print(json.dumps(deployment._asdict(), default=str))
+        run_export_triton(plan, Path(args.triton_repo))
+    print(json.dumps(plan.to_dict(), indent=1))
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``refinedet predict``: the options checked, the engine plan decided (``deploy.prepare``), the rows written
+    (``model.evaluation.cli.run_predict``)."""
+    from deploy.prepare import plan_for_files
+    from model.evaluation.cli import check_predict_options, run_predict
+    from model.runtime.plan import build_network
+
+    check_predict_options(args)
+    plan = plan_for_files(args.checkpoint or args.artifact, args.device, args.batch_size)
+    print(f"refinedet predict: {plan.summary()}", file=sys.stderr)
+    return run_predict(args, build_network(plan), plan.device)
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:

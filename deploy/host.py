@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from model.errors import UserError
 
 BUILD_TIMEOUT_S = 3600
-REFINEDET_CLI = (sys.executable, "-m", "model.cli")
+REFINEDET_CLI = (sys.executable, "-m", "refinedet")
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,10 @@ class CpuChoice(NamedTuple):
     """What ``refinedet export cpu`` decided: the artifact to serve on this CPU and why."""
 
     artifact: Path
-    backend: str  # onnxruntime | torch
-    engine: str  # onnxruntime-int8 | onnxruntime-fp32 | torch-fp32
+    backend: str  # openvino | onnxruntime | torch
+    engine: str  # e.g. openvino-int8, onnxruntime-int8, onnxruntime-fp32, torch-fp32
     reason: str
+    precision: str  # int8 | bf16 | fp32
 
 
 def run_prepare_cpu(checkpoint: Path, cache_dir: Path, threads: int) -> CpuChoice:
@@ -153,11 +154,12 @@ def run_prepare_cpu(checkpoint: Path, cache_dir: Path, threads: int) -> CpuChoic
         _run_cli(["export", "cpu", "--checkpoint", str(checkpoint), "--cache-dir", str(cache_dir),
                   "--threads", str(threads), "--json-out", str(out)])  # fmt: skip
         data = json.loads(out.read_text())
-    return CpuChoice(Path(data["artifact"]), data["backend"], data["engine"], data["reason"])
+    precision = data.get("precision") or data["engine"].rpartition("-")[2]
+    return CpuChoice(Path(data["artifact"]), data["backend"], data["engine"], data["reason"], precision)
 
 
 def run_export_triton(deployment: Any, repo: Path) -> None:
-    """``refinedet export triton`` for a ``deploy.prepare.Deployment`` (the engine, when there is one)."""
+    """``refinedet export triton`` for an ``EnginePlan`` (the engine, when there is one)."""
     if deployment.onnx is None:
         raise UserError("a Triton repository needs an ONNX model or a checkpoint, not only an engine")
     args = ["export", "triton", "--onnx", str(deployment.onnx), "-o", str(repo)]

@@ -19,7 +19,7 @@ def main() -> None:
 
     # What `refinedet serve` and its first-start ONNX export import (heavy imports in the project are lazy).
     for module in (
-        "model.cli",
+        "refinedet.cli",
         "deploy.cli",
         "deploy.prepare",
         "service.server",

@@ -1,28 +1,10 @@
-"""The ``refinedet`` console script: a thin dispatcher over each package's subcommands.
-
-Every package contributes a module with ``register(subparsers)`` that only uses argparse at import
-time; heavy imports happen inside the handlers, so ``refinedet serve`` never imports training code.
-The modules are found by name, so ``model`` does not import ``conversion`` or ``service``.
-"""
+"""``refinedet info`` (the model package's own command) and the package version. The root dispatcher is
+``refinedet.cli`` on the top floor."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
-import sys
-from collections.abc import Sequence
-
-COMMAND_MODULES = (
-    "model.cli",
-    "model.weights",
-    "model.training.cli",
-    "model.evaluation.cli",
-    "conversion.cli",
-    "deploy.cli",
-    "scaleout.cli",
-)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,48 +56,3 @@ def package_version() -> str:
         return version("refinedet")
     except PackageNotFoundError:
         return "unknown"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="refinedet",
-        description="RefineDet: train, evaluate, export (ONNX/TensorRT) and serve a single-shot detector.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):  # that package is not part of this install
-                continue
-            raise
-        module.register(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
-    from model.errors import UserError
-
-    try:
-        return int(args.handler(args) or 0)
-    except BrokenPipeError:  # output piped into e.g. `head`
-        sys.stderr.close()
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        if os.environ.get("REFINEDET_DEBUG"):
-            raise
-        print(f"refinedet {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,8 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ray-serve",
         help="serve the detection API on a Ray cluster with Ray Serve (extra 'scale')",
         description="Deploys the service's app on Ray Serve: REPLICAS model replicas (1 GPU each when the "
-        "cluster has GPUs) behind Serve's HTTP proxy on every node. Every other setting is the service's "
-        "REFINEDET_* environment (see `refinedet serve --help`).",
+        "cluster has GPUs) behind Serve's HTTP proxy on every node. Each replica serves the engine "
+        "`refinedet serve` would serve on its node (deploy.prepare, from that node's REFINEDET_CACHE_DIR). "
+        "Every other setting is the service's REFINEDET_* environment (see `refinedet serve --help`).",
     )
     s.add_argument("--address", default="auto", help="Ray cluster address (default: auto, the local cluster)")
     s.add_argument("--host", default="0.0.0.0", help="address of Serve's HTTP proxy (default 0.0.0.0)")
@@ -59,10 +60,12 @@ def cmd_ray_serve(args: argparse.Namespace) -> int:
     _require_ray()
     if args.replicas < 1:
         raise UserError(f"--replicas must be at least 1, got {args.replicas}")
+    from deploy.prepare import resolve_model
     from scaleout.serve import run
     from service.settings import Settings
 
     settings = Settings(**({"model": args.model} if args.model else {}))
+    resolve_model(settings.model)  # a missing model is reported here, not by every replica
     run(settings, args.address, args.host, args.port, args.replicas, args.gpus_per_replica, not args.no_block)
     return 0
 
@@ -94,7 +97,7 @@ def cmd_ray_predict(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         counts = run_job(
-            iter_inputs(args.images, args.list), log, args.checkpoint, args.artifact, args.score_threshold,
+            iter_inputs(args.images, args.list), log, args.checkpoint or args.artifact, args.score_threshold,
             args.actors, args.batch_size, gpus, on_rows=bar.update,
         )  # fmt: skip
     finally:

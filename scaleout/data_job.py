@@ -2,8 +2,10 @@
 
 The driver streams the inputs (folders, list files), leaves out those already in ``<output>/detections.jsonl``
 and writes the rest to a list file that Ray Data reads in blocks (``read_text``), so no process holds every
-path. ``map_batches`` runs ``PredictActor`` in an actor pool: each actor loads the model once (on a GPU
-when it was given one), reads its batch's images and returns the same rows as ``refinedet predict``
+path. ``map_batches`` runs ``PredictActor`` in an actor pool: each actor builds, once, the engine plan that
+``deploy.prepare`` decides on its node (the same decision as ``refinedet predict`` and ``refinedet serve``
+there: on a CPU the fastest verified engine from the node's cache, on a GPU a TensorRT engine), reads its
+batch's images and returns the same rows as ``refinedet predict``
 (``model.evaluation.predict.ImagePredictor``). The driver appends the rows to the same JSONL checkpoint as
 the local command, so a crashed job (driver or workers) resumes where it stopped, and either command can
 finish the other's run. Actors that die are restarted and their batches retried by Ray.
@@ -18,7 +20,6 @@ import json
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,23 +30,14 @@ class PredictActor:
     """One model per actor: a batch of paths -> JSONL rows (as strings)."""
 
     def __init__(
-        self, checkpoint: str | None, artifact: str | None, device: str, score_threshold: float
+        self, model: str | None, device: str, score_threshold: float, batch_size: int, threads: int | None
     ) -> None:
-        import torch
-
+        from deploy.prepare import plan_for_files
         from model.evaluation.predict import ImagePredictor
+        from model.runtime.plan import build_network
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if checkpoint:
-            from model.checkpoint import load_model
-
-            model: Any = load_model(checkpoint)[0]
-        else:
-            from model.evaluation.artifact import load_artifact_network
-
-            model = load_artifact_network(str(artifact), torch.device(device))
-        self.predictor = ImagePredictor(model, device, score_threshold)
+        plan = plan_for_files(model, device, batch_size, threads)  # on this actor's node
+        self.predictor = ImagePredictor(build_network(plan), plan.device, score_threshold)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         from model.evaluation.predict import read_image_file
@@ -70,8 +62,7 @@ def pending_list(files: Iterable[str], done: set[str], folder: Path) -> tuple[Pa
 def run_job(
     files: Iterable[str],
     log: PredictionLog,
-    checkpoint: str | None,
-    artifact: str | None,
+    model: str | None,
     score_threshold: float,
     actors: int,
     batch_size: int,
@@ -91,10 +82,11 @@ def run_job(
         dataset = ray.data.read_text(str(listing)).map_batches(
             PredictActor,
             fn_constructor_kwargs={
-                "checkpoint": checkpoint,
-                "artifact": artifact,
+                "model": model,
                 "device": device,
                 "score_threshold": score_threshold,
+                "batch_size": batch_size,
+                "threads": None if gpus_per_actor > 0 else 1,  # one CPU per actor (num_cpus=1)
             },
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),

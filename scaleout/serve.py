@@ -4,7 +4,9 @@ Two deployments::
 
     Serve's HTTP proxy (every node) -> Ingress (CPU, light) --handle--> Detector replicas (GPU when present)
 
-``Detector`` runs the service's whole app (``service.app.create_app``) in each replica: the same routes,
+``Detector`` runs the service's whole app (``service.app.create_app``) in each replica, serving the engine
+plan ``deploy.prepare`` decides on that replica's node (the same decision ``refinedet serve`` makes there,
+from the node's cache: the fastest verified CPU engine, or a TensorRT engine on a GPU): the same routes,
 upload checks, errors, metrics and the project's dynamic batcher (not ``@serve.batch``: one batching
 implementation everywhere, with its deadline, queue bound, per-request failures and the engine-side JPEG
 decode that ``@serve.batch`` knows nothing of). ``Ingress`` forwards each HTTP request to a replica through
@@ -54,10 +56,14 @@ class Detector:
     """One replica: the service app with its model loaded, driven over ASGI without a socket."""
 
     async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]  # Serve awaits it
-        from service.app import create_app, default_loader
+        from deploy.prepare import prepare
+        from service.app import create_app
+        from service.backends import load_backend
 
-        backend = await asyncio.to_thread(default_loader, settings)  # loaded and warmed up
-        self.app = create_app(settings, loader=lambda _: backend)
+        plan = await asyncio.to_thread(prepare, settings)  # on this node, for its hardware (its cache)
+        log.info("replica engine: %s", plan.summary())
+        backend = await asyncio.to_thread(load_backend, plan, settings)  # loaded and warmed up
+        self.app = create_app(settings, loader=lambda _: backend, plan=plan)
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
         state = self.app.state.service

@@ -7,6 +7,7 @@ copy of the model.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from model.runtime.plan import PLAN_ENV, EnginePlan
 from service.admission import GuardMiddleware
 from service.docs_ui import install_swagger_ui
 from service.errors import install_error_handlers
@@ -31,18 +33,29 @@ image content type; get detections in original-image pixels, or the annotated im
 """
 
 
-def default_loader(settings: Settings):
-    from service.backends import load_backend
+def plan_loader(plan: EnginePlan) -> Loader:
+    """``loader(settings) -> Backend``: the backend ``plan`` names, loaded and warmed up."""
 
-    return load_backend(settings)
+    def load(settings: Settings):
+        from service.backends import load_backend
+
+        return load_backend(plan, settings)
+
+    return load
 
 
-def create_app(settings: Settings | None = None, loader: Loader | None = None) -> FastAPI:
-    """The service app. ``loader(settings) -> Backend`` (loaded and warmed up) defaults to the backend the
-    settings describe; tests pass their own."""
+def create_app(
+    settings: Settings | None = None, loader: Loader | None = None, plan: EnginePlan | None = None
+) -> FastAPI:
+    """The service app serving ``plan`` (``deploy.prepare``'s decision: the app builds it, it decides
+    nothing); tests pass a ``loader(settings) -> Backend`` of their own instead (or with a plan)."""
     settings = settings or Settings()
+    if loader is None:
+        if plan is None:
+            raise ValueError("create_app needs the engine plan (deploy.prepare.prepare) or a loader")
+        loader = plan_loader(plan)
     metrics = Metrics()
-    state = ServiceState(settings, metrics, loader or default_loader)
+    state = ServiceState(settings, metrics, loader, plan)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -109,7 +122,10 @@ def create_app_from_env() -> FastAPI:
     from service.process import prepare_process
 
     prepare_process()  # worker processes are spawned: set up each one as ``run`` does its own
-    return create_app(Settings())
+    plan = os.environ.get(PLAN_ENV)
+    if not plan:
+        raise RuntimeError(f"{PLAN_ENV} is not set: start the service with `refinedet serve`")
+    return create_app(Settings(), plan=EnginePlan.from_json(plan))
 
 
 def _package_version() -> str:

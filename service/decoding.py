@@ -47,16 +47,10 @@ ORIENT: dict[int, Callable[[Tensor], Tensor]] = {
 @dataclass(frozen=True)
 class UploadDecoding:
     """Which uploads the engine decodes rather than the handler: ``"nvjpeg"`` plain JPEGs (CUDA),
-    ``"pil"`` every upload (a CPU engine), ``"handler"`` none."""
+    ``"pil"`` every upload (a CPU engine), ``"handler"`` none. Decided with the engine plan
+    (``Settings.serving_for``, ``deploy.prepare``); the service only reads it."""
 
     engine: Literal["nvjpeg", "pil", "handler"]
-
-    @classmethod
-    def choose(cls, setting: str, device: str) -> UploadDecoding:
-        """From the ``engine_decode`` setting ("auto" / "on" / "off") and the engine's device."""
-        if setting == "off":
-            return cls("handler")
-        return cls("nvjpeg" if device == "cuda" else "pil")
 
     def in_engine(self, header: ImageHeader, host_pixels: bool = False) -> bool:
         """Whether the upload with ``header`` is left for the engine to decode; never when the request

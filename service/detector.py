@@ -55,8 +55,9 @@ class Detector:
     runs alone gets all the engine's threads; one that starts while another runs gets one thread
     (``CpuShare``), so under load the cores run independent one-thread inferences."""
 
-    def __init__(self, backend: Backend, cpu_streams: int = 1) -> None:
+    def __init__(self, backend: Backend, cpu_streams: int = 1, decoder: str = "pil") -> None:
         self.backend = backend
+        self.decoder = decoder  # who decodes queued uploads: "nvjpeg" or "pil" (UploadDecoding's engine)
         self.config = backend.loaded_config
         self.postprocessor = PostProcessor(self.config)
         self._jpeg_decoder: JpegDecoder | None = None  # made on the first EncodedImage on CUDA
@@ -137,8 +138,8 @@ class Detector:
         return images, failed
 
     def decode(self, encoded: Sequence[EncodedImage]) -> list[Tensor | ServiceError]:
-        """The engine's decode of queued uploads: nvJPEG on CUDA (plain JPEGs, batched), PIL on a CPU."""
-        if self.backend.device.type == "cuda":
+        """The engine's decode of queued uploads: nvJPEG (plain JPEGs, batched, on the GPU) or PIL."""
+        if self.decoder == "nvjpeg":
             return self.jpeg_decoder(encoded)
         return decode_on_host(encoded)
 

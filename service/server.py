@@ -10,7 +10,7 @@
   uvicorn's own graceful timeout is ``DRAIN_MARGIN_S`` longer, so it never has to cancel a request itself
   (which would answer a bare 500).
 - One worker: the app object. Several: the ``create_app_from_env`` factory, each worker reading the
-  settings from ``REFINEDET_*`` variables exported here.
+  settings from ``REFINEDET_*`` variables and the plan from ``REFINEDET_ENGINE_PLAN`` exported here.
 - Each serving process is set up by ``service.process.prepare_process`` (allocator, warnings).
 """
 
@@ -21,6 +21,7 @@ import math
 import os
 from typing import Any
 
+from model.runtime.plan import PLAN_ENV, EnginePlan
 from service.settings import Settings
 
 log = logging.getLogger("refinedet.service")
@@ -44,8 +45,9 @@ def uvicorn_options(settings: Settings, json_logs: bool = True) -> dict[str, Any
     }
 
 
-def run(settings: Settings, json_logs: bool = True) -> None:
-    """Serve until SIGTERM/SIGINT, then drain (see the module docstring)."""
+def run(settings: Settings, plan: EnginePlan, json_logs: bool = True) -> None:
+    """Serve ``plan`` (``deploy.prepare``'s decision) until SIGTERM/SIGINT, then drain (see the module
+    docstring)."""
     import uvicorn
 
     from service.process import prepare_process
@@ -55,7 +57,8 @@ def run(settings: Settings, json_logs: bool = True) -> None:
     if settings.workers == 1:
         from service.app import create_app
 
-        uvicorn.run(create_app(settings), **options)
+        uvicorn.run(create_app(settings, plan=plan), **options)
     else:
         os.environ.update(settings.to_env())
+        os.environ[PLAN_ENV] = plan.to_json()
         uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **options)

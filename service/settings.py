@@ -10,17 +10,26 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "openvino", "torch"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 EngineDecode = Literal["auto", "on", "off"]
 EnginePrecision = Literal["fp16", "fp32"]
 ON_OFF_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 ENV_PREFIX = "REFINEDET_"
+
+
+class ServingKnobs(NamedTuple):
+    """``Settings.serving_for(device)``: batch limit, engine slots, CPU threads, who decodes uploads."""
+
+    max_batch: int
+    slots: int
+    threads: int | None
+    decode: str  # nvjpeg | pil | handler
 
 
 class Settings(BaseSettings):
@@ -32,7 +41,9 @@ class Settings(BaseSettings):
         description="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.plan); default: the project's default checkpoint",
     )
     backend: BackendName = Field(
-        default="auto", description="auto: .plan -> tensorrt, .onnx -> onnxruntime, checkpoint -> torch"
+        default="auto",
+        description="auto: what `deploy.prepare` finds fastest here (a TensorRT engine on a GPU; on a CPU the "
+        "fastest verified of OpenVINO / ONNX Runtime INT8 or FP32 / torch); or name one",
     )
     device: DeviceName = Field(default="auto", description="auto: cuda when available, else cpu")
     model_name: str | None = Field(
@@ -242,30 +253,28 @@ class Settings(BaseSettings):
     def max_delay_s(self) -> float:
         return self.max_delay_ms / 1000.0
 
-    def batch_limit(self, device: str) -> int:
-        """``max_batch_size``, or its default for ``device``: 8 on "cuda", 1 on "cpu" (requests run
-        concurrently there instead, see ``cpu_streams``)."""
-        return self.max_batch_size or (8 if device == "cuda" else 1)
+    def serving_for(self, device: str) -> ServingKnobs:
+        """How an engine on ``device`` ("cpu" | "cuda") is driven, from these settings (the one place that
+        says it; ``deploy.prepare`` puts it into the plan):
 
-    def engine_threads(self) -> int:
-        """``cpu_threads``, else this worker's share of the usable cores (cores // workers, at least 1)."""
+        - ``max_batch``: ``max_batch_size``, else 8 on a GPU and 1 on a CPU (where a batch costs its images'
+          time one after another; concurrent calls run instead);
+        - ``slots``: engine calls at once: 1 on a GPU; ``cpu_streams``, else the engine threads, on a CPU;
+        - ``threads``: intra-op threads on a CPU: ``cpu_threads``, else this worker's share of the usable
+          cores (cores // workers, at least 1); None on a GPU;
+        - ``decode``: who decodes uploads: ``handler`` with ``engine_decode`` off, else the engine (nvJPEG on
+          a GPU, PIL in the engine slot on a CPU)."""
         from model.cpu import threads_per_worker
 
-        return self.cpu_threads or threads_per_worker(self.workers)
-
-    def cpu_streams_for(self, device: str) -> int:
-        """Engine calls at once on ``device`` (the batcher's slots): 1 on "cuda", ``cpu_streams`` or the
-        engine threads on "cpu"."""
-        return 1 if device != "cpu" else self.cpu_streams or self.engine_threads()
+        cpu = device == "cpu"
+        threads = (self.cpu_threads or threads_per_worker(self.workers)) if cpu else None
+        return ServingKnobs(
+            max_batch=self.max_batch_size or (1 if cpu else 8),
+            slots=(self.cpu_streams or threads or 1) if cpu else 1,
+            threads=threads,
+            decode="handler" if self.engine_decode == "off" else ("pil" if cpu else "nvjpeg"),
+        )
 
     @property
     def benchmark_allowed(self) -> bool:
         return self.enable_benchmark or self.api_key is not None
-
-    def resolved_device(self) -> str:
-        """ "cuda" or "cpu" (``auto`` picks cuda when torch sees a GPU)."""
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from service.admission import PixelBudget, overloaded, shutting_down
 from service.backends.base import Backend
@@ -26,13 +27,19 @@ from service.metrics import Metrics
 from service.process import settle_after_load
 from service.settings import Settings
 
+if TYPE_CHECKING:
+    from model.runtime.plan import EnginePlan
+
 log = logging.getLogger("refinedet.service")
 Loader = Callable[[Settings], Backend]
 
 
 class ServiceState:
-    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, loader: Loader, plan: EnginePlan | None = None
+    ) -> None:
         self.settings = settings
+        self.plan = plan  # the engine decision (deploy.prepare); None: a loader's own engine (tests)
         self.metrics = metrics
         self.loader = loader
         self.backend: Backend | None = None
@@ -71,9 +78,11 @@ class ServiceState:
             return
         if self.status != "loading":  # shut down while loading
             return
-        streams = self.settings.cpu_streams_for(backend.device.type)
-        detector = Detector(backend, streams)
-        decoding = UploadDecoding.choose(self.settings.engine_decode, backend.device.type)
+        # The plan's batch, slots and decoding; a loader without a plan gets the same rule for its device.
+        knobs = self.plan if self.plan is not None else self.settings.serving_for(backend.device.type)
+        streams = knobs.slots
+        decoding = UploadDecoding(knobs.decode)  # type: ignore[arg-type]
+        detector = Detector(backend, streams, decoding.engine)
         if decoding.engine == "nvjpeg":
             try:
                 await asyncio.to_thread(detector.jpeg_decoder.warmup)
@@ -85,11 +94,12 @@ class ServiceState:
                     return
                 log.warning("%s; decoding uploads with PIL in the handler instead", problem)
                 decoding = UploadDecoding("handler")
+                detector.decoder = "pil"
             if self.status != "loading":
                 return
         batcher: DynamicBatcher = DynamicBatcher(
             detector.detect,
-            max_batch_size=min(self.settings.batch_limit(backend.device.type), backend.max_batch),
+            max_batch_size=min(knobs.max_batch, backend.max_batch),
             max_delay_s=self.settings.max_delay_s,
             max_queue_size=self.settings.max_queue_size,
             observer=self.metrics,

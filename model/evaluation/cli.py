@@ -1,4 +1,5 @@
-"""``refinedet eval`` and ``refinedet predict``. Only argparse at import time; work happens in handlers."""
+"""``refinedet eval``, and the options and run of ``refinedet predict`` (registered by ``deploy.cli``, which
+decides its engine). Only argparse at import time; work happens in handlers."""
 
 from __future__ import annotations
 
@@ -61,19 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_eval)
 
-    q = subparsers.add_parser(
-        "predict",
-        help="detect objects on image files, folders or list files; one JSONL row per image, resumable",
-        description="Streams any number of images through the model and appends one row per image to "
-        "OUTPUT/detections.jsonl (a bad image is an error row). Rerunning with the same OUTPUT skips the "
-        "images already there. class_id is the 0-based index into the model's class_names.",
-    )
-    add_predict_arguments(q)
-    q.set_defaults(handler=cmd_predict)
-
 
 def add_predict_arguments(q: argparse.ArgumentParser) -> None:
-    """The options ``refinedet predict`` and ``refinedet ray-predict`` share."""
+    """The options ``refinedet predict`` and ``refinedet ray-predict`` share (both registered above this
+    package, where the engine is decided: ``deploy.cli``, ``scaleout.cli``)."""
     q.add_argument(
         "images", nargs="*", metavar="IMAGES", help="image files and/or folders (walked recursively)"
     )
@@ -84,8 +76,10 @@ def add_predict_arguments(q: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a file with one image path per line (repeatable)",
     )
-    source = q.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint written by `refinedet train`")
+    source = q.add_mutually_exclusive_group()
+    source.add_argument(
+        "--checkpoint", help="checkpoint written by `refinedet train` (default: the shipped BCCD model)"
+    )
     source.add_argument("--artifact", help="exported model (model.onnx, model.plan) with its .json manifest")
     q.add_argument("--output", default="predictions", help="output folder (default: predictions)")
     q.add_argument(
@@ -93,7 +87,9 @@ def add_predict_arguments(q: argparse.ArgumentParser) -> None:
     )
     q.add_argument("--batch-size", type=int, default=4)
     q.add_argument("--threads", type=int, default=2, help="image decoding threads (default 2)")
-    q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    q.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto: cuda if available"
+    )
     q.add_argument("--annotate", action="store_true", help="also write annotated JPEGs to OUTPUT/annotated/")
     q.add_argument("--overwrite", action="store_true", help="start over instead of resuming OUTPUT")
     q.add_argument(
@@ -251,16 +247,17 @@ def check_predict_options(args: argparse.Namespace) -> None:
             raise UserError(f"{path}: no such image file or folder")
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
-    if args.device != "auto":
-        resolve_device(args.device)  # a bad --device is reported before the model loads
 
 
 def predict_source(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    """(what run.json records about the model, its config) without building the network."""
-    if args.checkpoint:
+    """(what run.json records about the model, its config) without building the network. No model given:
+    the shipped checkpoint (``args.checkpoint`` is set to it)."""
+    if not args.artifact:
         from model.checkpoint import file_sha256, read_checkpoint
         from model.config import RefineDetConfig
+        from model.zoo import shipped_checkpoint
 
+        args.checkpoint = args.checkpoint or str(shipped_checkpoint())
         config = RefineDetConfig.from_dict(read_checkpoint(args.checkpoint)["config"])
         source = {"checkpoint_path": str(Path(args.checkpoint).absolute())}
         return {**source, "checkpoint_sha256": file_sha256(args.checkpoint)}, config
@@ -283,18 +280,17 @@ def predict_run_record(args: argparse.Namespace, source: dict[str, Any], config:
     }
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def run_predict(args: argparse.Namespace, model: Any, device: str) -> int:
+    """``refinedet predict`` once its options are checked and its engine is built (``deploy.cli``): ``model``
+    is the engine plan's network (a checkpoint's, or an exported artifact's runner) on ``device``."""
     from tqdm import tqdm
 
     from model.evaluation.predict import ImagePredictor, PredictionLog, iter_inputs, predict_files
 
-    check_predict_options(args)
     source, config = predict_source(args)
     log = PredictionLog(
         args.output, predict_run_record(args, source, config), args.overwrite, args.retry_errors
     )
-    args.multiscale = False
-    model, device, _ = load_evaluated(args)
     predictor = ImagePredictor(model, device, args.score_threshold)
     bar = tqdm(desc="predict", unit="img", disable=args.no_progress)
     start = time.perf_counter()

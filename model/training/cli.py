@@ -1,6 +1,6 @@
 """``refinedet train``: argparse only here; the trainer is imported when the command runs.
 
-Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m model.cli train ...`` (``--batch-size`` is
+Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m refinedet train ...`` (``--batch-size`` is
 the global batch, split over the processes).
 """
 

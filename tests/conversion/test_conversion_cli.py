@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from model.cli import main
+from refinedet.cli import main
 from tests.conversion.conftest import make_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning")

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from model.artifacts import read_manifest
-from model.cli import main
+from refinedet.cli import main
 from tests.conversion.conftest import make_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning")

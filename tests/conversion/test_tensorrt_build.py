@@ -18,9 +18,9 @@ from conversion.tensorrt_build import (
     resolve_profile,
 )
 from model.artifacts import Manifest, check_engine_compatible, read_manifest
-from model.cli import main
 from model.config import preset
 from model.errors import UserError
+from refinedet.cli import main
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 

@@ -11,8 +11,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 from conversion.triton import ONNX_TO_TRITON, export_triton, graph_io, preferred_batch_sizes
 from model.artifacts import ArtifactError, Manifest, TensorRTBuild, read_manifest, write_manifest
 from model.checkpoint import file_sha256
-from model.cli import main
 from model.errors import UserError
+from refinedet.cli import main
 
 F = descriptor_pb2.FieldDescriptorProto
 DATA_TYPES = [

@@ -15,8 +15,8 @@ import pytest
 
 from deploy import host
 from deploy.host import GpuInfo
-from deploy.prepare import Deployment
 from model.errors import UserError
+from model.runtime.plan import EnginePlan
 
 
 def test_parse_nvidia_smi():
@@ -82,9 +82,13 @@ def test_probe_onnxruntime_lists_providers(monkeypatch):
     assert host.probe_onnxruntime() is None
 
 
+def plan(artifact: Path, backend: str, onnx: Path | None) -> EnginePlan:
+    return EnginePlan(artifact, backend, "cuda", f"{backend}-fp16", "fp16", 8, 1, None, "nvjpeg", onnx)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def fake_cli(tmp_path, monkeypatch) -> Path:
-    """Replace ``python -m model.cli`` by a script that records its arguments; exit status from a file."""
+    """Replace ``python -m refinedet`` by a script that records its arguments; exit status from a file."""
     record = tmp_path / "cli_args.json"
     code = (
         "import json, pathlib, sys; "
@@ -111,18 +115,14 @@ def test_export_commands_follow_the_cli_contract(fake_cli, tmp_path):
         "export", "engine", "--onnx", "/c/model.onnx", "-o", "/c/k.plan", "--precision", "fp16",
         "--max-batch", "8", "--timing-cache", "/c/t.cache",
     ]  # fmt: skip
-    host.run_export_triton(
-        Deployment(Path("/c/k.plan"), "tensorrt", "cuda", Path("/c/model.onnx")), Path("/repo")
-    )
+    host.run_export_triton(plan(Path("/c/k.plan"), "tensorrt", Path("/c/model.onnx")), Path("/repo"))
     assert json.loads(fake_cli.read_text()) == [
         "export", "triton", "--onnx", "/c/model.onnx", "-o", "/repo", "--plan", "/c/k.plan",
     ]  # fmt: skip
-    host.run_export_triton(
-        Deployment(Path("/c/model.onnx"), "onnxruntime", "cuda", Path("/c/model.onnx")), Path("/r")
-    )
+    host.run_export_triton(plan(Path("/c/model.onnx"), "onnxruntime", Path("/c/model.onnx")), Path("/r"))
     assert "--plan" not in json.loads(fake_cli.read_text())
     with pytest.raises(UserError, match="needs an ONNX model"):
-        host.run_export_triton(Deployment(Path("/m/x.plan"), "tensorrt", "cuda"), Path("/r"))
+        host.run_export_triton(plan(Path("/m/x.plan"), "tensorrt", None), Path("/r"))
 
 
 def test_failed_export_raises_with_the_status(fake_cli, tmp_path):

@@ -16,13 +16,27 @@ import pytest
 import deploy.host
 from conversion import engine_cache
 from deploy.host import Builders, CpuChoice, GpuInfo, Probes
-from deploy.prepare import Deployment, engine_cache_key, plan_path, prepare
+from deploy.prepare import engine_cache_key, plan_path, prepare
 from model.checkpoint import file_sha256
 from model.errors import UserError
 from service.settings import Settings
 
 SHA = "ab" * 32
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
+
+
+def fake_artifact(path: Path, kind: str, data: bytes, precision: str = "fp32") -> Path:
+    """A small file with a real manifest beside it (its sha256, the default config), as the builders write."""
+    from model.artifacts import Manifest, TensorRTBuild, write_manifest
+    from model.config import preset
+
+    path.write_bytes(data)
+    build = (
+        TensorRTBuild("NVIDIA H100 80GB HBM3", "9.0", "10.11.0.33", 1, 8, 8) if kind == "tensorrt" else None
+    )
+    manifest = Manifest(kind, preset("refinedet320_vgg16"), file_sha256(path), precision, tensorrt=build)  # type: ignore[arg-type]
+    write_manifest(path, manifest)
+    return path
 
 
 class FakeBuilders:
@@ -36,22 +50,20 @@ class FakeBuilders:
 
     def export_onnx(self, checkpoint: Path, out: Path) -> None:
         self.exports.append(checkpoint)
-        out.write_bytes(b"onnx from " + checkpoint.read_bytes())
-        Path(f"{out}.json").write_text('{"kind": "onnx"}')
+        fake_artifact(out, "onnx", b"onnx from " + checkpoint.read_bytes())
 
     def build_engine(self, onnx: Path, out: Path, precision: str, max_batch: int, timing: Path) -> None:
         self.builds.append((onnx, precision, max_batch, timing))
         if self.fail is not None:
             raise self.fail
-        out.write_bytes(b"plan")
-        Path(f"{out}.json").write_text('{"kind": "tensorrt"}')
+        fake_artifact(out, "tensorrt", b"plan", precision)
 
     def prepare_cpu(self, checkpoint: Path, cache_dir: Path, threads: int) -> CpuChoice:
         self.cpu.append((checkpoint, threads))
         out = cache_dir / "cpu" / "int8.onnx"
         out.parent.mkdir(parents=True, exist_ok=True)
         self.export_onnx(checkpoint, out)
-        return CpuChoice(out, "onnxruntime", "onnxruntime-int8", "fastest verified")
+        return CpuChoice(out, "onnxruntime", "onnxruntime-int8", "fastest verified", "int8")
 
     def bundle(self) -> Builders:
         return Builders(
@@ -129,8 +141,7 @@ def test_another_gpu_tensorrt_or_checkpoint_builds_a_new_engine(settings: Settin
 
 
 def test_onnx_model_is_used_as_is(settings: Settings, tmp_path: Path):
-    onnx = tmp_path / "models" / "given.onnx"
-    onnx.write_bytes(b"onnx")
+    onnx = fake_artifact(tmp_path / "models" / "given.onnx", "onnx", b"onnx")
     fake = FakeBuilders()
     result = prepare(replace(settings, model=onnx), probes(), fake.bundle())
     assert fake.exports == [] and fake.builds[0][0] == onnx
@@ -138,12 +149,23 @@ def test_onnx_model_is_used_as_is(settings: Settings, tmp_path: Path):
 
 
 def test_engine_model_is_served_without_building(settings: Settings, tmp_path: Path):
-    plan = tmp_path / "models" / "mine.plan"
-    plan.write_bytes(b"plan")
+    plan = fake_artifact(tmp_path / "models" / "mine.plan", "tensorrt", b"plan", "fp16")
     fake = FakeBuilders()
-    assert prepare(replace(settings, model=plan), probes(), fake.bundle()) == Deployment(
-        plan, "tensorrt", "cuda"
-    )
+    result = prepare(replace(settings, model=plan), probes(), fake.bundle())
+    assert (result.artifact, result.backend, result.device, result.engine) == (
+        plan, "tensorrt", "cuda", "tensorrt-fp16"
+    )  # fmt: skip
+    assert (result.max_batch, result.slots, result.threads, result.decode) == (8, 1, None, "nvjpeg")
+    assert fake.builds == [] and fake.exports == []
+
+
+def test_an_onnx_file_that_is_not_a_refinedet_model_is_refused_at_once(settings, tmp_path):
+    """`serve --model other.onnx` fails in one line (no manifest), instead of a server answering 503."""
+    other = tmp_path / "models" / "other.onnx"
+    other.write_bytes(b"some other network")
+    fake = FakeBuilders()
+    with pytest.raises(UserError, match="no manifest beside"):
+        prepare(replace(settings, model=other, device="cpu"), probes(), fake.bundle())
     assert fake.builds == [] and fake.exports == []
 
 
@@ -185,15 +207,9 @@ def test_missing_gpu_or_tensorrt_falls_back_without_building(settings, caplog, p
         assert caplog.records == []
     else:
         assert reason in caplog.text
-    if probe_args.get("gpu", H100) is None:  # asked for explicitly, the missing GPU is the reason given
-        with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
-            result = prepare(
-                replace(settings, device="cuda"), probes(**probe_args, torch_cuda=False), fake.bundle()
-            )
-        assert (result.backend, result.device) == (
-            "onnxruntime",
-            "cpu",
-        ) and "no CUDA GPU visible" in caplog.text
+    if probe_args.get("gpu", H100) is None:  # asked for explicitly, a missing GPU is refused, not hidden
+        with pytest.raises(UserError, match="--device cuda but no CUDA GPU is visible"):
+            prepare(replace(settings, device="cuda"), probes(**probe_args, torch_cuda=False), fake.bundle())
 
 
 def test_gpu_without_onnxruntime_cuda_serves_torch_on_cuda(settings, checkpoint, caplog):
@@ -241,6 +257,9 @@ def test_cpu_device_and_onnxruntime_backend_skip_the_engine(settings, checkpoint
     cpu = prepare(replace(settings, device="cpu", cpu_threads=3), probes(), fake.bundle())
     ort = prepare(replace(settings, backend="onnxruntime"), probes(), fake.bundle())
     assert (cpu.backend, cpu.device) == ("onnxruntime", "cpu") and cpu.artifact.name == "int8.onnx"
+    assert (cpu.engine, cpu.precision, cpu.threads, cpu.slots, cpu.decode) == (
+        "onnxruntime-int8", "int8", 3, 3, "pil"
+    )  # fmt: skip
     assert fake.cpu == [(checkpoint, 3)], (
         "auto on a CPU asks conversion.cpu_engine, with the worker's threads"
     )
@@ -258,14 +277,14 @@ def test_cpu_engine_failure_falls_back_to_torch_but_bad_input_stops(settings, ch
     cpu = replace(settings, device="cpu")
     with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
         result = prepare(cpu, probes(), Builders(prepare_cpu=broken))
-    assert result == Deployment(checkpoint, "torch", "cpu") and "quantizer crashed" in caplog.text
+    assert (result.artifact, result.backend, result.device) == (checkpoint, "torch", "cpu")
+    assert "quantizer crashed" in caplog.text and "quantizer crashed" in result.reason
     with pytest.raises(UserError, match="not a readable checkpoint"):
         prepare(cpu, probes(), Builders(prepare_cpu=refused))
 
 
 def test_backend_torch_needs_a_checkpoint(settings, tmp_path):
-    onnx = tmp_path / "models" / "m.onnx"
-    onnx.write_bytes(b"x")
+    onnx = fake_artifact(tmp_path / "models" / "m.onnx", "onnx", b"x")
     with pytest.raises(UserError, match="needs a checkpoint"):
         prepare(replace(settings, backend="torch", model=onnx), probes(), FakeBuilders().bundle())
 
@@ -285,7 +304,7 @@ def test_no_model_anywhere_serves_the_untrained_network(settings, monkeypatch, c
     monkeypatch.setattr(deploy.host, "default_checkpoint", lambda: None)
     with caplog.at_level(logging.WARNING, logger="refinedet.deploy"):
         result = prepare(replace(settings, model=None), probes(), FakeBuilders().bundle())
-    assert result == Deployment(None, "torch", "cuda")
+    assert (result.artifact, result.backend, result.device) == (None, "torch", "cuda")
     assert "UNTRAINED" in caplog.text
 
 
@@ -351,8 +370,7 @@ def test_compressed_and_unsuffixed_checkpoints_are_checkpoints(settings, tmp_pat
 
 
 def test_engine_refused_on_the_cpu(settings, tmp_path):
-    plan = tmp_path / "models" / "mine.engine"
-    plan.write_bytes(b"plan")
+    plan = fake_artifact(tmp_path / "models" / "mine.engine", "tensorrt", b"plan")
     with pytest.raises(UserError, match="runs with backend tensorrt on a CUDA GPU only"):
         prepare(replace(settings, model=plan, device="cpu"), probes(), FakeBuilders().bundle())
 

@@ -12,7 +12,7 @@ import uvicorn
 
 import deploy.prepare
 from deploy.cli import overrides_from, settings_from
-from model.cli import build_parser, main
+from refinedet.cli import build_parser, main
 from service.app import create_app_from_env
 from service.settings import Settings
 
@@ -48,12 +48,15 @@ def test_options_become_settings_and_win_over_the_environment(monkeypatch):
     }
 
 
-def test_default_batch_limit_and_slots_depend_on_the_device():
-    assert Settings().batch_limit("cuda") == 8 and Settings().cpu_streams_for("cuda") == 1
+def test_default_batch_limit_slots_threads_and_decoding_depend_on_the_device():
+    gpu = Settings().serving_for("cuda")
+    assert (gpu.max_batch, gpu.slots, gpu.threads, gpu.decode) == (8, 1, None, "nvjpeg")
     # On a CPU one image per call, CPU_STREAMS calls at once (default: the engine threads).
-    assert Settings().batch_limit("cpu") == 1 and Settings(max_batch_size=5).batch_limit("cpu") == 5
-    assert Settings(cpu_threads=3).cpu_streams_for("cpu") == 3
-    assert Settings(cpu_threads=3, cpu_streams=1).cpu_streams_for("cpu") == 1
+    assert Settings(cpu_threads=3).serving_for("cpu") == (1, 3, 3, "pil")
+    assert Settings(max_batch_size=5, cpu_threads=3, cpu_streams=1).serving_for("cpu") == (5, 1, 3, "pil")
+    assert Settings(engine_decode="off").serving_for("cuda").decode == "handler"
+    assert Settings(cpu_threads=4, workers=2).serving_for("cpu").threads == 4
+    assert Settings(workers=64).serving_for("cpu").threads == 1
 
 
 def test_engine_decode_setting(monkeypatch):
@@ -109,9 +112,17 @@ def test_serve_runs_uvicorn_with_the_app(captured_run, capsys, tiny_checkpoint):
         == 0
     )
     [(app, kwargs)] = captured_run
-    assert app.state.service.settings.model == tiny_checkpoint
+    plan = app.state.service.plan
+    assert (plan.artifact, plan.backend, plan.device, plan.engine) == (
+        tiny_checkpoint,
+        "torch",
+        "cpu",
+        "torch-fp32",
+    )
     assert (kwargs["host"], kwargs["port"], kwargs["access_log"]) == ("127.0.0.1", 8123, False)
-    assert f"serving {tiny_checkpoint} with torch on cpu" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "refinedet serve: torch-fp32 (torch, fp32) on cpu" in err and str(tiny_checkpoint) in err
+    assert len(err.strip().splitlines()) <= 3, "a short summary, not the whole decision"
 
 
 def test_workers_use_the_factory_and_the_environment(captured_run, tiny_checkpoint):
@@ -129,13 +140,14 @@ def test_workers_use_the_factory_and_the_environment(captured_run, tiny_checkpoi
     assert main(args) == 0
     [(app, kwargs)] = captured_run
     assert app == "service.app:create_app_from_env" and kwargs["factory"] and kwargs["workers"] == 2
-    assert (
-        os.environ["REFINEDET_MODEL"] == str(tiny_checkpoint)
-        and os.environ["REFINEDET_MAX_DELAY_MS"] == "7.0"
-    )
+    assert os.environ["REFINEDET_MAX_DELAY_MS"] == "7.0"
     worker_app = create_app_from_env()
-    assert worker_app.state.service.settings.model == tiny_checkpoint
+    assert worker_app.state.service.plan.artifact == tiny_checkpoint, "the plan travels to the workers"
+    assert worker_app.state.service.plan.backend == "torch"
     assert worker_app.state.service.settings.max_delay_ms == 7.0
+    os.environ.pop("REFINEDET_ENGINE_PLAN")
+    with pytest.raises(RuntimeError, match="REFINEDET_ENGINE_PLAN is not set"):
+        create_app_from_env()
 
 
 def test_untrained_default_is_announced(captured_run, capsys, monkeypatch):
@@ -154,7 +166,10 @@ def test_shipped_default_is_announced(captured_run, capsys):
         pytest.skip("no default checkpoint in this checkout")
     assert main(["serve", "--device", "cpu", "--backend", "torch"]) == 0
     err = capsys.readouterr().err
-    assert f"serving {default_checkpoint()} (the project's default model) with torch on cpu" in err
+    assert (
+        "torch-fp32 (torch, fp32) on cpu" in err
+        and f"{default_checkpoint()} (from the project's default model)" in err
+    )
 
 
 def test_default_start_on_a_cpu_serves_the_cpu_engine(captured_run, capsys, monkeypatch, tmp_path):
@@ -171,7 +186,7 @@ def test_default_start_on_a_cpu_serves_the_cpu_engine(captured_run, capsys, monk
 
     def fake_prepare_cpu(checkpoint, cache_dir, threads):
         calls.append((checkpoint, cache_dir, threads))
-        return CpuChoice(chosen, "onnxruntime", "onnxruntime-int8", "fastest verified")
+        return CpuChoice(chosen, "onnxruntime", "onnxruntime-int8", "fastest verified", "int8")
 
     real = deploy.prepare.Builders
     monkeypatch.setattr(deploy.prepare, "Builders", lambda: real(prepare_cpu=fake_prepare_cpu))
@@ -180,16 +195,50 @@ def test_default_start_on_a_cpu_serves_the_cpu_engine(captured_run, capsys, monk
     assert main(["serve", "--device", "cpu"]) == 0
     assert calls == [(default_checkpoint(), tmp_path / "cache", 2)]
     err = capsys.readouterr().err
-    assert f"serving {chosen} (built from the project's default model) with onnxruntime on cpu" in err
+    assert (
+        f"onnxruntime-int8 (onnxruntime, int8) on cpu, 2 thread(s), 2 call(s) at once, batch <= 1: {chosen}"
+        in err
+    )
     [(app, _)] = captured_run
-    settings = app.state.service.settings
-    assert (settings.model, settings.backend, settings.device) == (chosen, "onnxruntime", "cpu")
+    plan = app.state.service.plan
+    assert (plan.artifact, plan.backend, plan.device, plan.reason) == (
+        chosen,
+        "onnxruntime",
+        "cpu",
+        "fastest verified",
+    )
 
 
 def test_prepare_prints_the_decision(capsys, tiny_checkpoint, tmp_path):
     assert main(["prepare", "--model", str(tiny_checkpoint), "--backend", "torch", "--device", "cpu"]) == 0
-    decision = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert decision == {"artifact": str(tiny_checkpoint), "backend": "torch", "device": "cpu", "onnx": None}
+    decision = json.loads(capsys.readouterr().out)
+    assert decision == {
+        "artifact": str(tiny_checkpoint), "backend": "torch", "device": "cpu", "engine": "torch-fp32",
+        "precision": "fp32", "max_batch": 1, "slots": decision["threads"], "threads": decision["threads"],
+        "decode": "pil", "onnx": None, "reason": "backend torch asked for",
+    }  # fmt: skip
+
+
+def test_device_cuda_without_a_gpu_is_refused_in_one_line(captured_run, capsys, tiny_checkpoint):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["serve", "--model", str(tiny_checkpoint), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1]
+        == "refinedet serve: error: --device cuda but no CUDA GPU is visible here; use --device cpu (or auto)"
+    )
+    assert captured_run == []
+
+
+def test_plan_out_writes_the_whole_decision(captured_run, tiny_checkpoint, tmp_path):
+    out = tmp_path / "plan.json"
+    args = ["serve", "--model", str(tiny_checkpoint), "--backend", "torch", "--device", "cpu"]
+    assert main([*args, "--plan-out", str(out)]) == 0
+    assert json.loads(out.read_text())["engine"] == "torch-fp32"
+    assert main([*args, "--plan-out", str(tmp_path)]) == 2
 
 
 def test_healthcheck_fails_when_nothing_listens(capsys):

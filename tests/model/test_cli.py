@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from model.cli import main
+from refinedet.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ def test_version(capsys):
 
 def test_info_reports_an_unknown_preset_before_importing_torch():
     code = (
-        "import sys; from model.cli import main; rc = main(['info', 'refinedet300']); "
+        "import sys; from refinedet.cli import main; rc = main(['info', 'refinedet300']); "
         "print(rc, 'torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

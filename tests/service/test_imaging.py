@@ -78,6 +78,10 @@ def test_upload_decoding_says_which_uploads_the_engine_decodes(engine, jpeg, png
 
 
 def test_upload_decoding_follows_the_setting_and_the_device():
-    choose = UploadDecoding.choose
-    assert [choose(s, "cuda").engine for s in ("auto", "on", "off")] == ["nvjpeg", "nvjpeg", "handler"]
-    assert [choose(s, "cpu").engine for s in ("auto", "on", "off")] == ["pil", "pil", "handler"]
+    from service.settings import Settings
+
+    def choose(setting: str, device: str) -> str:
+        return Settings(engine_decode=setting).serving_for(device).decode  # type: ignore[arg-type]
+
+    assert [choose(s, "cuda") for s in ("auto", "on", "off")] == ["nvjpeg", "nvjpeg", "handler"]
+    assert [choose(s, "cpu") for s in ("auto", "on", "off")] == ["pil", "pil", "handler"]

@@ -8,9 +8,7 @@ import base64
 import httpx
 import numpy as np
 import pytest
-from service_testing import encode, noise_image, serving, settings
-
-from service.app import create_app
+from service_testing import app_for, encode, noise_image, serving, settings
 
 JPEG = encode(noise_image(96, 72, seed=1))
 PNG = encode(noise_image(70, 100, seed=2), "PNG")
@@ -19,7 +17,7 @@ THRESHOLD = 0.3
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    app = create_app(settings(model=tiny_checkpoint, max_batch_size=4, max_images_per_request=4))
+    app = app_for(settings(model=tiny_checkpoint, max_batch_size=4, max_images_per_request=4))
     with serving(app) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
         name = client.get("/v1/model").json()["name"]
         yield url, client, name
@@ -170,7 +168,7 @@ def test_tritonclient_reads_the_error(server):
 def test_api_key_error_in_oip_shape(tiny_checkpoint):
     from service_testing import running
 
-    app = create_app(settings(model=tiny_checkpoint, api_key="k3y"))
+    app = app_for(settings(model=tiny_checkpoint, api_key="k3y"))
     with running(app) as client:
         name = client.get("/v1/model", headers={"X-API-Key": "k3y"}).json()["name"]
         r = client.post(f"/v2/models/{name}/infer", json={"inputs": image_input(B64)})
@@ -193,7 +191,7 @@ def test_shipped_model_on_a_bccd_image_through_tritonclient():
         pytest.skip("needs BCCD and the shipped checkpoint")
     data = (root / "JPEGImages" / "BloodImage_00000.jpg").read_bytes()
     with (
-        serving(create_app(settings(model=checkpoint))) as (url, _),
+        serving(app_for(settings(model=checkpoint))) as (url, _),
         httpx.Client(base_url=url, timeout=60) as client,
     ):
         name = client.get("/v1/model").json()["name"]

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from service_testing import StandInBackend, encode, noise_image, running, settings, standin_loader
+from service_testing import StandInBackend, app_for, encode, noise_image, running, settings, standin_loader
 
 from model.checkpoint import file_sha256
 from service.app import create_app
@@ -225,7 +225,7 @@ def test_untrained_default_model_is_served_and_labelled(monkeypatch):
     import model.zoo
 
     monkeypatch.setattr(model.zoo, "default_checkpoint", lambda: None)
-    with running(create_app(settings(model=None))) as c:
+    with running(app_for(settings(model=None))) as c:
         info = c.get("/v1/model").json()
     assert info["trained"] is False and "untrained" in info["weights"]
     assert info["classes"] == ["RBC", "WBC", "Platelets"] and info["input_size"] == 320
@@ -258,7 +258,7 @@ def test_shipped_default_model_is_served_and_trained():
 
     if default_checkpoint() is None:
         pytest.skip("no default checkpoint in this checkout")
-    with running(create_app(settings(model=None))) as c:
+    with running(app_for(settings(model=None))) as c:
         info = c.get("/v1/model").json()
     assert info["trained"] is True and info["artifact"] == str(default_checkpoint())
     assert sorted(info["classes"]) == ["Platelets", "RBC", "WBC"] and info["input_size"] == 320

@@ -138,7 +138,7 @@ def test_cpu_streams_run_requests_at_once_each_as_soon_as_a_slot_is_free():
     loader = gated_loader(max_batch=1)
     engine = loader.backend
     app = create_app(settings(cpu_streams=2), loader=loader)
-    assert Settings(device="cpu", cpu_streams=2).batch_limit("cpu") == 1
+    assert Settings(device="cpu", cpu_streams=2).serving_for("cpu").max_batch == 1
     with serving(app) as (url, _):
         send = {"content": encode(noise_image(64, 48, seed=9)), "headers": {"content-type": "image/jpeg"}}
         pool = ThreadPoolExecutor(3)

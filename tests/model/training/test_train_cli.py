@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from model.checkpoint import read_checkpoint
-from model.cli import main
+from refinedet.cli import main
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = ["--input-size", "64", "--device", "cpu", "--workers", "0", "--no-progress", "--log-every", "1"]
@@ -72,7 +72,7 @@ def test_two_process_gloo_ddp_run(voc_root, tmp_path):
     started = time.perf_counter()
     proc = run_cli(
         "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "model.cli", "train", "--data", str(voc_root), "--iterations", "2", "--batch-size", "2",
+        "-m", "refinedet", "train", "--data", str(voc_root), "--iterations", "2", "--batch-size", "2",
         "--output", str(out), "--checkpoint-every", "1", *TINY,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -88,7 +88,7 @@ def test_two_process_gloo_ddp_run(voc_root, tmp_path):
 def test_killed_run_resumes_to_the_same_final_iteration(voc_root, tmp_path):
     """SIGKILL a CLI run after its first checkpoint, then --resume: it ends at the planned iteration."""
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "model.cli", "train", "--data", str(voc_root), "--iterations", "6",
+    cmd = [sys.executable, "-m", "refinedet", "train", "--data", str(voc_root), "--iterations", "6",
            "--batch-size", "1", "--checkpoint-every", "2", "--output", str(out), *TINY]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
@@ -98,7 +98,7 @@ def test_killed_run_resumes_to_the_same_final_iteration(voc_root, tmp_path):
     proc.wait()
     done = read_checkpoint(out / "last.pth")["training"]["iteration"]
     assert done in (2, 4), "killed before or after the run"
-    resumed = run_cli("-m", "model.cli", "train", "--resume", str(out / "last.pth"), "--no-progress")
+    resumed = run_cli("-m", "refinedet", "train", "--resume", str(out / "last.pth"), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"schedule  6 iterations from {done}" in resumed.stdout
     assert "finished at iteration 6/6" in resumed.stdout
@@ -108,7 +108,7 @@ def test_killed_run_resumes_to_the_same_final_iteration(voc_root, tmp_path):
 @pytest.mark.slow
 def test_sigint_stops_cleanly_with_a_checkpoint(voc_root, tmp_path):
     out = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "model.cli", "train", "--data", str(voc_root), "--iterations", "200",
+    cmd = [sys.executable, "-m", "refinedet", "train", "--data", str(voc_root), "--iterations", "200",
            "--batch-size", "1", "--checkpoint-every", "1000", "--output", str(out), *TINY]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240

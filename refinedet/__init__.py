@@ -1,0 +1,1 @@
+"""The ``refinedet`` command: the top floor, above every package it dispatches to (``refinedet.cli``)."""
