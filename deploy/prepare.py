@@ -75,7 +75,7 @@ def resolve_model(model: Path | None) -> Path | None:
     untrained network, as ``refinedet serve`` does without a model)."""
     model = model or host.default_checkpoint()
     if model is not None and not model.is_file():
-        raise UserError(f"model not found: {model} (check REFINEDET_MODEL and the models volume)")
+        raise UserError(f"model not found: {model} (check the path, REFINEDET_MODEL and the models volume)")
     return model
 
 
@@ -259,13 +259,14 @@ def plan_for_files(
     model: str | Path | None, device: str, batch_size: int, threads: int | None = None
 ) -> EnginePlan:
     """The plan for the batch paths (``refinedet predict``, a Ray Data actor): the same decision as ``serve``
-    for ``model`` (None: the shipped one) on ``device`` (auto | cpu | cuda), batches of ``batch_size``."""
+    for ``model`` (None: the shipped one) on ``device`` (auto | cpu | cuda), batches of ``batch_size``; the
+    rest (REFINEDET_BACKEND, REFINEDET_CACHE_DIR, ...) from the environment, as for ``serve``."""
     if device.startswith("cuda:"):
         raise UserError(f"--device {device}: choose the GPU with CUDA_VISIBLE_DEVICES and use --device cuda")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"unknown device {device!r}; use auto, cpu or cuda")
     settings = Settings(
-        model=Path(model) if model else None, device=device, backend="auto",  # type: ignore[arg-type]
+        model=Path(model) if model else None, device=device,  # type: ignore[arg-type]
         max_batch_size=batch_size, cpu_threads=threads, workers=1,
     )  # fmt: skip
     return prepare(settings)

@@ -87,9 +87,7 @@ def add_predict_arguments(q: argparse.ArgumentParser) -> None:
     )
     q.add_argument("--batch-size", type=int, default=4)
     q.add_argument("--threads", type=int, default=2, help="image decoding threads (default 2)")
-    q.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto: cuda if available"
-    )
+    q.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto: cuda if available)")
     q.add_argument("--annotate", action="store_true", help="also write annotated JPEGs to OUTPUT/annotated/")
     q.add_argument("--overwrite", action="store_true", help="start over instead of resuming OUTPUT")
     q.add_argument(

@@ -248,3 +248,34 @@ def test_healthcheck_fails_when_nothing_listens(capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert main(["healthcheck", "--port", str(port)]) == 1
+
+
+def test_predict_runs_the_engine_serve_would_run(monkeypatch, capsys, tiny_checkpoint, tmp_path):
+    """`refinedet predict` gets its engine from the same decision as `serve` (deploy.prepare): on a CPU the
+    CPU engine step's choice (faked here: an FP32 ONNX export of the checkpoint), with the cache from the
+    environment; its rows are written by that engine."""
+    from PIL import Image
+
+    from conversion.onnx_export import export_checkpoint
+    from deploy.host import CpuChoice
+
+    onnx = tmp_path / "cache" / "chosen.onnx"
+    onnx.parent.mkdir()
+    export_checkpoint(tiny_checkpoint, onnx)
+    calls = []
+
+    def fake_prepare_cpu(checkpoint, cache_dir, threads):
+        calls.append((checkpoint, cache_dir))
+        return CpuChoice(onnx, "onnxruntime", "onnxruntime-fp32", "fastest verified", "fp32")
+
+    real = deploy.prepare.Builders
+    monkeypatch.setattr(deploy.prepare, "Builders", lambda: real(prepare_cpu=fake_prepare_cpu))
+    monkeypatch.setenv("REFINEDET_CACHE_DIR", str(tmp_path / "cache"))
+    Image.new("RGB", (80, 60), (200, 120, 140)).save(tmp_path / "a.jpg")
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", str(tiny_checkpoint), str(tmp_path / "a.jpg"), "--device", "cpu"]
+    assert main([*argv, "--output", str(out), "--no-progress"]) == 0
+    assert calls == [(tiny_checkpoint, tmp_path / "cache")]
+    assert "refinedet predict: onnxruntime-fp32 (onnxruntime, fp32) on cpu" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == [str(tmp_path / "a.jpg")] and "detections" in rows[0]

@@ -49,6 +49,7 @@ def serve_checks(work: Path, head_node: str) -> dict:
     import torch
     from ray import serve
 
+    from deploy.prepare import prepare
     from model.checkpoint import save_checkpoint
     from model.network import build_model
     from scaleout.serve import APP_NAME, build_app
@@ -76,11 +77,15 @@ def serve_checks(work: Path, head_node: str) -> dict:
     wait_ready(client)
     out["deploy_s"] = round(time.monotonic() - started, 1)
 
-    # Same answers as the service run directly (in this process, uvicorn on loopback).
+    # Same engine and answers as the service run directly (`refinedet serve`'s decision on this node, made
+    # by the same function from the same cache; in this process, uvicorn on loopback).
+    plan = prepare(settings)
     with (
-        serving(create_app(settings)) as (direct_url, _),
+        serving(create_app(settings, plan=plan)) as (direct_url, _),
         httpx.Client(base_url=direct_url, timeout=30) as direct,
     ):
+        out["model"] = {"serve": client.get("/v1/model").json(), "direct": direct.get("/v1/model").json()}
+        out["plan"] = plan.to_dict()
         out["same"] = compare(client, direct)
         out["latency_ms"] = {"serve": latency(client), "direct": latency(direct)}
 
@@ -228,8 +233,9 @@ def wait_replicas(serve, want: int, timeout_s: float) -> int:
 
 
 def data_checks(work: Path, bccd: Path) -> dict:
-    from model.checkpoint import load_model
+    from deploy.prepare import plan_for_files
     from model.evaluation.predict import ImagePredictor, PredictionLog, iter_inputs, predict_files
+    from model.runtime.plan import build_network
     from model.zoo import DEFAULT_CHECKPOINT
     from scaleout.data_job import run_job
 
@@ -242,7 +248,10 @@ def data_checks(work: Path, bccd: Path) -> dict:
     run = {"checkpoint": checkpoint, "score_threshold": 0.5}
     out: dict = {"listed": 11}
 
-    predictor = ImagePredictor(load_model(checkpoint)[0], "cpu", 0.5)
+    # `refinedet predict`'s engine: the decision each actor makes on its node, for one thread (num_cpus=1).
+    plan = plan_for_files(checkpoint, "cpu", 2, threads=1)
+    out["plan"] = plan.to_dict()
+    predictor = ImagePredictor(build_network(plan), plan.device, 0.5)
     local = PredictionLog(work / "local", run, overwrite=True, retry_errors=False)
     started = time.perf_counter()
     out["local_counts"] = predict_files(predictor, iter_inputs([], [listing]), local, batch_size=2)
@@ -256,7 +265,7 @@ def data_checks(work: Path, bccd: Path) -> dict:
     resumed = PredictionLog(work / "ray", run, overwrite=False, retry_errors=False)
     started = time.perf_counter()
     out["ray_counts"] = run_job(
-        iter_inputs([], [listing]), resumed, checkpoint, None, 0.5, actors=2, batch_size=2, gpus_per_actor=0.0
+        iter_inputs([], [listing]), resumed, checkpoint, 0.5, actors=2, batch_size=2, gpus_per_actor=0.0
     )
     out["ray_s"] = round(time.perf_counter() - started, 1)
     resumed.close()

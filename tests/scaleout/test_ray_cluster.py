@@ -26,7 +26,7 @@ pytestmark = pytest.mark.ray
 SCRIPT = r"""
 set -eu
 ip link set lo up
-export RAY_USAGE_STATS_ENABLED=0 PYTHONPATH="$ROOT" OMP_NUM_THREADS=1
+export RAY_USAGE_STATS_ENABLED=0 PYTHONPATH="$ROOT" OMP_NUM_THREADS=1 REFINEDET_CACHE_DIR="$WORK/cache"
 RAY="$PYBIN/ray"
 "$RAY" start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=2 --resources='{"slot": 1}' \
   --include-dashboard=false --temp-dir="$WORK/ray" --disable-usage-stats >"$WORK/head.log" 2>&1
@@ -68,6 +68,13 @@ def test_two_nodes_serve_the_same_answers_as_the_service(cluster):
     assert serve["same"]["detections"] > 0
     assert {k: v for k, v in serve["same"].items() if v is False} == {}, serve["same"]
     assert len(serve["nodes_serving"]) == 2, serve["nodes_serving"]
+    # The replicas serve the engine `refinedet serve` decides on their node (deploy.prepare), not the checkpoint
+    # with PyTorch whatever the machine: the same backend and precision as the service started directly.
+    replica, direct = serve["model"]["serve"], serve["model"]["direct"]
+    assert (replica["backend"], replica["precision"]) == (direct["backend"], direct["precision"]), serve[
+        "model"
+    ]
+    assert (direct["backend"], direct["precision"]) == (serve["plan"]["backend"], serve["plan"]["precision"])
     assert serve["before_kill"]["by_status"] == {"200": serve["before_kill"]["requests"]}
 
 
@@ -88,6 +95,9 @@ def test_a_killed_replica_loses_no_request(cluster):
 def test_ray_data_job_equals_predict_and_resumes(cluster):
     data = cluster.get("data") or pytest.fail(cluster.get("data_error"))
     assert data["local_counts"] == {"images": 11, "errors": 1, "skipped": 0}
+    assert data["plan"]["engine"] != "torch-fp32", data[
+        "plan"
+    ]  # the shipped model's CPU engine, not eager torch
     assert data["ray_counts"] == {"images": 7, "errors": 1, "skipped": 4}  # the first 4 were done
     assert data["rows"] == {"local": 11, "ray": 11} and data["files_equal"]
     assert "not a readable image" in data["bad_row"]

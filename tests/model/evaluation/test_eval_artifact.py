@@ -108,14 +108,19 @@ def test_eval_on_a_min_batch_engine_pads_the_odd_last_batch(tiny_model, fixed_ba
 
 
 def test_predict_with_an_artifact_gives_the_checkpoint_rows(
-    tiny_checkpoint, fixed_batch_onnx, voc_tree, tmp_path
+    tiny_checkpoint, fixed_batch_onnx, voc_tree, tmp_path, monkeypatch
 ):
-    """`refinedet predict --artifact` runs the ONNX model through the same rows as the checkpoint."""
+    """`refinedet predict --artifact` runs the ONNX model through the same rows as the checkpoint (the
+    checkpoint run by torch here: REFINEDET_BACKEND=torch)."""
     from tests.model.evaluation.test_eval_cli import read_rows
 
     folder = voc_tree / "JPEGImages"
     rows = {}
     for flag, path in (("--checkpoint", tiny_checkpoint), ("--artifact", fixed_batch_onnx)):
+        if flag == "--checkpoint":
+            monkeypatch.setenv("REFINEDET_BACKEND", "torch")
+        else:
+            monkeypatch.delenv("REFINEDET_BACKEND")
         out = tmp_path / flag.strip("-")
         argv = ["predict", flag, str(path), str(folder), "--output", str(out), "--score-threshold", "0.05"]
         assert run_cli([*argv, "--device", "cpu", "--no-progress", "--batch-size", "3"]) == 0

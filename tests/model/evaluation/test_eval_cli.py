@@ -15,11 +15,18 @@ from model.evaluation import cli
 
 
 def run_cli(argv: list[str]) -> int:
-    """Parse with only this package's commands registered, as `refinedet` does, and run the handler."""
-    parser = argparse.ArgumentParser(prog="refinedet")
-    cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    """Parse as `refinedet` does and run the handler (a UserError is raised, not printed)."""
+    from refinedet.cli import build_parser
+
+    args = build_parser().parse_args(argv)
     return args.handler(args)
+
+
+@pytest.fixture(autouse=True)
+def predict_on_torch(monkeypatch):
+    """`predict` with a checkpoint runs the checkpoint eagerly here (REFINEDET_BACKEND=torch): these tests are
+    about rows, resume and errors; the CPU engine decision it otherwise makes is tested in tests/deploy."""
+    monkeypatch.setenv("REFINEDET_BACKEND", "torch")
 
 
 @pytest.fixture
@@ -76,7 +83,7 @@ def test_predict_writes_jsonl_and_annotated_images(tiny_checkpoint, images, tmp_
 def test_predict_user_errors(tiny_checkpoint, images, tmp_path):
     with pytest.raises(UserError, match="no such image file or folder"):
         run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(tmp_path / "nope.jpg")])
-    with pytest.raises(UserError, match="checkpoint"):
+    with pytest.raises(UserError, match="model not found"):
         run_cli(["predict", "--checkpoint", str(tmp_path / "missing.pt"), str(images[0])])
     with pytest.raises(UserError, match="score-threshold"):
         run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(images[0]), "--score-threshold", "1.5"])
