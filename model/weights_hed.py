@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.weights import FORMAT, FORMAT_VERSION, WeightsError, WeightsFormatError
+from model.weights_format import FORMAT, FORMAT_VERSION, WeightsError, WeightsFormatError
 
 if TYPE_CHECKING:
     import h5py
