@@ -8,7 +8,7 @@ copy of the model.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -45,17 +45,21 @@ def plan_loader(plan: EnginePlan) -> Loader:
 
 
 def create_app(
-    settings: Settings | None = None, loader: Loader | None = None, plan: EnginePlan | None = None
+    settings: Settings | None = None,
+    loader: Loader | None = None,
+    plan: EnginePlan | None = None,
+    on_failed: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The service app serving ``plan`` (``deploy.prepare``'s decision: the app builds it, it decides
-    nothing); tests pass a ``loader(settings) -> Backend`` of their own instead (or with a plan)."""
+    nothing); tests pass a ``loader(settings) -> Backend`` of their own instead (or with a plan).
+    ``on_failed(reason)`` is called if the model fails to load (``refinedet serve`` then stops)."""
     settings = settings or Settings()
     if loader is None:
         if plan is None:
             raise ValueError("create_app needs the engine plan (deploy.prepare.prepare) or a loader")
         loader = plan_loader(plan)
     metrics = Metrics()
-    state = ServiceState(settings, metrics, loader, plan)
+    state = ServiceState(settings, metrics, loader, plan, on_failed)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:

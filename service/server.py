@@ -21,10 +21,17 @@ import math
 import os
 from typing import Any
 
+from model.errors import UserError
 from model.runtime.plan import PLAN_ENV, EnginePlan
 from service.settings import Settings
 
 log = logging.getLogger("refinedet.service")
+
+
+class ServeFailed(UserError):
+    """The server stopped because it could not serve (the CLI prints the reason in one line, exit 2)."""
+
+
 PROTOCOL = "service.protocol:LimitedHttpToolsProtocol"
 DRAIN_MARGIN_S = 3.0
 
@@ -57,7 +64,19 @@ def run(settings: Settings, plan: EnginePlan, json_logs: bool = True) -> None:
     if settings.workers == 1:
         from service.app import create_app
 
-        uvicorn.run(create_app(settings, plan=plan), **options)
+        failures: list[str] = []
+        servers: list[uvicorn.Server] = []
+
+        def stop(reason: str) -> None:  # a model that cannot load will not load later: no 503 loop
+            failures.append(reason)
+            servers[0].should_exit = True  # uvicorn's graceful exit, as on SIGTERM
+
+        servers.append(
+            uvicorn.Server(uvicorn.Config(create_app(settings, plan=plan, on_failed=stop), **options))
+        )
+        servers[0].run()
+        if failures:
+            raise ServeFailed(f"the model failed to load, so nothing was served: {failures[0]}")
     else:
         os.environ.update(settings.to_env())
         os.environ[PLAN_ENV] = plan.to_json()

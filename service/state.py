@@ -36,9 +36,15 @@ Loader = Callable[[Settings], Backend]
 
 class ServiceState:
     def __init__(
-        self, settings: Settings, metrics: Metrics, loader: Loader, plan: EnginePlan | None = None
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        loader: Loader,
+        plan: EnginePlan | None = None,
+        on_failed: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_failed = on_failed  # called with the reason when the model fails to load
         self.plan = plan  # the engine decision (deploy.prepare); None: a loader's own engine (tests)
         self.metrics = metrics
         self.loader = loader
@@ -75,6 +81,7 @@ class ServiceState:
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.error, exc_info=not isinstance(exc, ValueError))
             self.metrics.ready.set(0)
+            self._failed()
             return
         if self.status != "loading":  # shut down while loading
             return
@@ -91,6 +98,7 @@ class ServiceState:
                 if self.settings.engine_decode == "on":
                     self.status, self.error = "failed", problem
                     log.error("%s (REFINEDET_ENGINE_DECODE=on)", problem)
+                    self._failed()
                     return
                 log.warning("%s; decoding uploads with PIL in the handler instead", problem)
                 decoding = UploadDecoding("handler")
@@ -119,6 +127,11 @@ class ServiceState:
             self.summary()["name"], backend.device, backend.name, backend.precision, batcher.max_batch_size, streams,
             decoding.describe(backend.device), info.weights if info else "?",
         )  # fmt: skip
+
+    def _failed(self) -> None:
+        """A load that failed is permanent: tell whoever runs the server (``refinedet serve`` stops it)."""
+        if self.on_failed is not None and self.error is not None:
+            self.on_failed(self.error)
 
     def begin_drain(self) -> None:
         """The server stops taking connections: not ready from now on, and every request in flight (or

@@ -19,8 +19,15 @@ from service.settings import Settings
 
 @pytest.fixture
 def captured_run(monkeypatch):
+    """(app, options) of each uvicorn start: ``uvicorn.run`` (several workers) or ``Server.run`` (one)."""
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    options = ("host", "port", "access_log")
+    monkeypatch.setattr(
+        uvicorn.Server,
+        "run",
+        lambda self: calls.append((self.config.app, {k: getattr(self.config, k) for k in options})),
+    )
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the CLI exports settings for workers
     return calls
 
@@ -279,3 +286,33 @@ def test_predict_runs_the_engine_serve_would_run(monkeypatch, capsys, tiny_check
     assert "refinedet predict: onnxruntime-fp32 (onnxruntime, fp32) on cpu" in capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
     assert [r["file"] for r in rows] == [str(tmp_path / "a.jpg")] and "detections" in rows[0]
+
+
+def test_serve_stops_with_one_line_when_the_model_cannot_load(capsys, tmp_path):
+    """A model that fails to load (here a torn checkpoint served with backend torch, which no earlier step
+    reads) stops the server: exit 2 with the reason on the last line, instead of answering 503 forever."""
+    bad = tmp_path / "torn.pth"
+    bad.write_bytes(b"PK\x03\x04 a torn checkpoint")
+    argv = [
+        "serve",
+        "--model",
+        str(bad),
+        "--backend",
+        "torch",
+        "--device",
+        "cpu",
+        "--port",
+        "0",
+        "--plain-logs",
+    ]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("refinedet serve: error: the model failed to load, so nothing was served: ")
+    assert "not a readable checkpoint" in last
+
+
+def test_an_onnx_that_is_not_a_refinedet_model_is_refused_before_serving(captured_run, capsys, tmp_path):
+    other = tmp_path / "other.onnx"
+    other.write_bytes(b"\x08\x07 some other network")
+    assert main(["serve", "--model", str(other), "--device", "cpu"]) == 2
+    assert "no manifest beside" in capsys.readouterr().err and captured_run == []
