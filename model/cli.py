@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from model.version import package_version
+
 COMMAND_MODULES = (
     "model.cli",
     "model.weights",
@@ -64,16 +66,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         for key, value in info.items():
             print(f"{key:22s} {value}")
     return 0
-
-
-def package_version() -> str:
-    """The installed distribution's version (pyproject.toml), "unknown" when run from an uninstalled tree."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("refinedet")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:

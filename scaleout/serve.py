@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from service.errors import ServiceError, overloaded, unavailable
 from service.settings import Settings
 
 log = logging.getLogger("refinedet.scaleout")
@@ -55,15 +56,16 @@ class Detector:
 
     async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]  # Serve awaits it
         from service.app import create_app, default_loader
+        from service.state import ServiceStatus
 
         backend = await asyncio.to_thread(default_loader, settings)  # loaded and warmed up
         self.app = create_app(settings, loader=lambda _: backend)
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
         state = self.app.state.service
-        while state.status == "loading":
+        while state.status == ServiceStatus.LOADING:
             await asyncio.sleep(0.01)
-        if state.status != "ready":
+        if state.status != ServiceStatus.READY:
             raise RuntimeError(f"the model did not load: {state.error}")
         self.served_by = f"{_node_id()[:12]}/{_replica_id()}".encode()
 
@@ -76,8 +78,10 @@ class Detector:
 
     def check_health(self) -> None:
         """Serve restarts a replica whose model failed or that stopped serving."""
+        from service.state import ServiceStatus
+
         state = self.app.state.service
-        if state.status in ("failed", "shutting_down"):
+        if state.status in (ServiceStatus.FAILED, ServiceStatus.SHUTTING_DOWN):
             raise RuntimeError(f"replica not serving: {state.status} ({state.error})")
 
     async def __del__(self) -> None:
@@ -140,7 +144,7 @@ class Ingress:
             except Exception as exc:  # Ray's errors for a dead replica differ by version: matched by name
                 names = {cls.__name__ for cls in type(exc).__mro__}
                 if "BackPressureError" in names:
-                    return _error(503, "overloaded", "every replica is at capacity; retry shortly")
+                    return _error(overloaded("every replica is at capacity"))
                 if not names & set(RETRYABLE) or time.monotonic() > deadline:
                     raise
                 last = type(exc).__name__
@@ -149,17 +153,12 @@ class Ingress:
             if attempt > 1:
                 answer.headers.append((b"x-attempts", str(attempt).encode()))
             return answer
-        return _error(503, "unavailable", f"no replica could serve the request ({last}); retry shortly")
+        return _error(unavailable(f"no replica could serve the request ({last})"))
 
 
-def _error(status: int, code: str, message: str) -> Answer:
-    import json
-
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 503:
-        headers.append((b"retry-after", b"1"))
-    return Answer(status, headers, body)
+def _error(error: ServiceError) -> Answer:
+    """``error`` as the service answers it (``service.errors``)."""
+    return Answer(error.status, error.response_headers(), error.body())
 
 
 def _node_id() -> str:
@@ -217,9 +216,11 @@ def build_app(
             )
             if len(body) > settings.max_upload_bytes:
                 answer = _error(
-                    413,
-                    "payload_too_large",
-                    f"request body is larger than the {settings.max_upload_bytes}-byte limit",
+                    ServiceError(
+                        413,
+                        "payload_too_large",
+                        f"request body is larger than the {settings.max_upload_bytes}-byte limit",
+                    )
                 )
             else:
                 answer = await self.ingress.forward(forwarded)

@@ -14,9 +14,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from model.version import package_version
 from service.admission import GuardMiddleware
 from service.docs_ui import install_swagger_ui
-from service.errors import install_error_handlers
+from service.http_errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, RequestLog, early_refusals
 from service.protocol import DRAIN_KEY, EARLY_KEY, LIMITS_KEY, HttpLimits
@@ -53,13 +54,13 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         yield {
             LIMITS_KEY: http_limits(settings),
             DRAIN_KEY: state.begin_drain,
-            EARLY_KEY: early_refusals(state, requests),
+            EARLY_KEY: early_refusals(state.admission, requests),
         }
         await state.shutdown()
 
     app = FastAPI(
         title="RefineDet detection service",
-        version=_package_version(),
+        version=package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
         docs_url=None,  # /docs comes from install_swagger_ui: the package's assets, no CDN
@@ -83,7 +84,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, idle_timeout_s=settings.body_timeout_s
     )
-    app.add_middleware(GuardMiddleware, state=state)
+    app.add_middleware(GuardMiddleware, admission=state.admission)
     docs = frozenset(
         p for p in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p
     )
@@ -110,12 +111,3 @@ def create_app_from_env() -> FastAPI:
 
     prepare_process()  # worker processes are spawned: set up each one as ``run`` does its own
     return create_app(Settings())
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("refinedet")
-    except PackageNotFoundError:
-        return "0.0.0"

@@ -58,7 +58,9 @@ def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
         rest = [pool.submit(post, url) for _ in range(11)]
         # While the engine holds its batch, what cannot fit in 0.1 x 60 s (~5 batches) is refused at once.
         poll(lambda: sum(f.done() for f in rest) >= 6, what="the refusals")
-        poll(lambda: sum(f.done() for f in rest) + state.admitted == 12, what="every request decided")
+        poll(
+            lambda: sum(f.done() for f in rest) + state.admission.admitted == 12, what="every request decided"
+        )
         refused = [f.result() for f in rest if f.done()]
         # A client that waits for a go-ahead (Expect: 100-continue) is refused from its headers alone.
         raw = connect(url)
@@ -74,7 +76,7 @@ def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
     assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
     assert (raw_status, raw_body["error"]["code"]) == (503, "overloaded") and "retry-after" in raw_headers
     assert 1 <= len(served) <= 6 and {r.status_code for r in served} == {200}, [r.text for r in served]
-    assert state.admitted == 0
+    assert state.admission.admitted == 0
 
 
 def test_decoded_pixels_in_flight_stay_within_the_budget():
@@ -91,10 +93,10 @@ def test_decoded_pixels_in_flight_stay_within_the_budget():
         held = [pool.submit(post, url, **send) for _ in range(2)]
         poll(lambda: engine.running.is_set() and queue_depth(url) == 1, what="two decoded images held")
         third = post(url, **send)
-        assert third.status_code == 503 and state.pixels.used == 2_000_000  # the third took none
+        assert third.status_code == 503 and state.admission.pixels.used == 2_000_000  # the third took none
         engine.release(2)
         answers = [f.result() for f in held]
-        poll(lambda: state.pixels.used == 0, what="the budget to be released")
+        poll(lambda: state.admission.pixels.used == 0, what="the budget to be released")
     assert (third.status_code, third.json()["error"]["code"]) == (503, "overloaded")
     assert "retry-after" in third.headers
     assert [a.status_code for a in answers] == [200, 200]
@@ -209,4 +211,4 @@ def test_a_refused_upload_still_being_sent_gets_its_answer():
         engine.release()
         assert held.result().status_code == 200
     assert (status, answer["error"]["code"]) == (503, "overloaded")
-    assert state.admitted == 0
+    assert state.admission.admitted == 0
