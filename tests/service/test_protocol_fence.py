@@ -1,5 +1,5 @@
 """The fence around uvicorn's internals that service/protocol.py builds on (pyproject.toml pins the range it
-was tested on): every method of uvicorn's ``HttpToolsProtocol`` that ``LimitedHttpToolsProtocol`` overrides
+was tested on, where this and tests/service/test_protocol.py pass): every method of uvicorn's ``HttpToolsProtocol`` that ``LimitedHttpToolsProtocol`` overrides
 or calls has the signature recorded here, every attribute it reads is still set by uvicorn, uvicorn still
 calls the hooks (``_start_asgi_task``, ``shutdown``), the ``data_received`` it rewrites is the one it
 was written against, and none of its own names shadows one of uvicorn's. A uvicorn release that moves any
@@ -27,7 +27,7 @@ from service import protocol
 from service.protocol import LimitedHttpToolsProtocol
 
 # HttpToolsProtocol's methods that protocol.py overrides or calls, as they were when it was written
-# (parameters without annotations). uvicorn 0.55.0, httptools 0.9.0.
+# (parameters without annotations): uvicorn 0.54.0 and 0.55.0 (pyproject.toml's range).
 METHODS = {
     "__init__": "(self, config, server_state, app_state, _loop=None)",
     "connection_made": "(self, transport)",
@@ -158,6 +158,11 @@ def test_uvicorn_still_calls_the_hooks():
         assert "self._start_asgi_task(" in inspect.getsource(caller), (
             f"uvicorn {uvicorn.__version__}: {caller.__qualname__} no longer calls _start_asgi_task"
         )
+    # An early answer closes the connection when the request asked to (``cycle.keep_alive``): uvicorn 0.53
+    # and older set keep_alive from the HTTP version alone (tests/service/test_protocol.py then fails).
+    assert "self.parser.should_keep_alive()" in inspect.getsource(HttpToolsProtocol.on_headers_complete), (
+        f"uvicorn {uvicorn.__version__}: a request cycle's keep_alive no longer follows the request"
+    )
     assert "connection.shutdown()" in inspect.getsource(Server.shutdown), (
         f"uvicorn {uvicorn.__version__}: Server.shutdown no longer calls shutdown() on each connection"
     )
