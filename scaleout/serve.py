@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import ServiceError, overloaded, unavailable
+from service.errors import ServiceError, overloaded, payload_too_large, unavailable
 from service.settings import Settings
 
 log = logging.getLogger("refinedet.scaleout")
@@ -215,13 +215,7 @@ def build_app(
                 request.method, request.url.path, request.url.query.encode(), list(request.headers.raw), body
             )
             if len(body) > settings.max_upload_bytes:
-                answer = _error(
-                    ServiceError(
-                        413,
-                        "payload_too_large",
-                        f"request body is larger than the {settings.max_upload_bytes}-byte limit",
-                    )
-                )
+                answer = _error(payload_too_large(settings.max_upload_bytes))
             else:
                 answer = await self.ingress.forward(forwarded)
             headers = {

@@ -5,7 +5,8 @@ and nowhere else.
 - ``ServiceError`` is an answer to raise or send: status, a stable machine-readable code, a message for
   people, headers;
 - each refusal has one builder: ``overloaded`` (at capacity now: retry shortly), ``shutting_down`` (retry
-  on another instance), ``not_ready`` (loading, or the load failed) and ``unavailable`` (no replica left);
+  on another instance), ``not_ready`` (loading, or the load failed), ``unavailable`` (no replica left)
+  and ``payload_too_large`` (a body over the limit);
 - ``send_error`` writes one to an ASGI ``send``.
 
 No framework here, so that the HTTP protocol (``service.protocol``), the middleware (``service.admission``,
@@ -90,6 +91,13 @@ def not_ready(failed: bool) -> ServiceError:
 def unavailable(reason: str) -> ServiceError:
     """503 ``unavailable``: nothing could serve the request (``reason``); a retry soon may find something."""
     return ServiceError(503, "unavailable", f"{reason}; retry shortly", {"Retry-After": str(RETRY_SOON_S)})
+
+
+def payload_too_large(limit_bytes: int, close: bool = False) -> ServiceError:
+    """413 ``payload_too_large``: a request body over ``limit_bytes`` (``close``: the connection closes after
+    the answer, with whatever of the body is still unread)."""
+    message = f"request body is larger than the {limit_bytes}-byte limit"
+    return ServiceError(413, "payload_too_large", message, {"Connection": "close"} if close else None)
 
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]  # an ASGI send

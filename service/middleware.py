@@ -25,7 +25,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import DEADLINE_KEY, Admission
-from service.errors import ServiceError, send_error
+from service.errors import ServiceError, payload_too_large, send_error
 from service.metrics import Metrics
 from service.protocol import EarlyAnswer
 
@@ -162,15 +162,6 @@ def template_pattern(template: str) -> re.Pattern[str]:
     return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
 
 
-def too_large(limit: int) -> ServiceError:
-    return ServiceError(
-        413,
-        "payload_too_large",
-        f"request body is larger than the {limit}-byte limit",
-        {"Connection": "close"},
-    )
-
-
 def body_timeout() -> ServiceError:
     return ServiceError(
         408, "request_timeout", "the request body did not arrive in time", {"Connection": "close"}
@@ -190,7 +181,7 @@ class BodyLimitMiddleware:
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             error = (
-                too_large(self.max_bytes)
+                payload_too_large(self.max_bytes, close=True)
                 if declared.isdigit()
                 else ServiceError(400, "bad_request", "invalid Content-Length", {"Connection": "close"})
             )
@@ -216,7 +207,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise too_large(self.max_bytes)
+                    raise payload_too_large(self.max_bytes, close=True)
                 complete = not message.get("more_body", False)
             return message
 
