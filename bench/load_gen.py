@@ -54,7 +54,7 @@ async def _worker(session, url: str, bodies: Sequence[bytes], first: int, window
             async with session.post(url, data=bodies[(first + i) % len(bodies)], headers=headers) as resp:
                 payload = await resp.read()
                 error = None if resp.status == 200 else f"HTTP {resp.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             error = type(exc).__name__
         finished = time.perf_counter()
         if not measure_from <= finished < end:

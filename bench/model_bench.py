@@ -5,7 +5,7 @@ post-processing, with the bare VGG-16 trunk as the floor and PyTorch eager FP32 
     python -m bench.model_bench --device cpu --threads 2 --sizes 320 --batch-sizes 1
 
 Rows: ``net`` times ``backend.infer`` on random inputs; ``net+post`` times infer + the shared
-post-processing (``Detector.postprocess``) + the copy of the detections to the host, on real photos
+post-processing (``BatchDetector.postprocess``) + the copy of the detections to the host, on real photos
 (BCCD JPEGs, so the candidate counts are a real image's). Every row also gets the GFLOP/s it achieves
 (network FLOPs per image x images/s) and, on the CPU, that as a share of ONNX Runtime's own GEMM
 ceiling in its precision (``bench.roofline``). See docs/benchmarks.md.
@@ -212,7 +212,7 @@ class Run:
     ) -> None:
         """``runner`` times the network; ``post_runner`` (the same backend, or for torch on CUDA the one
         whose graphs hold the post-processing too) network + post-processing + the copy to the host."""
-        from service.detector import Detector
+        from service.detector import BatchDetector
 
         o = self.opts
         x = random_images(batch, size, o.device)
@@ -220,7 +220,7 @@ class Run:
         self.add(name, precision, size, batch, "net", **summarize(samples, batch))
         if name == TRUNK:
             return
-        detector = Detector(post_runner)
+        detector = BatchDetector(post_runner)
         real = self.photos.batch(batch, post_runner.loaded_config, o.device)
         with torch.inference_mode():
             detections = detector.postprocess(post_runner.infer(real))

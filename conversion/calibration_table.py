@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ def build_table(checkpoint: Path, output: Path, options: Any) -> dict[str, Any]:
         "made_with": {
             "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
         },
         "fp32_nodes_resolved": fp32_nodes,
         "ranges": ranges,

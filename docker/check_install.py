@@ -23,6 +23,7 @@ def main() -> None:
         "deploy.cli",
         "deploy.prepare",
         "service.server",
+        "service.protocol",  # fails on a uvicorn without the private methods it extends
         "conversion.onnx_export",
         "onnxslim",
     ):
@@ -31,7 +32,15 @@ def main() -> None:
         import torchvision  # installed: it must work (PyPI's CUDA build fails next to a CPU torch)
 
         assert torchvision.__version__, "torchvision does not import"
-    versions = [f"torch {torch.__version__}", f"onnxruntime {onnxruntime.__version__}"]
+    import httptools
+    import uvicorn
+
+    versions = [
+        f"torch {torch.__version__}",
+        f"onnxruntime {onnxruntime.__version__}",
+        f"uvicorn {uvicorn.__version__}",
+        f"httptools {httptools.__version__}",
+    ]
 
     providers = onnxruntime.get_available_providers()
     if expect == "cpu":

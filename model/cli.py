@@ -46,13 +46,3 @@ def cmd_info(args: argparse.Namespace) -> int:
         for key, value in info.items():
             print(f"{key:22s} {value}")
     return 0
-
-
-def package_version() -> str:
-    """The installed distribution's version (pyproject.toml), "unknown" when run from an uninstalled tree."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("refinedet")
-    except PackageNotFoundError:
-        return "unknown"

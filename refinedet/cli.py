@@ -18,6 +18,7 @@ from model import cli as model_cli
 from model import weights as weights_cli
 from model.evaluation import cli as evaluation_cli
 from model.training import cli as training_cli
+from model.version import package_version
 from scaleout import cli as scaleout_cli
 
 COMMAND_MODULES = (
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="refinedet",
         description="RefineDet: train, evaluate, export (ONNX/TensorRT/OpenVINO) and serve a single-shot detector.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {model_cli.package_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(subparsers)

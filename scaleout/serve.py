@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from service.errors import ServiceError, overloaded, payload_too_large, unavailable
 from service.settings import Settings
 
 log = logging.getLogger("refinedet.scaleout")
@@ -59,6 +60,7 @@ class Detector:
         from deploy.prepare import prepare
         from service.app import create_app
         from service.backends import load_backend
+        from service.state import ServiceStatus
 
         plan = await asyncio.to_thread(prepare, settings)  # on this node, for its hardware (its cache)
         log.info("replica engine: %s", plan.summary())
@@ -67,9 +69,9 @@ class Detector:
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
         state = self.app.state.service
-        while state.status == "loading":
+        while state.status == ServiceStatus.LOADING:
             await asyncio.sleep(0.01)
-        if state.status != "ready":
+        if state.status != ServiceStatus.READY:
             raise RuntimeError(f"the model did not load: {state.error}")
         self.served_by = f"{_node_id()[:12]}/{_replica_id()}".encode()
 
@@ -82,8 +84,10 @@ class Detector:
 
     def check_health(self) -> None:
         """Serve restarts a replica whose model failed or that stopped serving."""
+        from service.state import ServiceStatus
+
         state = self.app.state.service
-        if state.status in ("failed", "shutting_down"):
+        if state.status in (ServiceStatus.FAILED, ServiceStatus.SHUTTING_DOWN):
             raise RuntimeError(f"replica not serving: {state.status} ({state.error})")
 
     async def __del__(self) -> None:
@@ -146,7 +150,7 @@ class Ingress:
             except Exception as exc:  # Ray's errors for a dead replica differ by version: matched by name
                 names = {cls.__name__ for cls in type(exc).__mro__}
                 if "BackPressureError" in names:
-                    return _error(503, "overloaded", "every replica is at capacity; retry shortly")
+                    return _error(overloaded("every replica is at capacity"))
                 if not names & set(RETRYABLE) or time.monotonic() > deadline:
                     raise
                 last = type(exc).__name__
@@ -155,17 +159,12 @@ class Ingress:
             if attempt > 1:
                 answer.headers.append((b"x-attempts", str(attempt).encode()))
             return answer
-        return _error(503, "unavailable", f"no replica could serve the request ({last}); retry shortly")
+        return _error(unavailable(f"no replica could serve the request ({last})"))
 
 
-def _error(status: int, code: str, message: str) -> Answer:
-    import json
-
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 503:
-        headers.append((b"retry-after", b"1"))
-    return Answer(status, headers, body)
+def _error(error: ServiceError) -> Answer:
+    """``error`` as the service answers it (``service.errors``)."""
+    return Answer(error.status, error.response_headers(), error.body())
 
 
 def _node_id() -> str:
@@ -222,11 +221,7 @@ def build_app(
                 request.method, request.url.path, request.url.query.encode(), list(request.headers.raw), body
             )
             if len(body) > settings.max_upload_bytes:
-                answer = _error(
-                    413,
-                    "payload_too_large",
-                    f"request body is larger than the {settings.max_upload_bytes}-byte limit",
-                )
+                answer = _error(payload_too_large(settings.max_upload_bytes))
             else:
                 answer = await self.ingress.forward(forwarded)
             headers = {

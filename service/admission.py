@@ -8,42 +8,45 @@ share of the decoded-pixel budget, and an answer (never a silent drop) when the 
   the body must have arrived by then (408, ``service.middleware``).
 - **Admission** (inference requests: every POST except the benchmark). Before the body is read: with
   ``ahead`` requests admitted and not finished, the expected wait is ``(ahead // (batch x engine slots)
-  + 1) x recent batch time`` (``DynamicBatcher.expected_wait_s``); if that exceeds ``admission_headroom`` of the time left to the deadline (or ``ahead``
-  reaches ``max_queue_size``), the answer is 503 ``overloaded`` + ``Retry-After`` at once. ``admit``
-  decides, once per request: under ``refinedet serve`` in the HTTP protocol as soon as the headers are
-  complete (``service.protocol``: a refused request never becomes an ASGI task), else here.
-- **Drain.** When the server starts shutting down (``ServiceState.begin_drain``), every request in
-  flight gets until ``graceful_timeout_s`` from then; one still unanswered at that point is cancelled
-  and answered 503 ``shutting_down``. A request that arrives during the drain and cannot be served
-  before it ends is answered 503 ``shutting_down`` at once.
+  + 1) x recent batch time`` (``DynamicBatcher.expected_wait_s``); if that exceeds ``admission_headroom``
+  of the time left to the deadline (or ``ahead`` reaches ``max_queue_size``), the answer is 503
+  ``overloaded`` + ``Retry-After`` at once. ``Admission.admit`` decides, once per request: under
+  ``refinedet serve`` in the HTTP protocol as soon as the headers are complete (``service.protocol``: a
+  refused request never becomes an ASGI task), else here.
+- **Drain.** When the server starts shutting down (``Admission.begin_drain``, through
+  ``ServiceState.begin_drain``), every request in flight gets until ``graceful_timeout_s`` from then; one
+  still unanswered at that point is cancelled and answered 503 ``shutting_down``. A request that arrives
+  during the drain and cannot be served before it ends is answered 503 ``shutting_down`` at once.
 - **Pixels.** ``PixelBudget`` counts the decoded pixels of every image being served; ``read_images``
   reserves an image's width*height (read from its header) before decoding it, 503 if over budget,
   through ``current_reserver`` (set here for each request, so every route that decodes uploads is
   covered); the middleware releases the request's reservations when it ends.
+
+``Admission`` owns all of it: the count of requests admitted and not finished (taken when a request is
+admitted, given back when it ends), the pixel budget, the drain, and the batcher requests are admitted to
+(set by ``service.state.ServiceState`` while it serves; None before and after).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ServiceError
-
-if TYPE_CHECKING:
-    from service.state import ServiceState
+from service.batcher import BatchObserver, DynamicBatcher
+from service.errors import ServiceError, overloaded, send_error, shutting_down
+from service.settings import Settings
 
 log = logging.getLogger("refinedet.service")
 DEADLINE_KEY = "refinedet.deadline"
-ADMITTED_KEY = "refinedet.admitted"  # an inference request admitted (counted in ServiceState.admitted)
+ADMITTED_KEY = "refinedet.admitted"  # an inference request admitted (counted in Admission.admitted)
 PIXELS_KEY = "refinedet.pixels"
 EXEMPT_POSTS = frozenset({"/v1/benchmark"})  # POSTs that are not inference (admission does not apply)
 
@@ -60,12 +63,7 @@ class PixelBudget:
         """Take ``pixels`` (appended to ``held``, the request's reservations) or raise 503."""
         with self._lock:
             if self.used + pixels > self.limit:
-                raise ServiceError(
-                    503,
-                    "overloaded",
-                    "the service is decoding too many large images; retry shortly",
-                    {"Retry-After": "1"},
-                )
+                raise overloaded("the service is decoding too many large images")
             self.used += pixels
             held.append(pixels)
 
@@ -97,43 +95,120 @@ def is_inference(scope: Scope) -> bool:
     return scope["method"] == "POST" and scope["path"] not in EXEMPT_POSTS
 
 
-def admit(state: ServiceState, scope: Scope) -> ServiceError | None:
-    """The admission decision for the request of ``scope``, made once, where the request is first seen:
-    by the HTTP protocol when its headers are complete and it is next in line on its connection
-    (``service.protocol``, through ``service.middleware.early_refusals``), else by ``GuardMiddleware``
-    (other ASGI servers, in-process test clients). Sets the request's deadline; an inference request is
-    either admitted (``ServiceState.admitted``, given back by ``GuardMiddleware`` when the request ends)
-    or gets the 503 to answer it with. None if admitted, exempt, or decided already."""
-    scope_state = scope.setdefault("state", {})
-    if DEADLINE_KEY in scope_state:
+class Admission:
+    """Which requests are served: admission by deadline, the count of admitted requests, the pixel budget
+    and the drain (module docstring). ``observer.on_drop`` counts the refusals ("admission", "draining")."""
+
+    def __init__(self, settings: Settings, observer: BatchObserver) -> None:
+        self.settings = settings
+        self.observer = observer
+        self.admitted = 0  # inference requests admitted and not finished
+        self.pixels = PixelBudget(settings.max_pixels_in_flight)
+        self.batcher: DynamicBatcher | None = None  # where admitted requests queue, while the app serves
+        self.drain_deadline: float | None = None  # time.monotonic() by which the drain ends
+        self._watched: set[asyncio.Timeout] = set()
+
+    def admit(self, scope: Scope) -> ServiceError | None:
+        """The admission decision for the request of ``scope``, made once, where the request is first seen:
+        by the HTTP protocol when its headers are complete and it is next in line on its connection
+        (``service.protocol``, through ``service.middleware.early_refusals``), else by ``GuardMiddleware``
+        (other ASGI servers, in-process test clients). Sets the request's deadline; an inference request is
+        either admitted (counted until ``release``) or gets the 503 to answer it with. None if admitted,
+        exempt, or decided already."""
+        scope_state = scope.setdefault("state", {})
+        if DEADLINE_KEY in scope_state:
+            return None
+        deadline = scope_state[DEADLINE_KEY] = time.monotonic() + self.settings.request_timeout_s
+        if not is_inference(scope):
+            return None
+        refusal = self.admit_by(deadline)
+        if refusal is None:
+            scope_state[ADMITTED_KEY] = True
+        return refusal
+
+    def admit_by(self, deadline: float) -> ServiceError | None:
+        """Admit one inference request due by ``deadline`` (monotonic), or the 503 to answer it with now:
+        its expected wait (``DynamicBatcher.expected_wait_s``: ``ahead // (batch x slots) + 1`` recent batch
+        times) must fit in ``admission_headroom`` of the time it has left (to the drain's end, while
+        draining)."""
+        now = time.monotonic()
+        drain_end = self.drain_deadline
+        draining = drain_end is not None and drain_end < deadline
+        if drain_end is not None:
+            deadline = min(deadline, drain_end)
+        batcher = self.batcher
+        if batcher is None:
+            if draining:
+                return shutting_down()
+            self.admitted += 1  # the route answers not_ready; counted like any admitted request
+            return None
+        ahead = self.admitted
+        expected = batcher.expected_wait_s(ahead)
+        allowed = self.settings.admission_headroom * (deadline - now)
+        if ahead >= self.settings.max_queue_size or expected > allowed:
+            self.observer.on_drop("draining" if draining else "admission")
+            if draining:
+                return shutting_down()
+            retry_s = max(1, min(60, math.ceil(expected - allowed)))
+            return overloaded(f"the service is at capacity (expected wait {expected:.1f} s)", retry_s)
+        self.admitted += 1
         return None
-    deadline = scope_state[DEADLINE_KEY] = time.monotonic() + state.settings.request_timeout_s
-    if not is_inference(scope):
-        return None
-    refusal = state.admit(deadline)
-    if refusal is None:
-        scope_state[ADMITTED_KEY] = True
-    return refusal
+
+    def release(self, scope_state: dict[str, Any]) -> None:
+        """The request of ``scope_state`` ended: give back its admission and its pixels."""
+        if scope_state.pop(ADMITTED_KEY, False):
+            self.admitted -= 1
+        held = scope_state.get(PIXELS_KEY)
+        if held:
+            self.pixels.release(held)
+
+    def begin_drain(self) -> bool:
+        """The server stops taking connections: every request in flight (or arriving) is answered within
+        ``graceful_timeout_s``. True the first time; the later calls change nothing."""
+        if self.drain_deadline is not None:
+            return False
+        grace = self.settings.graceful_timeout_s
+        self.drain_deadline = time.monotonic() + grace
+        log.info("draining: %d request(s) in flight get up to %.0f s", len(self._watched), grace)
+        for timeout in self._watched:
+            self._cap(timeout)
+        return True
+
+    def watch(self, timeout: asyncio.Timeout) -> None:
+        """Track a request's timeout scope: the drain's end cancels it."""
+        self._watched.add(timeout)
+        if self.drain_deadline is not None:
+            self._cap(timeout)
+
+    def unwatch(self, timeout: asyncio.Timeout) -> None:
+        self._watched.discard(timeout)
+
+    def _cap(self, timeout: asyncio.Timeout) -> None:
+        assert self.drain_deadline is not None
+        when = asyncio.get_running_loop().time() + (self.drain_deadline - time.monotonic())
+        current = timeout.when()
+        if current is None or current > when:
+            timeout.reschedule(when)
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
         self.app = app
-        self.state = state
+        self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = self.state
-        refusal = admit(state, scope)
+        admission = self.admission
+        refusal = admission.admit(scope)
         if refusal is not None:
-            settings = state.settings
+            settings = admission.settings
             clean = await discard_body(scope, receive, settings.max_upload_bytes, settings.body_timeout_s)
             await send_error(send, refusal, close=not clean)
             return
         scope_state = scope["state"]
-        current_reserver.set(pixel_reserver(scope, state.pixels))  # this request's task (and its threads)
+        current_reserver.set(pixel_reserver(scope, admission.pixels))  # this request's task (and threads)
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -143,11 +218,11 @@ class GuardMiddleware:
 
         try:
             async with asyncio.timeout(None) as timeout:
-                state.watch(timeout)
+                admission.watch(timeout)
                 try:
                     await self.app(scope, receive, tracking_send)
                 finally:
-                    state.unwatch(timeout)
+                    admission.unwatch(timeout)
         except TimeoutError:
             if not timeout.expired():
                 raise
@@ -155,11 +230,7 @@ class GuardMiddleware:
             if not started:
                 await send_error(send, shutting_down(), close=True)
         finally:
-            if scope_state.pop(ADMITTED_KEY, False):
-                state.admitted -= 1
-            held = scope_state.get(PIXELS_KEY)
-            if held:
-                state.pixels.release(held)
+            admission.release(scope_state)
 
 
 async def discard_body(scope: Scope, receive: Receive, limit: int, idle_s: float) -> bool:
@@ -186,35 +257,3 @@ async def discard_body(scope: Scope, receive: Receive, limit: int, idle_s: float
             return False
         if not message.get("more_body", False):
             return True
-
-
-def shutting_down() -> ServiceError:
-    return ServiceError(
-        503, "shutting_down", "the service is shutting down; retry on another instance", {"Retry-After": "1"}
-    )
-
-
-def overloaded(expected_s: float, allowed_s: float) -> ServiceError:
-    retry = max(1, min(60, math.ceil(expected_s - allowed_s)))
-    return ServiceError(
-        503,
-        "overloaded",
-        f"the service is at capacity (expected wait {expected_s:.1f} s); retry shortly",
-        {"Retry-After": str(retry)},
-    )
-
-
-def error_json(error: ServiceError) -> bytes:
-    """The service's JSON error body for ``error``."""
-    return json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
-
-
-async def send_error(send: Send, error: ServiceError, close: bool) -> None:
-    """``error`` as a complete JSON response, straight to the ASGI server."""
-    body = error_json(error)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -16,9 +16,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from model.runtime.plan import PLAN_ENV, EnginePlan
+from model.version import package_version
 from service.admission import GuardMiddleware
 from service.docs_ui import install_swagger_ui
-from service.errors import install_error_handlers
+from service.http_errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, RequestLog, early_refusals
 from service.protocol import DRAIN_KEY, EARLY_KEY, LIMITS_KEY, HttpLimits
@@ -70,13 +71,13 @@ def create_app(
         yield {
             LIMITS_KEY: http_limits(settings),
             DRAIN_KEY: state.begin_drain,
-            EARLY_KEY: early_refusals(state, requests),
+            EARLY_KEY: early_refusals(state.admission, requests),
         }
         await state.shutdown()
 
     app = FastAPI(
         title="RefineDet detection service",
-        version=_package_version(),
+        version=package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
         docs_url=None,  # /docs comes from install_swagger_ui: the package's assets, no CDN
@@ -100,7 +101,7 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, idle_timeout_s=settings.body_timeout_s
     )
-    app.add_middleware(GuardMiddleware, state=state)
+    app.add_middleware(GuardMiddleware, admission=state.admission)
     docs = frozenset(
         p for p in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p
     )
@@ -130,12 +131,3 @@ def create_app_from_env() -> FastAPI:
     if not plan:
         raise RuntimeError(f"{PLAN_ENV} is not set: start the service with `refinedet serve`")
     return create_app(Settings(), plan=EnginePlan.from_json(plan))
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("refinedet")
-    except PackageNotFoundError:
-        return "0.0.0"

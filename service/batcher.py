@@ -6,7 +6,7 @@ as one of the ``concurrency`` engine slots is free, so with ``max_delay_s = 0`` 
 once and, under load, everything that queued while the slots worked becomes the next batch (no timer on
 the latency path). One slot (a GPU: one batch after another) is the default; on a CPU the service runs as
 many slots as the engine has threads, each taking the next request the moment it is free, so no core
-waits for the slowest image of a batch (``service.detector.Detector`` gives a call that runs alone all
+waits for the slowest image of a batch (``service.detector.BatchDetector`` gives a call that runs alone all
 the threads). Before a batch runs, requests whose caller already gave up (timed out, so their future is
 cancelled) are dropped, and so are those whose client disconnected, asked only of requests that waited
 at least ``disconnect_check_s`` (asking costs a turn of the event loop per request; a request younger
@@ -164,7 +164,7 @@ class DynamicBatcher(Generic[T, R]):
             self._queue.put_nowait(_STOP)
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("batcher did not drain in %.1f s; cancelling the rest", timeout_s)
                 self._task.cancel()
                 _fail(self._running, ShuttingDown("the service shut down while this request ran"))
@@ -212,7 +212,7 @@ class DynamicBatcher(Generic[T, R]):
                     break
                 try:
                     pending = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             else:
                 pending = self._queue.get_nowait()

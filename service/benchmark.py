@@ -1,5 +1,5 @@
 """In-process latency benchmark: N iterations of decode -> preprocess -> inference -> post-processing
-at a chosen batch size, on the same ``Detector`` the service uses. Runs on the engine thread, so it
+at a chosen batch size, on the same ``BatchDetector`` the service uses. Runs on the engine thread, so it
 never overlaps with serving (requests queue meanwhile)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from service.detector import Detector
+from service.detector import BatchDetector
 from service.imaging import decode_image
 
 STAGES = ("decode", "preprocess", "inference", "postprocess", "total")
@@ -45,7 +45,7 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
 
 
 def run_benchmark(
-    detector: Detector,
+    detector: BatchDetector,
     data: bytes,
     iterations: int,
     batch_size: int,

@@ -13,7 +13,7 @@ queues the bytes (``EncodedImage``) and the engine decodes them, in the thread t
 Only damage past the header is left for the engine to find. When nvJPEG's batched call fails, every
 image is decoded alone; an image it still refuses (or returns at a size its header did not promise) is
 decoded by PIL on the CPU, exactly as the handler would have, so an image PIL can read is served and a
-truly corrupt one gets the same ``ServiceError`` 400 as before, for that image only.
+truly corrupt one gets the same ``UnusableImage`` as the handler's decode would raise, for that image only.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from service.errors import ServiceError
-from service.imaging import EncodedImage, ImageHeader, decode_pixels
+from service.imaging import EncodedImage, ImageHeader, UnusableImage, decode_pixels
 
 log = logging.getLogger("refinedet.service")
 
@@ -64,13 +63,14 @@ class UploadDecoding:
                 "handler": "the handler (PIL)"}[self.engine]  # fmt: skip
 
 
-def decode_on_host(images: Sequence[EncodedImage]) -> list[Tensor | ServiceError]:
-    """The CPU engine's decoder: PIL, one image after another, in the calling thread."""
-    decoded: list[Tensor | ServiceError] = []
+def decode_on_host(images: Sequence[EncodedImage]) -> list[Tensor | UnusableImage]:
+    """The CPU engine's decoder: PIL, one image after another, in the calling thread; an image that cannot
+    be decoded gets its ``UnusableImage`` in its place."""
+    decoded: list[Tensor | UnusableImage] = []
     for image in images:
         try:
             decoded.append(decode_pixels(image.data))
-        except ServiceError as exc:
+        except UnusableImage as exc:
             decoded.append(exc)
     return decoded
 
@@ -82,7 +82,7 @@ def orient(pixels: Tensor, orientation: int) -> Tensor:
 
 
 class JpegDecoder:
-    """``decoder(jpegs) -> [pixels | ServiceError]``: uint8 RGB Tensor[3, H, W] on ``device`` per upload
+    """``decoder(jpegs) -> [pixels | UnusableImage]``: uint8 RGB Tensor[3, H, W] on ``device`` per upload
     (plain JPEGs: ``UploadDecoding("nvjpeg")``).
 
     Uses torchvision's ``decode_jpeg(list_of_uint8_tensors, mode=, device=)`` (the list form since
@@ -117,7 +117,7 @@ class JpegDecoder:
         if [tuple(d.shape) for d in decoded] != [(3, height, width)] * 2:
             raise RuntimeError(f"the JPEG decoder on {self.device} returned {[d.shape for d in decoded]}")
 
-    def __call__(self, jpegs: Sequence[EncodedImage]) -> list[Tensor | ServiceError]:
+    def __call__(self, jpegs: Sequence[EncodedImage]) -> list[Tensor | UnusableImage]:
         encoded = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
         try:
             decoded: list[Tensor | None] = list(self._decode(encoded))
@@ -139,7 +139,7 @@ class JpegDecoder:
         except RuntimeError:
             return None
 
-    def _checked(self, jpeg: EncodedImage, pixels: Tensor | None) -> Tensor | ServiceError:
+    def _checked(self, jpeg: EncodedImage, pixels: Tensor | None) -> Tensor | UnusableImage:
         if pixels is not None:
             pixels = orient(pixels, jpeg.orientation)
             if pixels.shape == (3, jpeg.height, jpeg.width):
@@ -147,5 +147,5 @@ class JpegDecoder:
         log.debug("JPEG decoder refused a %dx%d upload; decoding it with PIL", jpeg.width, jpeg.height)
         try:
             return decode_pixels(jpeg.data).to(self.device)
-        except ServiceError as exc:
+        except UnusableImage as exc:
             return exc

@@ -1,6 +1,6 @@
 """One batch through the whole in-process path: preprocess -> backend -> shared post-processing.
 
-``Detector(backend)(images)`` is what the benchmark times; ``detector.detect(inputs)`` is what the
+``BatchDetector(backend)(images)`` is what the benchmark times; ``detector.detect(inputs)`` is what the
 batcher's worker thread runs. Images are uint8 RGB Tensor[3, H, W] (``model.preprocess`` contract) of
 any sizes, or uploads still encoded (``EncodedImage``), which the engine decodes (``service.decoding``:
 nvJPEG on CUDA, a batch in one call; PIL on a CPU). Everything is on that device before preprocessing, so on CUDA
@@ -23,8 +23,7 @@ from model.postprocess import Detections, PostProcessor
 from model.preprocess import preprocess
 from service.backends.base import Backend, BackendOutput
 from service.decoding import JpegDecoder, decode_on_host
-from service.errors import ServiceError
-from service.imaging import EncodedImage
+from service.imaging import EncodedImage, UnusableImage
 
 ImageInput = Tensor | EncodedImage  # decoded uint8 RGB [3, H, W], or an upload for the engine to decode
 
@@ -50,7 +49,7 @@ class ImageDetections:
     times: StageTimes
 
 
-class Detector:
+class BatchDetector:
     """``cpu_streams``: on a CPU, how many calls may run at once (the batcher's engine slots). A call that
     runs alone gets all the engine's threads; one that starts while another runs gets one thread
     (``CpuShare``), so under load the cores run independent one-thread inferences."""
@@ -80,14 +79,15 @@ class Detector:
         """Detect on decoded images (any number; split into chunks of ``max_batch``)."""
         results = self.detect(images)
         for result in results:
-            if isinstance(result, ServiceError):  # only an EncodedImage can fail: not reached
+            if isinstance(result, UnusableImage):  # only an EncodedImage can fail: not reached
                 raise result
         return [r for r in results if isinstance(r, ImageDetections)]
 
     @torch.inference_mode()
-    def detect(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | ServiceError]:
+    def detect(self, inputs: Sequence[ImageInput]) -> list[ImageDetections | UnusableImage]:
         """Detect on decoded images and/or encoded uploads (any number; split into chunks of ``max_batch``).
-        An upload that cannot be decoded gets its ``ServiceError`` in its place; the others are served.
+        An upload that cannot be decoded gets its ``UnusableImage`` in its place (the batcher fails that
+        request alone with it); the others are served.
         Safe to call from several threads at once (the batcher's engine slots)."""
         if self.cpu_share is None:
             return self._run_chunks(inputs, self.backend.infer)
@@ -98,15 +98,15 @@ class Detector:
 
     def _run_chunks(
         self, inputs: Sequence[ImageInput], infer: Callable[[Tensor], BackendOutput]
-    ) -> list[ImageDetections | ServiceError]:
-        results: list[ImageDetections | ServiceError] = []
+    ) -> list[ImageDetections | UnusableImage]:
+        results: list[ImageDetections | UnusableImage] = []
         for start in range(0, len(inputs), self.max_batch):
             results.extend(self._run_batch(inputs[start : start + self.max_batch], infer))
         return results
 
     def _run_batch(
         self, inputs: Sequence[ImageInput], infer: Callable[[Tensor], BackendOutput]
-    ) -> list[ImageDetections | ServiceError]:
+    ) -> list[ImageDetections | UnusableImage]:
         clock = StageClock(self.backend.device)
         images, failed = self._on_device(inputs)
         if not images:
@@ -121,23 +121,23 @@ class Detector:
         found = iter([ImageDetections(*image, times=times) for image in detections.per_image()])
         return [failed[i] if i in failed else next(found) for i in range(len(inputs))]
 
-    def _on_device(self, inputs: Sequence[ImageInput]) -> tuple[list[Tensor], dict[int, ServiceError]]:
+    def _on_device(self, inputs: Sequence[ImageInput]) -> tuple[list[Tensor], dict[int, UnusableImage]]:
         """(the decodable inputs as uint8 Tensor[3, H, W] on the backend's device, in input order;
         {input index: error} for the others). The encoded ones are decoded together, in one call."""
         device = self.backend.device
         encoded = [item for item in inputs if isinstance(item, EncodedImage)]
         decoded = iter(self.decode(encoded) if encoded else [])
         images: list[Tensor] = []
-        failed: dict[int, ServiceError] = {}
+        failed: dict[int, UnusableImage] = {}
         for i, item in enumerate(inputs):
             pixels = next(decoded) if isinstance(item, EncodedImage) else item.to(device, non_blocking=True)
-            if isinstance(pixels, ServiceError):
+            if isinstance(pixels, UnusableImage):
                 failed[i] = pixels
             else:
                 images.append(pixels)
         return images, failed
 
-    def decode(self, encoded: Sequence[EncodedImage]) -> list[Tensor | ServiceError]:
+    def decode(self, encoded: Sequence[EncodedImage]) -> list[Tensor | UnusableImage]:
         """The engine's decode of queued uploads: nvJPEG (plain JPEGs, batched, on the GPU) or PIL."""
         if self.decoder == "nvjpeg":
             return self.jpeg_decoder(encoded)

@@ -1,38 +1,29 @@
-"""Every error leaves the service as ``{"error": {"code", "message"}}`` with a fitting status.
+"""Every error leaves the service as ``{"error": {"code", "message"}}`` with a fitting status, written here
+and nowhere else.
 
-Bad input is a ``ServiceError`` (4xx) raised where it is found; framework errors (404, 405, validation)
-are reshaped into the same body. Only a genuine bug reaches the catch-all, which logs the traceback
-and answers 500 without details.
+- ``error_body`` is the one JSON body (compact UTF-8, byte for byte what FastAPI's ``JSONResponse`` writes);
+- ``ServiceError`` is an answer to raise or send: status, a stable machine-readable code, a message for
+  people, headers;
+- each refusal has one builder: ``overloaded`` (at capacity now: retry shortly), ``shutting_down`` (retry
+  on another instance), ``not_ready`` (loading, or the load failed), ``unavailable`` (no replica left)
+  and ``payload_too_large`` (a body over the limit);
+- ``send_error`` writes one to an ASGI ``send``.
+
+No framework here, so that the HTTP protocol (``service.protocol``), the middleware (``service.admission``,
+``service.middleware``), the app's error handlers (``service.http_errors``) and the Ray Serve ingress
+(``scaleout.serve``) all answer with these. Bad input is a ``ServiceError`` raised where the HTTP layer
+finds it; what the compute path raises (an unusable image, the batcher's refusals) becomes one in
+``service.http_errors.http_error``, the one mapping.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger("refinedet.service")
-
-STATUS_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_request",
-    429: "too_many_requests",
-    499: "client_closed_request",
-    500: "internal_error",
-    503: "unavailable",
-    504: "timeout",
-}
+RETRY_SOON_S = 1  # Retry-After of a refusal that a retry may soon get past
+RETRY_LOADING_S = 5  # Retry-After while the model loads
 
 
 class ServiceError(Exception):
@@ -47,38 +38,73 @@ class ServiceError(Exception):
         self.message = message
         self.headers = dict(headers or {})
 
+    def body(self) -> bytes:
+        return error_body(self.code, self.message)
 
-def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=dict(headers or {})
+    def header_items(self) -> list[tuple[bytes, bytes]]:
+        """Its response headers as ASGI has them (lower-case bytes), the content type first; without the
+        length (``response_headers`` adds it)."""
+        return [(b"content-type", b"application/json")] + [
+            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in self.headers.items()
+        ]
+
+    def response_headers(self, close: bool = False) -> list[tuple[bytes, bytes]]:
+        """Every header of its complete response: content type, length, its own, and ``Connection: close``
+        when ``close``."""
+        content_type, *own = self.header_items()
+        length = (b"content-length", b"%d" % len(self.body()))
+        return [content_type, length, *own, *([(b"connection", b"close")] if close else [])]
+
+    def with_message(self, message: str) -> ServiceError:
+        return ServiceError(self.status, self.code, message, self.headers)
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The service's JSON error body."""
+    error = {"error": {"code": code, "message": message}}
+    return json.dumps(error, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def overloaded(reason: str, retry_after_s: int = RETRY_SOON_S) -> ServiceError:
+    """503 ``overloaded``: at capacity for now (``reason`` says what is), a retry soon may be served."""
+    return ServiceError(503, "overloaded", f"{reason}; retry shortly", {"Retry-After": str(retry_after_s)})
+
+
+def shutting_down() -> ServiceError:
+    """503 ``shutting_down``: this instance stops serving; another one may."""
+    return ServiceError(
+        503,
+        "shutting_down",
+        "the service is shutting down; retry on another instance",
+        {"Retry-After": str(RETRY_SOON_S)},
     )
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path", "header"))
-        parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+def not_ready(failed: bool) -> ServiceError:
+    """503 ``not_ready``: the model is still loading (retry after a while), or its load ``failed`` (for
+    good: no Retry-After; the reason is in the log only)."""
+    if failed:
+        return ServiceError(503, "not_ready", "the model failed to load; see the service log")
+    return ServiceError(503, "not_ready", "the model is still loading", {"Retry-After": str(RETRY_LOADING_S)})
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+def unavailable(reason: str) -> ServiceError:
+    """503 ``unavailable``: nothing could serve the request (``reason``); a retry soon may find something."""
+    return ServiceError(503, "unavailable", f"{reason}; retry shortly", {"Retry-After": str(RETRY_SOON_S)})
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = STATUS_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _validation_message(exc))
+def payload_too_large(limit_bytes: int, close: bool = False) -> ServiceError:
+    """413 ``payload_too_large``: a request body over ``limit_bytes`` (``close``: the connection closes after
+    the answer, with whatever of the body is still unread)."""
+    message = f"request body is larger than the {limit_bytes}-byte limit"
+    return ServiceError(413, "payload_too_large", message, {"Connection": "close"} if close else None)
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal_error", "internal server error (logged with the request id)")
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]  # an ASGI send
+
+
+async def send_error(send: Send, error: ServiceError, close: bool = False) -> None:
+    """``error`` as a complete response, straight to the ASGI server (``close``: with Connection: close)."""
+    headers = error.response_headers(close)
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": error.body()})

@@ -1,8 +1,8 @@
 """Uploads -> uint8 RGB tensors (``model.preprocess.pil_to_rgb``), with the limits that keep bad or
-hostile input a clear 4xx: empty (400), undecodable or truncated (400), another image format (415),
-more pixels than allowed (413, checked from the header before anything is decoded, so a
-decompression bomb is never expanded), smaller than the minimum side (422). Also draws detections
-onto an image for ``?format=image``.
+hostile input a clear failure of its own (``UnusableImage``, whose ``ImageProblem`` the HTTP layer answers
+with a 4xx: ``service.http_errors``): empty, undecodable or truncated, another image format, more pixels
+than allowed (checked from the header before anything is decoded, so a decompression bomb is never
+expanded), smaller than the minimum side. Also draws detections onto an image for ``?format=image``.
 
 Every check needs only the header (PIL opens lazily), so an upload the engine decodes is not decoded
 here: ``read_header`` checks it, and the bytes are queued as an ``EncodedImage`` for the engine
@@ -15,12 +15,12 @@ import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch import Tensor
 
 from model.preprocess import pil_to_rgb
-from service.errors import ServiceError
 
 log = logging.getLogger("refinedet.service")
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
@@ -60,6 +60,31 @@ PALETTE = (
 EXIF_ORIENTATION = 0x0112
 # PIL modes of plain JPEGs (what nvJPEG decodes to RGB as libjpeg does); CMYK and YCCK are not.
 PLAIN_JPEG_MODES = ("RGB", "L")
+
+
+class ImageProblem(StrEnum):
+    """Why an upload cannot be served; the value is the stable code the API answers with."""
+
+    EMPTY = "empty_image"
+    INVALID = "invalid_image"  # not a decodable image of a supported format, truncated or corrupt
+    UNSUPPORTED_FORMAT = "unsupported_format"  # an image, of a format not served (GIF, TIFF, ...)
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a raw body declared as something else
+    TOO_LARGE = "image_too_large"
+    TOO_SMALL = "image_too_small"
+
+
+class UnusableImage(Exception):
+    """An upload that cannot be served: its ``problem`` and a message for people. Raised by the checks and
+    decoders here and in ``service.decoding``, in the handler or in the engine (where it fails that image
+    alone)."""
+
+    def __init__(self, problem: ImageProblem, message: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+        self.message = message
+
+    def with_message(self, message: str) -> UnusableImage:
+        return UnusableImage(self.problem, message)
 
 
 @dataclass(frozen=True)
@@ -120,67 +145,65 @@ def media_type(content_type: str | None) -> str:
 
 
 def check_media_type(media: str) -> None:
-    """A raw request body must declare a supported image type (``media`` as ``media_type`` gives it;
-    415 otherwise)."""
+    """A raw request body must declare a supported image type (``media`` as ``media_type`` gives it);
+    ``UnusableImage`` otherwise."""
     if media not in SUPPORTED_MEDIA_TYPES and media != "application/octet-stream":
-        raise ServiceError(
-            415,
-            "unsupported_media_type",
+        raise UnusableImage(
+            ImageProblem.UNSUPPORTED_MEDIA_TYPE,
             f"content type {media or '(none)'!r} is not supported: send a {SUPPORTED_TEXT} image as multipart "
             "field 'file' or as the raw body with an image/* content type",
         )
 
 
 def open_image(data: bytes, max_pixels: int, min_side: int) -> Image.Image:
-    """Open an upload lazily (header only) and check it; raises ServiceError (400/413/415/422). The
-    caller closes the image."""
+    """Open an upload lazily (header only) and check it; raises ``UnusableImage``. The caller closes the
+    image."""
     if not data:
-        raise ServiceError(400, "empty_image", f"the upload is empty: send a {SUPPORTED_TEXT} image")
+        raise UnusableImage(ImageProblem.EMPTY, f"the upload is empty: send a {SUPPORTED_TEXT} image")
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except Image.DecompressionBombError:
-        raise ServiceError(413, "image_too_large", f"image has more than {max_pixels} pixels") from None
+        raise UnusableImage(ImageProblem.TOO_LARGE, f"image has more than {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         other = sniff_other_format(data)
         if other:
-            raise ServiceError(
-                415, "unsupported_format", f"{other} images are not supported: send {SUPPORTED_TEXT}"
+            raise UnusableImage(
+                ImageProblem.UNSUPPORTED_FORMAT, f"{other} images are not supported: send {SUPPORTED_TEXT}"
             ) from None
-        raise ServiceError(
-            400, "invalid_image", f"the upload is not a decodable {SUPPORTED_TEXT} image"
+        raise UnusableImage(
+            ImageProblem.INVALID, f"the upload is not a decodable {SUPPORTED_TEXT} image"
         ) from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()
-        raise ServiceError(
-            413, "image_too_large", f"image is {width}x{height} pixels; the limit is {max_pixels} pixels"
+        raise UnusableImage(
+            ImageProblem.TOO_LARGE, f"image is {width}x{height} pixels; the limit is {max_pixels} pixels"
         )
     if min(width, height) < min_side:
         image.close()
-        raise ServiceError(
-            422,
-            "image_too_small",
+        raise UnusableImage(
+            ImageProblem.TOO_SMALL,
             f"image is {width}x{height}; both sides must be at least {min_side} px",
         )
     return image
 
 
 def read_header(data: bytes, max_pixels: int, min_side: int) -> ImageHeader:
-    """Check an upload from its header alone (no pixels decoded); raises ServiceError as ``decode_image``
+    """Check an upload from its header alone (no pixels decoded); raises ``UnusableImage`` as ``decode_image``
     would, except for damage past the header (found when the pixels are decoded)."""
     with open_image(data, max_pixels, min_side) as image:
         return _header(image, data)
 
 
 def decode_image(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
-    """Decode an upload; raises ServiceError (400/413/415/422) for anything but a usable image."""
+    """Decode an upload; raises ``UnusableImage`` for anything but a usable image."""
     with open_image(data, max_pixels, min_side) as image:
         return _decode(image)
 
 
 def decode_pixels(data: bytes) -> Tensor:
     """uint8 RGB Tensor[3, H, W] of an upload whose header already passed the checks (the engine's PIL
-    decode); ServiceError 400 if it is damaged."""
+    decode); ``UnusableImage`` (``INVALID``) if it is damaged."""
     return decode_image(data, max_pixels=1 << 62, min_side=1).pixels
 
 
@@ -214,8 +237,8 @@ def _decode(image: Image.Image) -> DecodedImage:
         pixels = pil_to_rgb(image)
     except Exception as exc:  # decoders raise many types for damaged data
         log.info("undecodable %s upload: %s: %s", image.format, type(exc).__name__, exc)
-        raise ServiceError(
-            400, "invalid_image", f"the {image.format} image is truncated or corrupt"
+        raise UnusableImage(
+            ImageProblem.INVALID, f"the {image.format} image is truncated or corrupt"
         ) from None
     return DecodedImage(pixels, int(pixels.shape[2]), int(pixels.shape[1]), str(image.format))
 

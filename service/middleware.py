@@ -20,18 +20,14 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.admission import DEADLINE_KEY, admit, error_json
-from service.errors import ServiceError
+from service.admission import DEADLINE_KEY, Admission
+from service.errors import ServiceError, payload_too_large, send_error
 from service.metrics import Metrics
 from service.protocol import EarlyAnswer
-
-if TYPE_CHECKING:
-    from service.state import ServiceState
 
 access_log = logging.getLogger("refinedet.access")
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -138,9 +134,9 @@ class RequestContextMiddleware:
             self.requests.record(scope, request_id, status, time.perf_counter() - start, sent)
 
 
-def early_refusals(state: ServiceState, requests: RequestLog) -> Callable[[Scope], EarlyAnswer | None]:
+def early_refusals(admission: Admission, requests: RequestLog) -> Callable[[Scope], EarlyAnswer | None]:
     """The hook ``service.protocol`` calls with each request's scope when its headers are complete, in
-    place of starting the app: the admission decision (``service.admission.admit``) made there, so that
+    place of starting the app: the admission decision (``Admission.admit``) made there, so that
     a refused request is answered from the protocol callback that parsed its headers (no task, no
     middleware, no body read first) while the requests admitted before it wait for their turn of the
     event loop. A refusal is counted and logged as the middleware would, with its request id (the client
@@ -148,14 +144,12 @@ def early_refusals(state: ServiceState, requests: RequestLog) -> Callable[[Scope
 
     def refuse(scope: Scope) -> EarlyAnswer | None:
         start = time.perf_counter()
-        refusal = admit(state, scope)
+        refusal = admission.admit(scope)
         if refusal is None:
             return None
         request_id = request_id_from(Headers(scope=scope))
-        body = error_json(refusal)
-        headers = [(b"content-type", b"application/json")]
-        headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
-        headers.append((REQUEST_ID_HEADER.lower().encode(), request_id.encode()))
+        body = refusal.body()
+        headers = [*refusal.header_items(), (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
         requests.record(scope, request_id, refusal.status, time.perf_counter() - start, len(body))
         return EarlyAnswer(refusal.status, headers, body)
 
@@ -166,15 +160,6 @@ def template_pattern(template: str) -> re.Pattern[str]:
     """``/v2/models/{name}`` -> a pattern matching ``/v2/models/<one segment>``."""
     parts = re.split(r"(\{[^}]*\})", template)
     return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
-
-
-def too_large(limit: int) -> ServiceError:
-    return ServiceError(
-        413,
-        "payload_too_large",
-        f"request body is larger than the {limit}-byte limit",
-        {"Connection": "close"},
-    )
 
 
 def body_timeout() -> ServiceError:
@@ -196,11 +181,11 @@ class BodyLimitMiddleware:
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             error = (
-                too_large(self.max_bytes)
+                payload_too_large(self.max_bytes, close=True)
                 if declared.isdigit()
                 else ServiceError(400, "bad_request", "invalid Content-Length", {"Connection": "close"})
             )
-            await _send_error(send, error)
+            await send_error(send, error)
             return
         received = 0
         started = False
@@ -222,7 +207,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise too_large(self.max_bytes)
+                    raise payload_too_large(self.max_bytes, close=True)
                 complete = not message.get("more_body", False)
             return message
 
@@ -236,15 +221,4 @@ class BodyLimitMiddleware:
         except ServiceError as exc:  # raised past the app's handlers (e.g. while a response streamed)
             if started:
                 raise
-            await _send_error(send, exc)
-
-
-async def _send_error(send: Send, error: ServiceError) -> None:
-    body = error_json(error)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
-    ]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+            await send_error(send, exc)

@@ -27,12 +27,18 @@ with the protocols) holds ``HttpLimits`` under ``LIMITS_KEY``. It also holds, un
 app's ``begin_drain()``, which this protocol calls when uvicorn starts a graceful shutdown (uvicorn calls
 ``shutdown()`` on every open connection first thing), so the app learns of the drain at its start; and,
 under ``EARLY_KEY``, the early-answer hook.
+
+This builds on uvicorn's internals: it overrides private methods (``_start_asgi_task``, the hook of the
+early answers), rewrites ``data_received`` and reads the protocol's and the request cycle's attributes.
+pyproject.toml pins the uvicorn (and httptools) range it was tested on; tests/service/test_protocol_fence.py
+records every uvicorn name used here with its signature and fails, naming it, when one moves; and a
+uvicorn without the private methods fails this import (``UVICORN_PRIVATE``) instead of serving without
+its limits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 from collections.abc import Callable
@@ -41,6 +47,16 @@ from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+
+from service.errors import ServiceError, overloaded
+
+# uvicorn's private methods used here (the fence test records their signatures).
+UVICORN_PRIVATE = (
+    "_start_asgi_task",
+    "_unset_keepalive_if_required",
+    "_should_upgrade",
+    "_unsupported_upgrade_warning",
+)
 
 log = logging.getLogger("refinedet.service")
 LINGER_S = 1.0  # after an answer that closes, how long unread request bytes are discarded before closing
@@ -77,30 +93,34 @@ class EarlyAnswer:
 EarlyHook = Callable[[Any], EarlyAnswer | None]  # (the request's ASGI scope) -> answer or None
 
 
-def error_bytes(status: int, reason: str, code: str, message: str, retry_after: int | None = None) -> bytes:
-    """A complete HTTP/1.1 response in the service's JSON error format, closing the connection."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    head = [
-        f"HTTP/1.1 {status} {reason}",
-        "content-type: application/json",
-        f"content-length: {len(body)}",
-        "connection: close",
-    ]
-    if retry_after is not None:
-        head.append(f"retry-after: {retry_after}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+def closing_response(error: ServiceError) -> bytes:
+    """``error`` as a complete HTTP/1.1 response that closes the connection."""
+    head = [name + b": " + value + b"\r\n" for name, value in error.response_headers(close=True)]
+    return b"".join([STATUS_LINE[error.status], *head, b"\r\n", error.body()])
 
 
-TOO_MANY_CONNECTIONS = error_bytes(
-    503, "Service Unavailable", "overloaded", "too many open connections; retry shortly", retry_after=1
+TOO_MANY_CONNECTIONS = closing_response(overloaded("too many open connections"))
+HEADERS_TOO_LARGE = closing_response(
+    ServiceError(431, "headers_too_large", "the request headers are too large")
 )
-HEADERS_TOO_LARGE = error_bytes(
-    431, "Request Header Fields Too Large", "headers_too_large", "the request headers are too large"
+HEADER_TIMEOUT = closing_response(
+    ServiceError(408, "request_timeout", "the request headers did not arrive in time")
 )
-HEADER_TIMEOUT = error_bytes(
-    408, "Request Timeout", "request_timeout", "the request headers did not arrive in time"
-)
-BAD_REQUEST = error_bytes(400, "Bad Request", "bad_request", "malformed HTTP request")
+BAD_REQUEST = closing_response(ServiceError(400, "bad_request", "malformed HTTP request"))
+
+
+def _check_uvicorn() -> None:
+    missing = [name for name in UVICORN_PRIVATE if not callable(getattr(HttpToolsProtocol, name, None))]
+    if missing:
+        import uvicorn
+
+        raise ImportError(
+            f"uvicorn {uvicorn.__version__} has no HttpToolsProtocol.{', .'.join(missing)}, which "
+            "service.protocol builds on: install the uvicorn release pyproject.toml pins"
+        )
+
+
+_check_uvicorn()
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):

@@ -2,27 +2,26 @@
 
 Loading runs in a worker thread started by the app's lifespan, so /healthz answers at once and /readyz
 says 503 until the model is loaded and warmed up. When the server starts shutting down, ``begin_drain``
-marks the app not ready and gives every request in flight ``graceful_timeout_s`` to be answered
-(``service.admission``); once the connections are closed, ``shutdown`` stops the batcher.
-
-It also holds what admission control counts: requests admitted and not finished, and the decoded-pixel
-budget. A load failure's details go to the log only; responses say that it failed, nothing more.
+marks the app not ready and starts the drain (``service.admission.Admission``: every request in flight
+gets ``graceful_timeout_s`` to be answered); once the connections are closed, ``shutdown`` stops the
+batcher. Its ``admission`` decides which requests are served; the state hands it the batcher while it
+serves. A load failure's details go to the log only; responses say that it failed, nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from service.admission import PixelBudget, overloaded, shutting_down
+from service.admission import Admission
 from service.backends.base import Backend
 from service.batcher import DynamicBatcher
 from service.decoding import UploadDecoding
-from service.detector import Detector
-from service.errors import ServiceError
+from service.detector import BatchDetector
+from service.errors import not_ready, shutting_down
 from service.metrics import Metrics
 from service.process import settle_after_load
 from service.settings import Settings
@@ -32,6 +31,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("refinedet.service")
 Loader = Callable[[Settings], Backend]
+
+
+class ServiceStatus(StrEnum):
+    """What the app is doing: ``LOADING`` -> ``READY`` -> ``DRAINING`` -> ``SHUTTING_DOWN``, or ``FAILED``
+    (the value is what /readyz says)."""
+
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"  # the server stopped taking connections; requests in flight are still served
+    SHUTTING_DOWN = "shutting_down"
+    FAILED = "failed"
 
 
 class ServiceState:
@@ -49,27 +59,24 @@ class ServiceState:
         self.metrics = metrics
         self.loader = loader
         self.backend: Backend | None = None
-        self.detector: Detector | None = None
+        self.detector: BatchDetector | None = None
         self.batcher: DynamicBatcher | None = None
         self.decoding = UploadDecoding("handler")  # which uploads the engine decodes (set when loaded)
         self._summary: dict[str, str] | None = None
-        self.status = "loading"  # loading -> ready -> draining -> shutting_down, or failed
+        self.status = ServiceStatus.LOADING
         self.error: str | None = None  # for the log only
         self._load_task: asyncio.Task | None = None
-        self.admitted = 0  # inference requests admitted and not finished
-        self.pixels = PixelBudget(settings.max_pixels_in_flight)
-        self.drain_deadline: float | None = None  # time.monotonic() by which the drain ends
-        self._watched: set[asyncio.Timeout] = set()
+        self.admission = Admission(settings, metrics)
 
     @property
     def ready(self) -> bool:
         """Readiness: loaded and not draining."""
-        return self.status == "ready"
+        return self.status == ServiceStatus.READY
 
     @property
     def serving(self) -> bool:
         """Requests are served (also while draining, until the drain ends)."""
-        return self.status in ("ready", "draining")
+        return self.status in (ServiceStatus.READY, ServiceStatus.DRAINING)
 
     def start_loading(self) -> None:
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="refinedet-load")
@@ -78,32 +85,32 @@ class ServiceState:
         try:
             backend = await asyncio.to_thread(self.loader, self.settings)
         except Exception as exc:
-            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.status, self.error = ServiceStatus.FAILED, f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.error, exc_info=not isinstance(exc, ValueError))
             self.metrics.ready.set(0)
             self._failed()
             return
-        if self.status != "loading":  # shut down while loading
+        if self.status != ServiceStatus.LOADING:  # shut down while loading
             return
         # The plan's batch, slots and decoding; a loader without a plan gets the same rule for its device.
         knobs = self.plan if self.plan is not None else self.settings.serving_for(backend.device.type)
         streams = knobs.slots
         decoding = UploadDecoding(knobs.decode)  # type: ignore[arg-type]
-        detector = Detector(backend, streams, decoding.engine)
+        detector = BatchDetector(backend, streams, decoding.engine)
         if decoding.engine == "nvjpeg":
             try:
                 await asyncio.to_thread(detector.jpeg_decoder.warmup)
             except Exception as exc:  # e.g. torchvision built without nvJPEG
                 problem = f"the JPEG decoder on {backend.device} failed: {type(exc).__name__}: {exc}"
                 if self.settings.engine_decode == "on":
-                    self.status, self.error = "failed", problem
+                    self.status, self.error = ServiceStatus.FAILED, problem
                     log.error("%s (REFINEDET_ENGINE_DECODE=on)", problem)
                     self._failed()
                     return
                 log.warning("%s; decoding uploads with PIL in the handler instead", problem)
                 decoding = UploadDecoding("handler")
                 detector.decoder = "pil"
-            if self.status != "loading":
+            if self.status != ServiceStatus.LOADING:
                 return
         batcher: DynamicBatcher = DynamicBatcher(
             detector.detect,
@@ -120,7 +127,8 @@ class ServiceState:
         self.metrics.model_info.labels(**self.summary()).set(1)
         self.metrics.ready.set(1)
         settle_after_load()  # (service.process: the startup objects out of the collector's reach)
-        self.status = "ready"
+        self.admission.batcher = batcher
+        self.status = ServiceStatus.READY
         info = backend.info
         log.info(
             "ready: %s on %s (%s, %s), max batch %d, %d at once, uploads decoded in %s; weights: %s",
@@ -134,78 +142,32 @@ class ServiceState:
             self.on_failed(self.error)
 
     def begin_drain(self) -> None:
-        """The server stops taking connections: not ready from now on, and every request in flight (or
-        arriving) is answered within ``graceful_timeout_s``. Idempotent."""
-        if self.drain_deadline is not None:
+        """The server stops taking connections: not ready from now on, and the drain starts (every request
+        in flight or arriving is answered within ``graceful_timeout_s``). Idempotent."""
+        if not self.admission.begin_drain():
             return
-        grace = self.settings.graceful_timeout_s
-        self.drain_deadline = time.monotonic() + grace
-        if self.status in ("ready", "loading"):
-            self.status = "draining"
+        if self.status in (ServiceStatus.READY, ServiceStatus.LOADING):
+            self.status = ServiceStatus.DRAINING
         self.metrics.ready.set(0)
-        log.info("draining: %d request(s) in flight get up to %.0f s", len(self._watched), grace)
-        for timeout in self._watched:
-            self._cap(timeout)
-
-    def watch(self, timeout: asyncio.Timeout) -> None:
-        """Track a request's timeout scope: the drain's end cancels it."""
-        self._watched.add(timeout)
-        if self.drain_deadline is not None:
-            self._cap(timeout)
-
-    def unwatch(self, timeout: asyncio.Timeout) -> None:
-        self._watched.discard(timeout)
-
-    def _cap(self, timeout: asyncio.Timeout) -> None:
-        assert self.drain_deadline is not None
-        when = asyncio.get_running_loop().time() + (self.drain_deadline - time.monotonic())
-        current = timeout.when()
-        if current is None or current > when:
-            timeout.reschedule(when)
-
-    def admit(self, deadline: float) -> ServiceError | None:
-        """Admit one inference request due by ``deadline`` (monotonic), or the 503 to answer it with now:
-        its expected wait (``DynamicBatcher.expected_wait_s``: ``ahead // (batch x slots) + 1`` recent batch
-        times) must fit in
-        ``admission_headroom`` of the time it has left (to the drain's end, while draining)."""
-        now = time.monotonic()
-        draining = self.drain_deadline is not None and self.drain_deadline < deadline
-        if draining:
-            deadline = self.drain_deadline  # type: ignore[assignment]
-        batcher = self.batcher
-        if batcher is None or not self.serving:
-            if draining:
-                return shutting_down()
-            self.admitted += 1  # the route answers not_ready; counted like any admitted request
-            return None
-        ahead = self.admitted
-        expected = batcher.expected_wait_s(ahead)
-        allowed = self.settings.admission_headroom * (deadline - now)
-        if ahead >= self.settings.max_queue_size or expected > allowed:
-            self.metrics.on_drop("draining" if draining else "admission")
-            return shutting_down() if draining else overloaded(expected, allowed)
-        self.admitted += 1
-        return None
 
     async def shutdown(self) -> None:
         """Lifespan shutdown, once uvicorn closed the connections: stop the batcher."""
         self.begin_drain()
         was = self.status
-        self.status = "shutting_down"
+        self.status = ServiceStatus.SHUTTING_DOWN
+        self.admission.batcher = None  # arriving requests: shutting_down, or admitted to hear not_ready
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         if self.batcher is not None:
             await self.batcher.stop(self.settings.graceful_timeout_s)
         log.info("shut down (was %s)", was)
 
-    def require_ready(self) -> tuple[Detector, DynamicBatcher]:
+    def require_ready(self) -> tuple[BatchDetector, DynamicBatcher]:
         """The detector and batcher, or 503 while loading / after a failed load / during shutdown."""
         if self.serving and self.detector is not None and self.batcher is not None:
             return self.detector, self.batcher
-        if self.status == "failed":  # for good: no Retry-After
-            raise ServiceError(503, "not_ready", "the model failed to load; see the service log")
-        if self.status == "loading":
-            raise ServiceError(503, "not_ready", "the model is still loading", {"Retry-After": "5"})
+        if self.status in (ServiceStatus.FAILED, ServiceStatus.LOADING):
+            raise not_ready(failed=self.status == ServiceStatus.FAILED)
         raise shutting_down()
 
     def summary(self) -> dict[str, str]:

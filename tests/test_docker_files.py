@@ -245,6 +245,29 @@ def test_both_images_share_every_step_but_the_base():
     assert set(gpu_env) ^ set(cpu_env) == {"CUDA_DEVICE_ORDER", "REFINEDET_DEVICE"}
 
 
+def test_the_images_install_the_serving_stack_pyproject_pins():
+    """build.sh installs the project's serve extra, whose uvicorn and httptools ranges are the ones
+    service/protocol.py was tested on: no second list of requirements in the images to drift from it.
+    docker/check_install.py imports service.protocol, whose import fails on a uvicorn without the private
+    methods it extends, so such an image fails its build. Each image's Python meets requires-python."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    serve = {re.split(r"[\[<>=!~ ]", r, maxsplit=1)[0]: r for r in project["optional-dependencies"]["serve"]}
+    for name in ("uvicorn", "httptools"):
+        assert re.search(r">=[\d.]+,<[\d.]+$", serve[name]), f"{serve[name]}: a tested range, upper bound too"
+    build = (REPO / "docker" / "build.sh").read_text()
+    assert '".[serve,export]"' in build
+    images = build + "".join(path.read_text() for path in DOCKERFILES)
+    assert not re.search(r"uvicorn|httptools", images), "the images take uvicorn's pin from pyproject.toml"
+    assert '"service.protocol"' in (REPO / "docker" / "check_install.py").read_text()
+    floor = tuple(int(x) for x in re.fullmatch(r">=(\d+)\.(\d+)", project["requires-python"]).groups())
+    cpu_base = re.search(r"^ARG PYTHON_IMAGE=python:(\d+)\.(\d+)", DOCKERFILES[1].read_text(), re.M)
+    gpu_base = re.search(r"^# Base: .*Python (\d+)\.(\d+)", DOCKERFILES[0].read_text(), re.M)
+    for base in (cpu_base, gpu_base):
+        assert base and tuple(int(x) for x in base.groups()) >= floor, (base, project["requires-python"])
+
+
 def test_no_buildkit_frontend_from_a_registry():
     """``# syntax=`` makes BuildKit fetch its frontend image from a registry: the images must build
     where none is reachable (the legacy builder, or BuildKit offline)."""

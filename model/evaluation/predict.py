@@ -109,12 +109,12 @@ class ImagePredictor:
     """A model (checkpoint or exported artifact) + the shared post-processing -> JSONL rows."""
 
     def __init__(self, model: nn.Module, device: torch.device | str, score_threshold: float) -> None:
-        from model.evaluation.runner import Detector, network
+        from model.evaluation.runner import NetworkDetector, network
 
         model.to(device).eval()
         self.device = torch.device(device)
         config = network(model).config
-        self.detector = Detector(
+        self.detector = NetworkDetector(
             model, dataclasses.replace(config.postprocess, score_threshold=score_threshold)
         )
         self.config = self.detector.config

@@ -50,7 +50,7 @@ def network(model: nn.Module) -> RefineDet | ArtifactNetwork:
     return model if isinstance(model, ArtifactNetwork) else unwrap(model)
 
 
-class Detector:
+class NetworkDetector:
     """The network + shared post-processing at any square input size (a multiple of 64).
 
     ``detector(images, size, flip)`` takes uint8 RGB images [3, H, W] on the model's device and returns
@@ -126,7 +126,7 @@ def predict_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model.to(device)
-    detector = Detector(model, postprocess)
+    detector = NetworkDetector(model, postprocess)
     schedule = multiscale_schedule(detector.config.input_size) if multiscale else None
     rules = tuple(scales) if scales is not None else schedule
     loader = torch.utils.data.DataLoader(

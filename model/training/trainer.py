@@ -337,7 +337,7 @@ class Trainer:
         o = self.options
         return {
             "trained_by": "refinedet train",
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "iteration": it,
             "iterations": self.iterations,
             "dataset": getattr(self.dataset, "name", ""),

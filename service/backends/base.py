@@ -5,7 +5,7 @@ A backend owns the network (or engine) and nothing else: preprocessing happens b
 
     backend.load(); backend.warmup()
     outputs = backend.infer(images)  # images: Tensor[B, 3, S, S] normalised, on backend.device
-    detections = Detector(backend).postprocess(outputs)  # on the host, whatever the output kind
+    detections = BatchDetector(backend).postprocess(outputs)  # on the host, whatever the output kind
 
 ``infer`` accepts any 1 <= B <= ``max_batch`` and pads internally where the engine needs fixed or
 bucketed batch sizes; it returns ``RefineDetOutput`` (raw heads), ``DecodedOutput`` (boxes, scores) or,

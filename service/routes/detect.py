@@ -18,11 +18,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from model.postprocess import to_pixels
-from service.admission import request_deadline, shutting_down
-from service.batcher import ClientGone, DynamicBatcher, QueueFull, ShuttingDown, TooLate
+from service.admission import request_deadline
+from service.batcher import DynamicBatcher, TooLate
 from service.detector import ImageDetections
 from service.errors import ServiceError
-from service.imaging import DecodedImage, annotate
+from service.imaging import DecodedImage, UnusableImage, annotate
 from service.routes.deps import api_key_dependencies, get_state
 from service.routes.uploads import (
     BATCH_FIELDS,
@@ -159,8 +159,9 @@ async def run_detection(
     filenames: list[str | None] | None = None,
 ) -> list[tuple[ImageDetections, float]]:
     """Queue every image (decoded pixels, or a JPEG for the engine), wait (bounded by the request
-    timeout); returns (detections, queue ms) each. An image the engine could not decode fails the
-    request with its 4xx, naming the file when there are several."""
+    timeout); returns (detections, queue ms) each. What the batcher refuses or drops it with, and an image
+    the engine could not decode (``UnusableImage``, naming the file when there are several), are raised
+    as they are: ``service.http_errors`` answers them."""
     timeout = state.settings.request_timeout_s
     deadline = request_deadline(request.scope.setdefault("state", {}), timeout)
     futures: list[asyncio.Future] = []
@@ -168,17 +169,6 @@ async def run_detection(
         for image in images:
             item = image.pixels if isinstance(image, DecodedImage) else image
             futures.append(batcher.submit(item, request.is_disconnected, deadline))
-    except QueueFull as exc:
-        for future in futures:
-            future.cancel()
-        raise ServiceError(
-            503, "overloaded", f"the service is at capacity ({exc}); retry shortly", {"Retry-After": "1"}
-        ) from None
-    except ShuttingDown:
-        for future in futures:
-            future.cancel()
-        raise shutting_down() from None
-    try:
         _, waiting = await asyncio.wait(futures, timeout=max(deadline - time.monotonic(), 0.0))
         running = any(batcher.started(f) for f in waiting)
     finally:  # also when the drain's end cancels this request: nothing is left to run for it
@@ -187,32 +177,15 @@ async def run_detection(
     if waiting and running:
         raise ServiceError(504, "timeout", f"no answer within {timeout:g} s; the service is overloaded")
     if waiting:  # never reached the engine: nothing was done, retrying elsewhere is safe
-        raise too_late()
+        raise TooLate("the request could not be served before its deadline")
     answers = []
     for index, future in enumerate(futures):
-        outcome = future.exception()
-        if isinstance(outcome, ServiceError):
-            raise name_file(outcome, index, filenames[index]) if len(images) > 1 and filenames else outcome
-        if isinstance(outcome, ClientGone):
-            raise ServiceError(499, "client_closed_request", "client disconnected before inference")
-        if isinstance(outcome, ShuttingDown):
-            raise shutting_down()
-        if isinstance(outcome, TooLate):
-            raise too_late()
-        if outcome is not None:
-            raise outcome
-        result, queue_s = future.result()
+        try:
+            result, queue_s = future.result()
+        except UnusableImage as exc:
+            raise name_file(exc, index, filenames[index]) if len(images) > 1 and filenames else exc from None
         answers.append((result, queue_s * 1e3))
     return answers
-
-
-def too_late() -> ServiceError:
-    return ServiceError(
-        503,
-        "overloaded",
-        "the service could not reach this request before its deadline; retry shortly",
-        {"Retry-After": "1"},
-    )
 
 
 def build_response(

@@ -18,7 +18,7 @@ from service.metrics import CONTENT_TYPE
 from service.routes.deps import api_key_dependencies, get_state
 from service.schemas import ErrorResponse, ModelInfoResponse, Status
 from service.settings import Settings
-from service.state import ServiceState
+from service.state import ServiceState, ServiceStatus
 
 # The torch backend runs the eager nn.Module rebuilt from a checkpoint (no TorchScript anywhere).
 PLATFORMS = {"torch": "pytorch_eager", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
@@ -38,15 +38,15 @@ def router(settings: Settings) -> APIRouter:
     async def healthz(request: Request) -> JSONResponse:
         """Liveness: the process serves requests (503 only if the model failed to load)."""
         state = get_state(request)
-        if state.status == "failed":
-            return JSONResponse({"status": "failed", "detail": LOAD_FAILED}, status_code=503)
+        if state.status == ServiceStatus.FAILED:
+            return JSONResponse({"status": ServiceStatus.FAILED, "detail": LOAD_FAILED}, status_code=503)
         return JSONResponse({"status": "ok", "detail": None})
 
     @open_routes.get("/readyz", response_model=Status, responses={503: {"model": Status}})
     async def readyz(request: Request) -> JSONResponse:
         """Readiness: 200 once the model is loaded and warmed up; 503 before, after a failure, while stopping."""
         state = get_state(request)
-        detail = LOAD_FAILED if state.status == "failed" else None
+        detail = LOAD_FAILED if state.status == ServiceStatus.FAILED else None
         return JSONResponse(
             {"status": state.status, "detail": detail}, status_code=200 if state.ready else 503
         )

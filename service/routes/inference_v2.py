@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import oip
 from service.errors import ServiceError
+from service.http_errors import http_error
 from service.routes.deps import api_key_dependencies, get_state
 from service.routes.detect import detection_dicts, parse_classes, record_stages, run_detection
 from service.routes.health import describe_model
@@ -66,7 +67,8 @@ def oip_error(status: int, message: str, headers: dict[str, str] | None = None) 
 
 
 class OipRoute(APIRoute):
-    """A route whose errors (its dependencies' too) are answered in the OIP shape."""
+    """A route whose errors (its dependencies' too) are answered in the OIP shape, with the statuses that
+    ``service.http_errors.http_error`` gives them."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -74,12 +76,15 @@ class OipRoute(APIRoute):
         async def oip_handler(request: Request) -> Response:
             try:
                 return await handler(request)
-            except ServiceError as exc:
-                return oip_error(exc.status, exc.message, exc.headers)
             except RequestValidationError as exc:
                 return oip_error(422, "; ".join(str(e.get("msg")) for e in exc.errors()))
             except StarletteHTTPException as exc:
                 return oip_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+            except Exception as exc:
+                error = http_error(exc)
+                if error is None:  # a bug: the app's catch-all logs it and answers 500
+                    raise
+                return oip_error(error.status, error.message, error.headers)
 
         return oip_handler
 

@@ -18,6 +18,7 @@ from service.imaging import (
     SUPPORTED_TEXT,
     DecodedImage,
     EncodedImage,
+    UnusableImage,
     check_media_type,
     decode_image,
     media_type,
@@ -124,14 +125,16 @@ async def read_images(
         return [await read(uploads[0])]
     results = await asyncio.gather(*map(read, uploads), return_exceptions=True)
     for index, (upload, result) in enumerate(zip(uploads, results, strict=True)):
-        if isinstance(result, ServiceError):
+        if isinstance(result, ServiceError | UnusableImage):
             raise name_file(result, index, upload.filename)
         if isinstance(result, BaseException):
             raise result
     return results  # type: ignore[return-value]
 
 
-def name_file(error: ServiceError, index: int, filename: str | None) -> ServiceError:
+def name_file(
+    error: ServiceError | UnusableImage, index: int, filename: str | None
+) -> ServiceError | UnusableImage:
     """``error`` for file ``index`` of a several-file request, its message naming the file."""
     name = filename or f"#{index}"
-    return ServiceError(error.status, error.code, f"file {index} ({name}): {error.message}", error.headers)
+    return error.with_message(f"file {index} ({name}): {error.message}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from scaleout.serve import Answer, Forwarded, Ingress, call_asgi
+from service.errors import overloaded
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 from service_testing import encode, noise_image, running, settings, standin_loader
@@ -49,6 +50,19 @@ def test_no_replica_left_is_a_json_503():
     body = json.loads(answer.body)
     assert answer.status == 503 and body["error"]["code"] == "unavailable" and handle.calls == 3
     assert (b"retry-after", b"1") in answer.headers
+
+
+class BackPressureError(Exception):
+    """Named as Ray Serve's: every replica's queue is full."""
+
+
+def test_full_replicas_are_a_json_503_overloaded_as_the_service_answers():
+    handle = FakeHandle(BackPressureError("full"))
+    answer = asyncio.run(Ingress(handle).forward(REQUEST))
+    want = overloaded("every replica is at capacity")
+    assert (answer.status, answer.body) == (503, want.body()) and handle.calls == 1
+    assert answer.headers == want.response_headers()
+    assert json.loads(answer.body)["error"]["message"] == "every replica is at capacity; retry shortly"
 
 
 def test_a_bug_is_not_retried():

@@ -6,6 +6,7 @@ test lets it, so nothing here synchronises by sleeping."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -27,6 +28,7 @@ from service_testing import (
 )
 from test_server import metric_samples
 
+from service.admission import PIXELS_KEY, Admission
 from service.app import create_app
 from service.logs import log_config
 
@@ -58,7 +60,9 @@ def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
         rest = [pool.submit(post, url) for _ in range(11)]
         # While the engine holds its batch, what cannot fit in 0.1 x 60 s (~5 batches) is refused at once.
         poll(lambda: sum(f.done() for f in rest) >= 6, what="the refusals")
-        poll(lambda: sum(f.done() for f in rest) + state.admitted == 12, what="every request decided")
+        poll(
+            lambda: sum(f.done() for f in rest) + state.admission.admitted == 12, what="every request decided"
+        )
         refused = [f.result() for f in rest if f.done()]
         # A client that waits for a go-ahead (Expect: 100-continue) is refused from its headers alone.
         raw = connect(url)
@@ -74,7 +78,7 @@ def test_requests_that_cannot_be_served_in_time_are_refused_at_once():
     assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
     assert (raw_status, raw_body["error"]["code"]) == (503, "overloaded") and "retry-after" in raw_headers
     assert 1 <= len(served) <= 6 and {r.status_code for r in served} == {200}, [r.text for r in served]
-    assert state.admitted == 0
+    assert state.admission.admitted == 0
 
 
 def test_decoded_pixels_in_flight_stay_within_the_budget():
@@ -91,10 +95,10 @@ def test_decoded_pixels_in_flight_stay_within_the_budget():
         held = [pool.submit(post, url, **send) for _ in range(2)]
         poll(lambda: engine.running.is_set() and queue_depth(url) == 1, what="two decoded images held")
         third = post(url, **send)
-        assert third.status_code == 503 and state.pixels.used == 2_000_000  # the third took none
+        assert third.status_code == 503 and state.admission.pixels.used == 2_000_000  # the third took none
         engine.release(2)
         answers = [f.result() for f in held]
-        poll(lambda: state.pixels.used == 0, what="the budget to be released")
+        poll(lambda: state.admission.pixels.used == 0, what="the budget to be released")
     assert (third.status_code, third.json()["error"]["code"]) == (503, "overloaded")
     assert "retry-after" in third.headers
     assert [a.status_code for a in answers] == [200, 200]
@@ -209,4 +213,70 @@ def test_a_refused_upload_still_being_sent_gets_its_answer():
         engine.release()
         assert held.result().status_code == 200
     assert (status, answer["error"]["code"]) == (503, "overloaded")
-    assert state.admitted == 0
+    assert state.admission.admitted == 0
+
+
+# --- Admission on its own (no server) ---------------------------------------------------------------
+
+
+class WaitEstimate:
+    """Stands in for the batcher: ``expected_wait_s(ahead)`` is ``ahead + 1`` batch times of ``batch_s``."""
+
+    def __init__(self, batch_s: float) -> None:
+        self.batch_s = batch_s
+
+    def expected_wait_s(self, ahead: int) -> float:
+        return (ahead + 1) * self.batch_s
+
+
+class Drops:
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def on_drop(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def inference_scope() -> dict:
+    return {"type": "http", "method": "POST", "path": "/detect", "headers": []}
+
+
+def test_admission_counts_what_it_admits_and_refuses_what_cannot_wait():
+    drops = Drops()
+    admission = Admission(settings(request_timeout_s=10.0, admission_headroom=0.5, max_queue_size=100), drops)
+    admission.batcher = WaitEstimate(batch_s=1.6)  # type: ignore[assignment]
+    scopes = [inference_scope() for _ in range(4)]
+    refusals = [admission.admit(scope) for scope in scopes]
+    # Allowed: 0.5 x 10 s. Waits of 1.6, 3.2 and 4.8 s fit; the fourth (6.4 s) is refused, with a
+    # Retry-After of what it is over by, rounded up.
+    assert refusals[:3] == [None] * 3 and admission.admitted == 3
+    refused = refusals[3]
+    assert refused is not None and (refused.status, refused.code) == (503, "overloaded")
+    assert refused.headers == {"Retry-After": "2"} and drops.reasons == ["admission"]
+    assert admission.admit(scopes[3]) is None  # decided once per request
+    admission.pixels.reserve(100, scopes[0]["state"].setdefault(PIXELS_KEY, []))
+    for scope in scopes:
+        admission.release(scope["state"])
+    assert admission.admitted == 0 and admission.pixels.used == 0
+    exempt = {"type": "http", "method": "POST", "path": "/v1/benchmark", "headers": []}
+    assert admission.admit(exempt) is None and admission.admitted == 0
+
+
+def test_admission_while_draining_and_while_not_serving():
+    async def scenario() -> None:
+        drops = Drops()
+        admission = Admission(settings(request_timeout_s=60.0, graceful_timeout_s=0.5), drops)
+        assert admission.admit(inference_scope()) is None and admission.admitted == 1  # loading: not_ready
+        admission.batcher = WaitEstimate(batch_s=1.0)  # type: ignore[assignment]
+        async with asyncio.timeout(None) as in_flight:
+            admission.watch(in_flight)
+            assert admission.begin_drain() and not admission.begin_drain()  # once
+            assert in_flight.when() is not None  # capped at the drain's end
+            admission.unwatch(in_flight)
+        refused = admission.admit(inference_scope())  # 2 s of wait, 0.5 s of drain left
+        assert refused is not None and refused.code == "shutting_down" and drops.reasons == ["draining"]
+        admission.batcher = None  # shut down: nothing more is admitted past the drain
+        refused = admission.admit(inference_scope())
+        assert refused is not None and refused.code == "shutting_down" and admission.admitted == 1
+
+    asyncio.run(scenario())

@@ -25,7 +25,7 @@ from model.postprocess import PostProcessor
 from model.runtime.plan import EnginePlan
 from service.backends import create_backend, load_backend
 from service.backends.base import batch_buckets, bucket_for, pad_batch
-from service.detector import Detector
+from service.detector import BatchDetector
 
 CUDA = torch.cuda.is_available()
 
@@ -68,7 +68,7 @@ def test_batch_buckets_and_padding():
 
 def test_torch_backend_detector_matches_direct_postprocessing(tiny_backend, tiny_model):
     images = [torch.randint(0, 256, (3, 50 + 10 * i, 70), dtype=torch.uint8) for i in range(2)]
-    results = Detector(tiny_backend)(images)
+    results = BatchDetector(tiny_backend)(images)
     from model.preprocess import preprocess
 
     cfg = tiny_model.config
@@ -122,7 +122,7 @@ def test_onnxruntime_backend_equals_torch(tmp_path, outputs, batch):
     assert backend.name == "onnxruntime" and backend.precision == "fp32"
     assert backend.max_batch == (batch or 8) and backend.info.artifact_sha256 == file_sha256(path)
     images = [torch.randint(0, 256, (3, 40 + 8 * i, 64), dtype=torch.uint8) for i in range(3)]
-    got = Detector(backend)(images)
+    got = BatchDetector(backend)(images)
     from model.anchors import generate_anchors
     from model.preprocess import preprocess
 
@@ -200,8 +200,8 @@ def test_torch_cuda_fp16_graphs_match_cpu(tiny_checkpoint, tiny_backend):
             assert out.shape == w.shape, name
             torch.testing.assert_close(out.float().cpu(), w, atol=2e-2 * scale, rtol=0, msg=name)
             torch.testing.assert_close(out, out_eager, atol=5e-3 * scale, rtol=0, msg=name)
-        top_gpu = Detector(graphs)(images)[0].scores[0]
-        top_cpu = Detector(tiny_backend)(images)[0].scores[0]
+        top_gpu = BatchDetector(graphs)(images)[0].scores[0]
+        top_cpu = BatchDetector(tiny_backend)(images)[0].scores[0]
         assert abs(float(top_gpu) - float(top_cpu)) < 1e-2
 
 
@@ -219,7 +219,7 @@ class EagerGraph:
 
 def test_fused_postprocess_plumbing_on_the_cpu(tiny_checkpoint, tiny_backend):
     """The fused graph's step (network + decoding + sync-free selection), its bucket padding and
-    slicing, and the Detector's handling of ``SelectedOutput`` give the plain CPU path's detections.
+    slicing, and the BatchDetector's handling of ``SelectedOutput`` give the plain CPU path's detections.
     (CUDA graph capture itself is covered by the gpu-marked test below.)"""
     from service.backends.torch import TorchBackend
 
@@ -235,7 +235,7 @@ def test_fused_postprocess_plumbing_on_the_cpu(tiny_checkpoint, tiny_backend):
     g = torch.Generator().manual_seed(2)
     for b in (1, 3, 4):  # 3 runs padded in the 4-image bucket
         images = [torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8, generator=g) for _ in range(b)]
-        got, want = Detector(fused)(images), Detector(tiny_backend)(images)
+        got, want = BatchDetector(fused)(images), BatchDetector(tiny_backend)(images)
         assert all(len(x.scores) > 0 for x in got)  # random weights still give candidates above 0.01
         for x, y in zip(got, want, strict=True):
             torch.testing.assert_close(x.scores, y.scores)
@@ -269,7 +269,7 @@ def test_a_failed_fused_capture_falls_back_to_network_only_graphs(tiny_checkpoin
     assert not backend.fuse_postprocess and sorted(backend._graphs) == [1, 2]
     assert "capturing the network alone" in caplog.text
     images = [torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8) for _ in range(2)]
-    assert len(Detector(backend)(images)) == 2
+    assert len(BatchDetector(backend)(images)) == 2
 
 
 @pytest.mark.gpu
@@ -294,7 +294,7 @@ def test_torch_cuda_graphs_with_fused_postprocess_match_separate_postprocess(tin
         with torch.inference_mode():
             out = fused.infer(batch)
             assert isinstance(out, SelectedOutput) and bool(out.detections.converged)
-            got = Detector(fused).postprocess(out)
+            got = BatchDetector(fused).postprocess(out)
             want = PostProcessor(cfg, nms_passes=None)(separate.infer(batch), separate.anchors).to("cpu")
         assert got.scores.shape == want.scores.shape == (b, cfg.postprocess.keep_top_k)
         torch.testing.assert_close(got.scores, want.scores)
@@ -334,7 +334,7 @@ def test_onnxruntime_cpu_streams_run_one_thread_sessions(tmp_path):
     try:
         backend = built(settings(model=path, cpu_threads=2, max_batch_size=4))
         backend.load()
-        streamed, plain = Detector(backend, cpu_streams=2), Detector(backend)
+        streamed, plain = BatchDetector(backend, cpu_streams=2), BatchDetector(backend)
         runner = streamed._one_thread_infer.__self__  # what a concurrent call runs: its own session
         assert runner.session.get_session_options().intra_op_num_threads == 1
         assert backend.runner.session.get_session_options().intra_op_num_threads == 2

@@ -15,8 +15,7 @@ from service_testing import corrupt_huffman_table, encode, noise_image
 from model.preprocess import pil_to_rgb
 from service.benchmark import synthetic_jpeg
 from service.decoding import JpegDecoder
-from service.errors import ServiceError
-from service.imaging import EncodedImage, read_header
+from service.imaging import EncodedImage, ImageProblem, UnusableImage, read_header
 
 LIMITS = (40_000_000, 8)
 
@@ -75,8 +74,7 @@ def test_a_corrupt_jpeg_fails_alone_and_the_batch_is_decoded():
     good, other = UPLOADS["rgb"], UPLOADS["gray"]
     bad = corrupt_huffman_table(good)
     results = JpegDecoder(torch.device("cpu"))([as_upload(good), as_upload(bad), as_upload(other)])
-    assert isinstance(results[1], ServiceError)
-    assert (results[1].status, results[1].code) == (400, "invalid_image")
+    assert isinstance(results[1], UnusableImage) and results[1].problem == ImageProblem.INVALID
     assert torch.equal(results[0], pil_pixels(good)) and torch.equal(results[2], pil_pixels(other))
 
 
@@ -139,4 +137,4 @@ def test_cuda_decode_matches_pil_within_tolerance():
             diff = (pixels.cpu().float() - reference.float()).abs().mean()
             assert diff < 2, (name, diff)
     bad = decoder([as_upload(corrupt_huffman_table(UPLOADS["rgb"])), as_upload(UPLOADS["rgb"])])
-    assert isinstance(bad[0], ServiceError) and isinstance(bad[1], torch.Tensor)
+    assert isinstance(bad[0], UnusableImage) and isinstance(bad[1], torch.Tensor)

@@ -1,4 +1,4 @@
-"""The Detector's inputs: same-size images resized as one stacked batch (exactly the per-image result),
+"""The BatchDetector's inputs: same-size images resized as one stacked batch (exactly the per-image result),
 encoded uploads decoded in the engine (the same detections as PIL-decoded pixels), an undecodable
 upload answered in its own place while the rest of the batch is detected, and how concurrent calls
 share a CPU engine's threads."""
@@ -15,9 +15,8 @@ from PIL import Image
 from service_testing import corrupt_huffman_table, encode, noise_image
 
 from model.preprocess import pil_to_rgb, preprocess
-from service.detector import Detector, ImageDetections, stack_if_same_size
-from service.errors import ServiceError
-from service.imaging import read_header
+from service.detector import BatchDetector, ImageDetections, stack_if_same_size
+from service.imaging import ImageProblem, UnusableImage, read_header
 
 
 def pixels_of(data: bytes) -> torch.Tensor:
@@ -54,7 +53,7 @@ def test_mixed_sizes_stay_a_list():
 def test_encoded_jpegs_give_the_detections_of_decoded_pixels(tiny_backend):
     """On the CPU decode_jpeg and PIL are the same libjpeg-turbo decode, so the results are equal."""
     datas = [encode(noise_image(96, 72, seed=s)) for s in (11, 12)] + [encode(noise_image(80, 60, seed=13))]
-    detector = Detector(tiny_backend)
+    detector = BatchDetector(tiny_backend)
     want = detector([pixels_of(d) for d in datas])
     got = detector.detect([encoded(datas[0]), pixels_of(datas[1]), encoded(datas[2])])
     assert len(got) == 3
@@ -68,15 +67,15 @@ def test_encoded_jpegs_give_the_detections_of_decoded_pixels(tiny_backend):
 def test_an_undecodable_upload_fails_in_its_place_only(tiny_backend):
     good = [encode(noise_image(96, 72, seed=s)) for s in (21, 22)]
     bad = corrupt_huffman_table(good[0])
-    detector = Detector(tiny_backend)
+    detector = BatchDetector(tiny_backend)
     want = detector([pixels_of(d) for d in good])
     got = detector.detect([encoded(good[0]), encoded(bad), encoded(good[1])])
-    assert isinstance(got[1], ServiceError) and (got[1].status, got[1].code) == (400, "invalid_image")
+    assert isinstance(got[1], UnusableImage) and got[1].problem == ImageProblem.INVALID
     for g, w in zip((got[0], got[2]), want, strict=True):
         assert isinstance(g, ImageDetections) and torch.equal(g.scores, w.scores)
     assert got[0].times.batch_size == 2  # the bad one never reached the network
     only_bad = detector.detect([encoded(bad)])
-    assert len(only_bad) == 1 and isinstance(only_bad[0], ServiceError)
+    assert len(only_bad) == 1 and isinstance(only_bad[0], UnusableImage)
 
 
 def test_a_call_alone_gets_every_thread_and_a_concurrent_one_one_thread(tiny_backend, monkeypatch):
@@ -85,7 +84,7 @@ def test_a_call_alone_gets_every_thread_and_a_concurrent_one_one_thread(tiny_bac
     are the plain detector's (the tolerance covers one thread's other summation order)."""
     datas = [encode(noise_image(96, 72, seed=s)) for s in (31, 32)]
     inputs = [pixels_of(datas[0]), encoded(datas[1])]
-    want = Detector(tiny_backend).detect(inputs)
+    want = BatchDetector(tiny_backend).detect(inputs)
     before = torch.get_num_threads()
     seen: list[int] = []
     inside, release = threading.Event(), threading.Event()
@@ -101,7 +100,7 @@ def test_a_call_alone_gets_every_thread_and_a_concurrent_one_one_thread(tiny_bac
     monkeypatch.setattr(tiny_backend, "infer", infer)
     try:
         torch.set_num_threads(2)
-        detector = Detector(tiny_backend, cpu_streams=2)
+        detector = BatchDetector(tiny_backend, cpu_streams=2)
         assert detector.cpu_share is not None and detector.cpu_share.threads == 2
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(detector.detect, inputs)

@@ -8,8 +8,7 @@ from PIL import Image
 from service_testing import encode, noise_image
 
 from service.decoding import UploadDecoding
-from service.errors import ServiceError
-from service.imaging import decode_image, read_header
+from service.imaging import ImageProblem, UnusableImage, decode_image, read_header
 
 LIMITS = (40_000_000, 8)
 BASE = noise_image(80, 64, seed=3)
@@ -51,17 +50,14 @@ def test_header_size_is_after_exif_orientation_like_the_decode(orientation):
 def test_header_errors_are_the_decode_errors():
     cases = [b"", b"hello, not an image" * 10, encode(noise_image(4, 4, 0), "PNG"), encode(BASE, "GIF")]
     for data in cases:
-        with pytest.raises(ServiceError) as from_header:
+        with pytest.raises(UnusableImage) as from_header:
             read_header(data, *LIMITS)
-        with pytest.raises(ServiceError) as from_decode:
+        with pytest.raises(UnusableImage) as from_decode:
             decode_image(data, *LIMITS)
-        assert (from_header.value.status, from_header.value.code) == (
-            from_decode.value.status,
-            from_decode.value.code,
-        )
-    with pytest.raises(ServiceError) as too_large:
+        assert from_header.value.problem == from_decode.value.problem
+    with pytest.raises(UnusableImage) as too_large:
         read_header(encode(BASE), max_pixels=1000, min_side=8)
-    assert too_large.value.status == 413
+    assert too_large.value.problem == ImageProblem.TOO_LARGE
 
 
 @pytest.mark.parametrize(

@@ -134,7 +134,9 @@ def test_not_ready_until_loaded_then_ready():
 
         wait_ready(c.get)
         assert c.post("/detect", content=IMAGE, headers={"content-type": "image/jpeg"}).status_code == 200
-    assert app.state.service.admitted == 0  # refusals while loading released what they were counted as
+    assert (
+        app.state.service.admission.admitted == 0
+    )  # refusals while loading released what they were counted as
 
 
 def test_failed_load_is_reported_not_ready_without_internals(caplog):

@@ -147,7 +147,7 @@ def refusing(**changes) -> Iterator[tuple[str, object]]:
         finally:
             engine.release()
             assert held.result().status_code == 200
-    assert app.state.service.admitted == 0  # every admission was given back
+    assert app.state.service.admission.admitted == 0  # every admission was given back
 
 
 def test_a_refusal_is_answered_from_the_headers_and_the_connection_kept():

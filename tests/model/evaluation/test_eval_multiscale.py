@@ -13,7 +13,7 @@ from model.evaluation.multiscale import (
     merge_by_voting,
     multiscale_schedule,
 )
-from model.evaluation.runner import Detector, predict_dataset
+from model.evaluation.runner import NetworkDetector, predict_dataset
 
 
 def test_box_voting_hand_built_clusters():
@@ -85,7 +85,7 @@ def test_flip_boxes_mirrors_normalised_x():
 
 
 def test_flipped_detection_maps_back_to_the_original_image(tiny_model, fake_dataset):
-    detector = Detector(tiny_model)
+    detector = NetworkDetector(tiny_model)
     image = fake_dataset.load_image(0)
     width = image.shape[-1]
     flipped = detector([image], flip=True)[0]
@@ -107,7 +107,7 @@ def test_multiscale_prediction_merges_all_runs(tiny_model, make_dataset):
     fake_dataset = make_dataset(n=1)
     rules = [ScaleRule(64), ScaleRule(128, max_shorter=40)]
     merged = predict_dataset(tiny_model, fake_dataset, batch_size=2, scales=rules, progress=False)
-    detector = Detector(tiny_model)
+    detector = NetworkDetector(tiny_model)
     for i, result in enumerate(merged):
         image = fake_dataset.load_image(i)
         runs = []
@@ -127,12 +127,12 @@ def test_multiscale_prediction_merges_all_runs(tiny_model, make_dataset):
 def test_multiscale_flag_uses_the_schedule(tiny_model, make_dataset, monkeypatch):
     fake_dataset = make_dataset(n=1)
     seen = []
-    original = Detector.__call__
+    original = NetworkDetector.__call__
 
     def spy(self, images, size=None, flip=False):
         seen.append((size, flip))
         return original(self, images, size, flip)
 
-    monkeypatch.setattr(Detector, "__call__", spy)
+    monkeypatch.setattr(NetworkDetector, "__call__", spy)
     predict_dataset(tiny_model, fake_dataset, batch_size=8, multiscale=True, progress=False)
     assert seen == [(64, False), (64, True), (128, False), (128, True)]

@@ -1,0 +1,115 @@
+"""Where exceptions become HTTP answers: the app's error handlers, and ``http_error``, the one mapping
+from what the compute path raises to the service's errors (``service.errors``).
+
+The compute path knows nothing of HTTP: an upload that cannot be served raises ``UnusableImage`` (its
+``ImageProblem``), in the handler's checks or in the engine's decode; the batcher refuses or drops work
+with ``QueueFull``, ``ShuttingDown``, ``TooLate`` and ``ClientGone``. The routes let them out and
+``http_error`` gives each its status and code (the Open Inference Protocol route too, in its own body
+shape). Framework errors (404, 405, validation) are reshaped into the same body. Only a genuine bug reaches
+the catch-all, which logs the traceback and answers 500 without details.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.batcher import ClientGone, QueueFull, ShuttingDown, TooLate
+from service.errors import ServiceError, overloaded, shutting_down
+from service.imaging import ImageProblem, UnusableImage
+
+log = logging.getLogger("refinedet.service")
+
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    499: "client_closed_request",
+    500: "internal_error",
+    503: "unavailable",
+    504: "timeout",
+}
+IMAGE_STATUS: dict[ImageProblem, int] = {
+    ImageProblem.EMPTY: 400,
+    ImageProblem.INVALID: 400,
+    ImageProblem.UNSUPPORTED_FORMAT: 415,
+    ImageProblem.UNSUPPORTED_MEDIA_TYPE: 415,
+    ImageProblem.TOO_LARGE: 413,
+    ImageProblem.TOO_SMALL: 422,
+}
+# The compute path's failures -> the answer (the code of an unusable image is its problem's value).
+FAILURES: dict[type[Exception], Callable[[Any], ServiceError]] = {
+    ServiceError: lambda exc: exc,
+    UnusableImage: lambda exc: ServiceError(IMAGE_STATUS[exc.problem], exc.problem.value, exc.message),
+    QueueFull: lambda exc: overloaded(f"the service is at capacity ({exc})"),
+    TooLate: lambda exc: overloaded("the service could not reach this request before its deadline"),
+    ShuttingDown: lambda exc: shutting_down(),
+    ClientGone: lambda exc: ServiceError(
+        499, "client_closed_request", "client disconnected before inference"
+    ),
+}
+
+
+def http_error(exc: BaseException) -> ServiceError | None:
+    """The answer for ``exc``, raised by a route or by the compute path under it; None if it is none of
+    the service's failures (a bug)."""
+    for cls in type(exc).__mro__:
+        to_answer = FAILURES.get(cls)
+        if to_answer is not None:
+            return to_answer(exc)
+    return None
+
+
+def error_response(error: ServiceError) -> Response:
+    return Response(
+        error.body(), status_code=error.status, headers=error.headers, media_type="application/json"
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path", "header"))
+        parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def _failure(request: Request, exc: Exception) -> Response:
+        error = http_error(exc)
+        assert error is not None  # registered for FAILURES' types only
+        return error_response(error)
+
+    for failure in FAILURES:
+        app.add_exception_handler(failure, _failure)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = STATUS_CODES.get(exc.status_code, "error")
+        return error_response(
+            ServiceError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(ServiceError(422, "invalid_request", _validation_message(exc)))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(
+            ServiceError(500, "internal_error", "internal server error (logged with the request id)")
+        )
