@@ -51,7 +51,10 @@ def router(settings: Settings) -> APIRouter:
         response_model=DetectResponse,
         responses={
             **ERRORS,
-            200: {"content": {"image/jpeg": {}}, "description": "detections, or the annotated image"},
+            200: {
+                "content": {"image/jpeg": {}, "image/png": {}},
+                "description": "detections, or the annotated image",
+            },
         },
         openapi_extra=upload_body(SINGLE_FIELDS, many=False),
         summary="Detect objects in one image",
@@ -61,24 +64,25 @@ def router(settings: Settings) -> APIRouter:
         score_threshold: float = Query(settings.default_score_threshold, ge=0.0, le=1.0),
         max_detections: int = Query(max_det, ge=1, le=max_det),
         classes: list[str] | None = Query(None, description="class names to keep (repeat or comma-separate)"),
-        response_format: Literal["json", "image"] = Query(
-            "json", alias="format", description="image: annotated JPEG"
+        response_format: Literal["json", "image", "jpeg", "png"] = Query(
+            "json", alias="format", description="image or jpeg: the annotated image as JPEG; png: as PNG"
         ),
     ) -> Response:
         """An image as multipart field `file` (or `image`), or as the raw body with an image content type.
-        With `format=image` (or `Accept: image/jpeg`) the answer is the image with the boxes drawn."""
+        With `format=image` or `jpeg` (or `Accept: image/jpeg`) the answer is the image with the boxes
+        drawn, as JPEG; with `format=png` (or `Accept: image/png`) as PNG."""
         start = time.perf_counter()
         state = get_state(request)
         _, batcher = state.require_ready()  # before the upload is read: not ready answers 503 at once
         class_mask = parse_classes(classes, state)
-        annotated = response_format == "image" or wants_jpeg(request.headers.get("accept", ""))
+        annotated = annotated_format(response_format, request.headers.get("accept", ""))
         uploads = await read_uploads(request, SINGLE_FIELDS, max_files=2)
         if len(uploads) != 1:
             raise ServiceError(
                 422, "too_many_files", "send one image to /detect; use /detect/batch for several"
             )
         [(image, decode_ms)] = await read_images(
-            uploads, state.settings, state.decoding, host_pixels=annotated
+            uploads, state.settings, state.decoding, host_pixels=annotated is not None
         )
         [(result, queue_ms)] = await run_detection(state, request, batcher, [image])
         body = build_response(
@@ -86,10 +90,10 @@ def router(settings: Settings) -> APIRouter:
         )
         headers = {"Server-Timing": server_timing(body["timings_ms"])}
         if annotated and isinstance(image, DecodedImage):
-            jpeg = await asyncio.to_thread(annotate, image.pixels, body["detections"])
+            drawn = await asyncio.to_thread(annotate, image.pixels, body["detections"], annotated)
             return Response(
-                jpeg,
-                media_type="image/jpeg",
+                drawn,
+                media_type=f"image/{annotated}",
                 headers={**headers, "X-Detections": str(len(body["detections"]))},
             )
         return JSONResponse(body, headers=headers)
@@ -275,10 +279,19 @@ def server_timing(timings_ms: dict[str, float]) -> str:
     return ", ".join(f"{stage};dur={ms:.3f}" for stage, ms in timings_ms.items())
 
 
-def wants_jpeg(accept: str) -> bool:
-    """``Accept: image/jpeg`` (without also accepting JSON) asks for the annotated image."""
+def annotated_format(response_format: str, accept: str) -> Literal["jpeg", "png"] | None:
+    """The annotated image's format (None: JSON): ``format=image|jpeg|png``, else ``Accept: image/jpeg`` or
+    ``image/png`` (without also accepting JSON)."""
+    if response_format in ("image", "jpeg"):
+        return "jpeg"
+    if response_format == "png":
+        return "png"
     accept = accept.lower()
-    return "image/jpeg" in accept and "application/json" not in accept
+    if "application/json" in accept:
+        return None
+    if "image/jpeg" in accept:
+        return "jpeg"
+    return "png" if "image/png" in accept else None
 
 
 def record_stages(
