@@ -27,6 +27,7 @@ from service.routes.deps import api_key_dependencies, get_state
 from service.routes.uploads import (
     BATCH_FIELDS,
     SINGLE_FIELDS,
+    Upload,
     UploadedImage,
     name_file,
     read_images,
@@ -111,26 +112,40 @@ def router(settings: Settings) -> APIRouter:
         max_detections: int = Query(max_det, ge=1, le=max_det),
         classes: list[str] | None = Query(None, description="class names to keep (repeat or comma-separate)"),
     ) -> JSONResponse:
-        """Several images as repeated multipart fields `files` (or `file`, `images`, `image`); results come
-        back in upload order. Any undecodable file fails the whole request with a 4xx naming it."""
+        """Several images as repeated multipart fields `files` (or `file`, `images`, `image`); one result per
+        file, in upload order: its detections, or the error that file alone got (an unreadable or corrupt
+        image does not fail the others). What fails the whole request (503 overloaded, 504, a bad query)
+        is answered as by /detect."""
         start = time.perf_counter()
         state = get_state(request)
         _, batcher = state.require_ready()
         class_mask = parse_classes(classes, state)
         uploads = await read_uploads(request, BATCH_FIELDS, max_files=state.settings.max_images_per_request)
-        decoded = await read_images(uploads, state.settings, state.decoding)
-        results = await run_detection(
-            state, request, batcher, [image for image, _ in decoded], [u.filename for u in uploads]
-        )
-        bodies = [
-            build_response(
-                state, image, result, decode_ms, queue_ms, start, score_threshold, class_mask, max_detections
+        read = await read_each(uploads, state)
+        readable = [(i, r) for i, r in enumerate(read) if not isinstance(r, ServiceError)]
+        images = [image for _, (image, _) in readable]
+        outcomes = await detection_outcomes(state, request, batcher, images) if images else []
+        results: list[Any] = list(read)
+        for (index, (image, decode_ms)), outcome in zip(readable, outcomes, strict=True):
+            results[index] = (
+                outcome
+                if isinstance(outcome, ServiceError)
+                else build_response(
+                    state,
+                    image,
+                    outcome[0],
+                    decode_ms,
+                    outcome[1],
+                    start,
+                    score_threshold,
+                    class_mask,
+                    max_detections,
+                )
             )
-            for (image, decode_ms), (result, queue_ms) in zip(decoded, results, strict=True)
-        ]
-        return JSONResponse(
-            {"results": bodies}, headers={"Server-Timing": server_timing(bodies[0]["timings_ms"])}
-        )
+        items = [batch_item(upload.filename, result) for upload, result in zip(uploads, results, strict=True)]
+        answered = [r for r in results if not isinstance(r, ServiceError)]
+        headers = {"Server-Timing": server_timing(answered[0]["timings_ms"])} if answered else {}
+        return JSONResponse({"results": items, "failed": len(results) - len(answered)}, headers=headers)
 
     return api
 
@@ -162,9 +177,22 @@ async def run_detection(
     images: list[UploadedImage],
     filenames: list[str | None] | None = None,
 ) -> list[tuple[ImageDetections, float]]:
+    """``detection_outcomes``, where an image the engine could not decode fails the request with its 4xx,
+    naming the file when there are several."""
+    answers = []
+    for index, outcome in enumerate(await detection_outcomes(state, request, batcher, images)):
+        if isinstance(outcome, ServiceError):
+            raise name_file(outcome, index, filenames[index]) if len(images) > 1 and filenames else outcome
+        answers.append(outcome)
+    return answers
+
+
+async def detection_outcomes(
+    state: ServiceState, request: Request, batcher: DynamicBatcher, images: list[UploadedImage]
+) -> list[tuple[ImageDetections, float] | ServiceError]:
     """Queue every image (decoded pixels, or a JPEG for the engine), wait (bounded by the request
-    timeout); returns (detections, queue ms) each. An image the engine could not decode fails the
-    request with its 4xx, naming the file when there are several."""
+    timeout); returns (detections, queue ms) each, or the 4xx of an image the engine could not decode.
+    What concerns the whole request (overload, timeout, shutdown, client gone) is raised."""
     timeout = state.settings.request_timeout_s
     deadline = request_deadline(request.scope.setdefault("state", {}), timeout)
     futures: list[asyncio.Future] = []
@@ -192,11 +220,12 @@ async def run_detection(
         raise ServiceError(504, "timeout", f"no answer within {timeout:g} s; the service is overloaded")
     if waiting:  # never reached the engine: nothing was done, retrying elsewhere is safe
         raise too_late()
-    answers = []
-    for index, future in enumerate(futures):
+    answers: list[tuple[ImageDetections, float] | ServiceError] = []
+    for future in futures:
         outcome = future.exception()
-        if isinstance(outcome, ServiceError):
-            raise name_file(outcome, index, filenames[index]) if len(images) > 1 and filenames else outcome
+        if isinstance(outcome, ServiceError) and outcome.status < 500:
+            answers.append(outcome)
+            continue
         if isinstance(outcome, ClientGone):
             raise ServiceError(499, "client_closed_request", "client disconnected before inference")
         if isinstance(outcome, ShuttingDown):
@@ -217,6 +246,35 @@ def too_late() -> ServiceError:
         "the service could not reach this request before its deadline; retry shortly",
         {"Retry-After": "1"},
     )
+
+
+async def read_each(
+    uploads: list[Upload], state: ServiceState
+) -> list[tuple[UploadedImage, float] | ServiceError]:
+    """``read_images`` file by file: an unreadable file gets its own 4xx in its place; a 5xx (the pixel
+    budget is spent) fails the request."""
+
+    async def read(upload: Upload) -> tuple[UploadedImage, float] | ServiceError:
+        try:
+            [image] = await read_images([upload], state.settings, state.decoding)
+        except ServiceError as error:
+            if error.status >= 500:
+                raise
+            return error
+        return image
+
+    return list(await asyncio.gather(*map(read, uploads)))
+
+
+def batch_item(filename: str | None, result: dict[str, Any] | ServiceError) -> dict[str, Any]:
+    """One file's entry of a /detect/batch answer (``schemas.BatchItem``)."""
+    if isinstance(result, ServiceError):
+        return {
+            "filename": filename,
+            "status": result.status,
+            "error": {"code": result.code, "message": result.message},
+        }
+    return {"filename": filename, "status": 200, **result}
 
 
 def build_response(
