@@ -37,7 +37,8 @@ def chromium_path() -> str | None:
 
 
 class Page:
-    """One tab: ``evaluate`` JavaScript, ``wait_for`` a condition, ``set_files`` on an input, ``screenshot``."""
+    """One tab: ``evaluate`` JavaScript, ``wait_for`` a condition, ``set_files`` on an input or ``drop_files``
+    on an element, ``screenshot``."""
 
     def __init__(self, ws_url: str) -> None:
         from websockets.sync.client import connect
@@ -110,6 +111,16 @@ class Page:
         if not node:
             raise AssertionError(f"no element matches {selector!r}")
         self.call("DOM.setFileInputFiles", nodeId=node, files=[str(Path(p).resolve()) for p in paths])
+
+    def drop_files(self, selector: str, *paths: str | Path) -> None:
+        """Drag files from outside the page and drop them on the middle of an element, as a person would."""
+        x, y = self.evaluate(
+            f"(r => [r.x + r.width / 2, r.y + r.height / 2])(document.querySelector({json.dumps(selector)})"
+            ".getBoundingClientRect())"
+        )
+        data = {"items": [], "files": [str(Path(p).resolve()) for p in paths], "dragOperationsMask": 1}
+        for kind in ("dragEnter", "dragOver", "drop"):
+            self.call("Input.dispatchDragEvent", type=kind, x=x, y=y, data=data)
 
     def screenshot(self, path: str | Path, full_page: bool = False) -> None:
         params: dict[str, Any] = {"format": "png", "captureBeyondViewport": full_page}

@@ -1,7 +1,7 @@
 """What a person sees, in a real headless Chromium (``browser`` marker; ``tests/browser.py`` drives it).
 
 - ``/docs``: Swagger UI renders the OpenAPI 3.1 schema and lists every operation.
-- ``/``: a BCCD photo chosen in the page is sent to ``POST /detect`` and the boxes drawn are exactly those
+- ``/``: a BCCD photo chosen (or dropped) in the page is sent to ``POST /detect`` and the boxes drawn are exactly those
   the API returns for the same file at the slider's threshold and the ticked classes; the webcam mode
   (Chromium's synthetic camera) runs frame after frame and shows its rate; a key-protected server asks
   for the key.
@@ -109,6 +109,16 @@ def test_page_draws_the_boxes_the_api_returned(server, browser, photo):
     assert browser.console == []
 
 
+def test_page_takes_a_dropped_photo(server, browser, bccd):
+    dropped = bccd / "JPEGImages" / "BloodImage_00003.jpg"
+    browser.goto(f"{server}/")
+    browser.drop_files("#stage", dropped)
+    browser.wait_for(DONE, what="the detections")
+    assert browser.evaluate("document.getElementById('summary').textContent").startswith(dropped.name)
+    boxes = drawn(browser)
+    assert boxes and boxes == api_detections(server, dropped, 0.5)
+
+
 def test_page_reports_a_bad_file_in_one_line(server, browser, tmp_path):
     browser.goto(f"{server}/")
     text = tmp_path / "notes.jpg"
@@ -147,3 +157,18 @@ def test_page_asks_for_the_key_a_server_needs(browser, photo):
         browser.set_files("#file", photo)
         browser.wait_for(DONE, what="the detections")
         assert drawn(browser)
+
+
+@pytest.mark.slow
+def test_page_with_the_shipped_model_draws_the_cells_it_finds(browser, photo, tmp_path):
+    """The shipped model (torch backend, ~15 s to load on 2 cores): the page draws what the API finds on a
+    BCCD photo, the white cell in the middle of BloodImage_00000 among it."""
+    with serving(create_app(settings(backend="torch"))) as (url, _):
+        browser.goto(f"{url}/")
+        browser.wait_for("document.querySelectorAll('#classes input').length === 3", what="the class filter")
+        browser.set_files("#file", photo)
+        browser.wait_for(DONE, timeout_s=60, what="the detections")
+        boxes = drawn(browser)
+        assert boxes == api_detections(url, photo, 0.5)
+        assert {"RBC", "WBC"} <= {b["label"] for b in boxes} and len(boxes) >= 10
+        browser.screenshot(tmp_path / "page.png")  # kept by pytest's tmp_path for a look after a failure
