@@ -122,30 +122,29 @@ def router(settings: Settings) -> APIRouter:
         class_mask = parse_classes(classes, state)
         uploads = await read_uploads(request, BATCH_FIELDS, max_files=state.settings.max_images_per_request)
         read = await read_each(uploads, state)
-        readable = [(i, r) for i, r in enumerate(read) if not isinstance(r, ServiceError)]
-        images = [image for _, (image, _) in readable]
+        errors = {i: r for i, r in enumerate(read) if isinstance(r, ServiceError)}
+        readable = {i: r for i, r in enumerate(read) if not isinstance(r, ServiceError)}
+        images = [image for image, _ in readable.values()]
         outcomes = await detection_outcomes(state, request, batcher, images) if images else []
-        results: list[Any] = list(read)
-        for (index, (image, decode_ms)), outcome in zip(readable, outcomes, strict=True):
-            results[index] = (
-                outcome
-                if isinstance(outcome, ServiceError)
-                else build_response(
-                    state,
-                    image,
-                    outcome[0],
-                    decode_ms,
-                    outcome[1],
-                    start,
-                    score_threshold,
-                    class_mask,
-                    max_detections,
-                )
+        detected = {}
+        for index, outcome in zip(readable, outcomes, strict=True):
+            if isinstance(outcome, ServiceError):
+                errors[index] = outcome
+            else:
+                detected[index] = outcome
+        items, bodies = [], []
+        for index, upload in enumerate(uploads):
+            if index in errors:
+                items.append(failed_item(upload.filename, errors[index]))
+                continue
+            (image, decode_ms), (result, queue_ms) = readable[index], detected[index]
+            body = build_response(
+                state, image, result, decode_ms, queue_ms, start, score_threshold, class_mask, max_detections
             )
-        items = [batch_item(upload.filename, result) for upload, result in zip(uploads, results, strict=True)]
-        answered = [r for r in results if not isinstance(r, ServiceError)]
-        headers = {"Server-Timing": server_timing(answered[0]["timings_ms"])} if answered else {}
-        return JSONResponse({"results": items, "failed": len(results) - len(answered)}, headers=headers)
+            bodies.append(body)
+            items.append({"filename": upload.filename, "status": 200, **body})
+        headers = {"Server-Timing": server_timing(bodies[0]["timings_ms"])} if bodies else {}
+        return JSONResponse({"results": items, "failed": len(errors)}, headers=headers)
 
     return api
 
@@ -266,15 +265,13 @@ async def read_each(
     return list(await asyncio.gather(*map(read, uploads)))
 
 
-def batch_item(filename: str | None, result: dict[str, Any] | ServiceError) -> dict[str, Any]:
-    """One file's entry of a /detect/batch answer (``schemas.BatchItem``)."""
-    if isinstance(result, ServiceError):
-        return {
-            "filename": filename,
-            "status": result.status,
-            "error": {"code": result.code, "message": result.message},
-        }
-    return {"filename": filename, "status": 200, **result}
+def failed_item(filename: str | None, error: ServiceError) -> dict[str, Any]:
+    """The entry of a file that got an error in a /detect/batch answer (``schemas.BatchItem``)."""
+    return {
+        "filename": filename,
+        "status": error.status,
+        "error": {"code": error.code, "message": error.message},
+    }
 
 
 def build_response(
