@@ -30,7 +30,7 @@ DESCRIPTION = """RefineDet object detection over HTTP.
 
 POST an image (JPEG, PNG, WebP or BMP) to `/detect` as multipart field `file` or as the raw body with an
 image content type; get detections in original-image pixels, or the annotated image with `?format=image`
-(JPEG) or `?format=png`. [The page at `/`](/) tries it in the browser.
+(JPEG) or `?format=png`. Try it in a browser on [the page at /](/).
 """
 
 

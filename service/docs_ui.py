@@ -23,7 +23,12 @@ ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")
 
 def swagger_ui_folder() -> Path:
     """The folder holding Swagger UI's bundle, stylesheet and icon (``ASSETS``)."""
-    folder = Path(str(files("fastapi_offline") / "static"))
+    try:
+        folder = Path(str(files("fastapi_offline") / "static"))
+    except ModuleNotFoundError:
+        raise RuntimeError(
+            "/docs needs the fastapi-offline package: pip install 'refinedet[serve]'"
+        ) from None
     missing = [name for name in ASSETS if not (folder / name).is_file()]
     if missing:
         raise RuntimeError(

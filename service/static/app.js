@@ -52,7 +52,7 @@ async function errorMessage(response) {
 
 // ---- the model ------------------------------------------------------------------------------------
 async function loadModel() {
-  const response = await fetch("/v1/model", { headers: apiHeaders() });
+  const response = await fetch("v1/model", { headers: apiHeaders() });
   if (response.status === 401) {
     $("model").textContent = "API key needed";
     return;
@@ -101,7 +101,7 @@ async function detect(blob, filename) {
   form.append("file", blob, filename);
   const query = new URLSearchParams({ score_threshold: "0", max_detections: String(config.maxDetections) });
   const started = performance.now();
-  const response = await fetch(`/detect?${query}`, { method: "POST", body: form, headers: apiHeaders() });
+  const response = await fetch(`detect?${query}`, { method: "POST", body: form, headers: apiHeaders() });
   if (!response.ok) throw new Error(await errorMessage(response));
   const body = await response.json();
   return { body, timing: response.headers.get("Server-Timing") || "", rtt: performance.now() - started };
@@ -114,11 +114,11 @@ async function detectFile(file) {
   document.body.dataset.state = "busy";
   $("busy").hidden = false;
   try {
-    const bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
+    // The API's answer first: its error says what is wrong with a file in one line.
+    const decoding = createImageBitmap(file, { imageOrientation: "from-image" }).catch(() => null);
     const { body, timing, rtt } = await detect(file, file.name || "pasted image");
-    if (body.image.width !== bitmap.width || body.image.height !== bitmap.height) {
-      console.warn("the API saw", body.image, "the browser decoded", bitmap.width, bitmap.height);
-    }
+    const bitmap = await decoding;
+    if (!bitmap) throw new Error("the server read this image, but this browser cannot display it");
     show(bitmap, body, file.name || "pasted image");
     showTimings(timing, rtt);
     document.body.dataset.state = "done";
