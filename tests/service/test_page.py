@@ -30,7 +30,7 @@ def test_page_is_served_with_its_settings_and_local_assets():
         urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
         # relative: from this server, also behind a proxy's path prefix; nothing from outside
         assert {"ui/app.js", "ui/app.css", "docs", "metrics"} <= set(urls)
-        assert not [u for u in urls if ":" in u and not u.startswith("data:") or u.startswith("//")], urls
+        assert not [u for u in urls if (":" in u and not u.startswith("data:")) or u.startswith("//")], urls
         for asset in ("/ui/app.js", "/ui/app.css"):
             assert client.get(asset).status_code == 200
         assert client.get("/ui/missing.js").status_code == 404
