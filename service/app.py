@@ -14,23 +14,26 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.routing import Mount
 
 from model.runtime.plan import PLAN_ENV, EnginePlan
 from model.version import package_version
 from service.admission import GuardMiddleware
-from service.docs_ui import install_swagger_ui
+from service.docs_ui import DOCS_PATH, install_swagger_ui
 from service.http_errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, RequestLog, early_refusals
 from service.protocol import DRAIN_KEY, EARLY_KEY, LIMITS_KEY, HttpLimits
 from service.routes import benchmark, detect, health, inference_v2
+from service.routes.page import PAGE_PATH, install_page
 from service.settings import Settings
 from service.state import Loader, ServiceState
 
 DESCRIPTION = """RefineDet object detection over HTTP.
 
 POST an image (JPEG, PNG, WebP or BMP) to `/detect` as multipart field `file` or as the raw body with an
-image content type; get detections in original-image pixels, or the annotated image with `?format=image`.
+image content type; get detections in original-image pixels, or the annotated image with `?format=image`
+(JPEG) or `?format=png`. Try it in a browser on [the page at /](/).
 """
 
 
@@ -90,6 +93,7 @@ def create_app(
     app.include_router(health.router(settings))
     app.include_router(inference_v2.router(settings))
     app.include_router(benchmark.router(settings))
+    install_page(app, settings)  # / for people, its assets under /ui
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -102,11 +106,14 @@ def create_app(
         BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, idle_timeout_s=settings.body_timeout_s
     )
     app.add_middleware(GuardMiddleware, admission=state.admission)
-    docs = frozenset(
-        p for p in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p
-    )
+    pages = (app.openapi_url, DOCS_PATH, PAGE_PATH, app.swagger_ui_oauth2_redirect_url)
+    docs = frozenset(p for p in pages if p)
     requests = RequestLog(
-        metrics, settings.access_log, known_paths=docs, route_paths=lambda: app.openapi().get("paths", {})
+        metrics,
+        settings.access_log,
+        known_paths=docs,
+        route_paths=lambda: app.openapi().get("paths", {}),
+        mounts=[route.path for route in app.routes if isinstance(route, Mount)],
     )
     app.add_middleware(RequestContextMiddleware, requests=requests)
     return app

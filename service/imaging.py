@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from model.drawing import draw_detections
 from model.preprocess import pil_to_rgb
 
 log = logging.getLogger("refinedet.service")
@@ -47,15 +48,6 @@ OTHER_FORMATS = (
     (b"\x8aMNG", "MNG"),
     (b"\xff\x0a", "JPEG XL"),
     (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
-)
-PALETTE = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
 )
 EXIF_ORIENTATION = 0x0112
 # PIL modes of plain JPEGs (what nvJPEG decodes to RGB as libjpeg does); CMYK and YCCK are not.
@@ -243,24 +235,15 @@ def _decode(image: Image.Image) -> DecodedImage:
     return DecodedImage(pixels, int(pixels.shape[2]), int(pixels.shape[1]), str(image.format))
 
 
-def annotate(pixels: Tensor, detections: Sequence[dict], quality: int = 90) -> bytes:
+def annotate(
+    pixels: Tensor, detections: Sequence[dict], image_format: str = "jpeg", quality: int = 90
+) -> bytes:
     """Draw detections (response dicts: label, class_id, score, box in pixels) on uint8 RGB Tensor[3, H, W]
-    and encode as JPEG."""
-    image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy(), "RGB")
-    draw = ImageDraw.Draw(image)
-    width = max(1, round(min(image.size) / 250))
-    for det in detections:
-        box = det["box"]
-        color = PALETTE[det["class_id"] % len(PALETTE)]
-        xy = (box["x1"], box["y1"], box["x2"], box["y2"])
-        draw.rectangle(xy, outline=color, width=width)
-        text = f"{det['label']} {det['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((xy[0], xy[1]), text)
-        label_top = max(0.0, xy[1] - (bottom - top) - 2)
-        draw.rectangle(
-            (xy[0], label_top, xy[0] + (right - left) + 4, label_top + (bottom - top) + 2), fill=color
-        )
-        draw.text((xy[0] + 2, label_top), text, fill=(255, 255, 255))
+    (``model.drawing.draw_detections``, as ``refinedet predict --annotate``) and encode it as JPEG or PNG."""
+    canvas = draw_detections(pixels, detections)
     out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality)
+    if image_format == "png":
+        canvas.save(out, format="PNG", compress_level=3)
+    else:
+        canvas.save(out, format="JPEG", quality=quality)
     return out.getvalue()

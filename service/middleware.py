@@ -45,7 +45,9 @@ class RequestLog:
     the answers given at the HTTP layer (``early_refusals``), so both count and log alike.
 
     A request answered before routing is labelled with the route template its path matches
-    (``route_paths()``, the app's routes; ``known_paths`` as they are). ``prepare()`` builds the patterns
+    (``route_paths()``, the app's routes; ``known_paths`` as they are); a file under a mounted folder
+    (``mounts``: Swagger UI's and the page's assets) as ``<mount>/{path}``, so that it is not counted as
+    ``unmatched`` and the labels stay bounded. ``prepare()`` builds the patterns
     at startup: their first use would otherwise generate the OpenAPI schema on the event loop, a
     ~0.1-0.2 s stall of every connection in the middle of the first burst refused.
     """
@@ -56,11 +58,13 @@ class RequestLog:
         log_requests: bool = True,
         known_paths: frozenset[str] = frozenset(),
         route_paths: Callable[[], Iterable[str]] = tuple,
+        mounts: Iterable[str] = (),
     ) -> None:
         self.metrics = metrics
         self.log_requests = log_requests
         self.known_paths = known_paths  # non-API routes (docs) that may be metric labels as they are
         self._route_paths = route_paths
+        self.mounts = tuple(m.rstrip("/") + "/" for m in mounts)
         self._patterns: list[tuple[re.Pattern[str], str]] | None = None
 
     def prepare(self) -> None:
@@ -79,6 +83,9 @@ class RequestLog:
         path = scope["path"]
         if path in self.known_paths:
             return path
+        mount = next((m for m in self.mounts if path.startswith(m)), None)
+        if mount is not None:
+            return mount + "{path}"
         self.prepare()
         assert self._patterns is not None
         return next((t for pattern, t in self._patterns if pattern.fullmatch(path)), "unmatched")

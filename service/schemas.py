@@ -52,15 +52,21 @@ class DetectResponse(BaseModel):
 
 
 class BatchItem(BaseModel):
-    """One file of a batch request: its detections, or the error that file alone got."""
+    """One file of a batch request: ``status`` 200 and the fields of a /detect answer (detections, image,
+    model, timings_ms), or the 4xx that file alone got and its ``error`` (the other files are answered)."""
 
-    filename: str | None = None
-    result: DetectResponse | None = None
+    filename: str | None = Field(description="the upload's file name, if it had one")
+    status: int = Field(description="200, or the status /detect would have answered for this file")
+    detections: list[Detection] | None = None
+    image: ImageSize | None = None
+    model: ModelSummary | None = None
+    timings_ms: Timings | None = None
     error: ErrorBody | None = None
 
 
 class BatchResponse(BaseModel):
-    results: list[BatchItem]
+    results: list[BatchItem] = Field(description="one per file, in upload order")
+    failed: int = Field(description="how many files got an error instead of detections")
 
 
 class ErrorBody(BaseModel):

@@ -4,6 +4,7 @@
 - ``tensorrt``: skipped without the ``tensorrt`` package and a CUDA device.
 - ``slow``: skipped unless ``--runslow`` or ``REFINEDET_SLOW=1``.
 - ``ray``: skipped without Ray (extra ``scale``); the test itself also needs root, ``unshare`` and ``ip``.
+- ``browser``: skipped without a Chromium binary (``browser.chromium_path``: Debian's ``chromium``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
+from browser import chromium_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +66,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         "ray": None
         if importlib.util.find_spec("ray") is not None
         else "Ray is not installed (pip install -e '.[scale]')",
+        "browser": None
+        if chromium_path()
+        else "needs Chromium (apt-get install chromium, or set REFINEDET_CHROMIUM to its binary)",
     }
     for item in items:
         for marker, reason in skips.items():

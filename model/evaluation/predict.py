@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
+from model.drawing import draw_detections
 from model.errors import UserError
 from model.preprocess import load_image
 
 if TYPE_CHECKING:
     from PIL import Image
 
-PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 ROWS_FILE, RUN_FILE = "detections.jsonl", "run.json"
 Loaded = tuple[str, Tensor | str]  # (file, uint8 RGB [3, H, W] or why it could not be read)
@@ -275,23 +275,3 @@ def save_annotated(batch: Sequence[Loaded], rows: Sequence[dict[str, Any]], fold
 
 def _save_jpeg(canvas: Image.Image, f: BinaryIO) -> None:
     canvas.save(f, format="JPEG", quality=92)
-
-
-def draw_detections(image: Tensor, records: Sequence[dict[str, Any]]) -> Image.Image:
-    """uint8 RGB image [3, H, W] -> PIL image with each box, its class name and score drawn on it."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-    draw = ImageDraw.Draw(canvas)
-    line = max(1, round(max(canvas.size) / 320))
-    font = ImageFont.load_default(size=max(10, round(max(canvas.size) / 48)))
-    for rec in records:
-        colour = PALETTE[rec["class_id"] % len(PALETTE)]
-        b = rec["box"]
-        draw.rectangle((b["x1"], b["y1"], b["x2"], b["y2"]), outline=colour, width=line)
-        text = f"{rec['label']} {rec['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((b["x1"], b["y1"]), text, font=font)
-        y = max(0.0, b["y1"] - (bottom - top) - 2)
-        draw.rectangle((left, y, right + 2, y + bottom - top + 2), fill=colour)
-        draw.text((b["x1"] + 1, y - (top - b["y1"])), text, fill=(255, 255, 255), font=font)
-    return canvas

@@ -22,11 +22,13 @@ from service.admission import request_deadline
 from service.batcher import DynamicBatcher, TooLate
 from service.detector import ImageDetections
 from service.errors import ServiceError
+from service.http_errors import http_error
 from service.imaging import DecodedImage, UnusableImage, annotate
 from service.routes.deps import api_key_dependencies, get_state
 from service.routes.uploads import (
     BATCH_FIELDS,
     SINGLE_FIELDS,
+    Upload,
     UploadedImage,
     name_file,
     read_images,
@@ -51,7 +53,10 @@ def router(settings: Settings) -> APIRouter:
         response_model=DetectResponse,
         responses={
             **ERRORS,
-            200: {"content": {"image/jpeg": {}}, "description": "detections, or the annotated image"},
+            200: {
+                "content": {"image/jpeg": {}, "image/png": {}},
+                "description": "detections, or the annotated image",
+            },
         },
         openapi_extra=upload_body(SINGLE_FIELDS, many=False),
         summary="Detect objects in one image",
@@ -61,24 +66,25 @@ def router(settings: Settings) -> APIRouter:
         score_threshold: float = Query(settings.default_score_threshold, ge=0.0, le=1.0),
         max_detections: int = Query(max_det, ge=1, le=max_det),
         classes: list[str] | None = Query(None, description="class names to keep (repeat or comma-separate)"),
-        response_format: Literal["json", "image"] = Query(
-            "json", alias="format", description="image: annotated JPEG"
+        response_format: Literal["json", "image", "jpeg", "png"] = Query(
+            "json", alias="format", description="image or jpeg: the annotated image as JPEG; png: as PNG"
         ),
     ) -> Response:
         """An image as multipart field `file` (or `image`), or as the raw body with an image content type.
-        With `format=image` (or `Accept: image/jpeg`) the answer is the image with the boxes drawn."""
+        With `format=image` or `jpeg` (or `Accept: image/jpeg`) the answer is the image with the boxes
+        drawn, as JPEG; with `format=png` (or `Accept: image/png`) as PNG."""
         start = time.perf_counter()
         state = get_state(request)
         _, batcher = state.require_ready()  # before the upload is read: not ready answers 503 at once
         class_mask = parse_classes(classes, state)
-        annotated = response_format == "image" or wants_jpeg(request.headers.get("accept", ""))
+        annotated = annotated_format(response_format, request.headers.get("accept", ""))
         uploads = await read_uploads(request, SINGLE_FIELDS, max_files=2)
         if len(uploads) != 1:
             raise ServiceError(
                 422, "too_many_files", "send one image to /detect; use /detect/batch for several"
             )
         [(image, decode_ms)] = await read_images(
-            uploads, state.settings, state.decoding, host_pixels=annotated
+            uploads, state.settings, state.decoding, host_pixels=annotated is not None
         )
         [(result, queue_ms)] = await run_detection(state, request, batcher, [image])
         body = build_response(
@@ -86,10 +92,10 @@ def router(settings: Settings) -> APIRouter:
         )
         headers = {"Server-Timing": server_timing(body["timings_ms"])}
         if annotated and isinstance(image, DecodedImage):
-            jpeg = await asyncio.to_thread(annotate, image.pixels, body["detections"])
+            drawn = await asyncio.to_thread(annotate, image.pixels, body["detections"], annotated)
             return Response(
-                jpeg,
-                media_type="image/jpeg",
+                drawn,
+                media_type=f"image/{annotated}",
                 headers={**headers, "X-Detections": str(len(body["detections"]))},
             )
         return JSONResponse(body, headers=headers)
@@ -107,26 +113,41 @@ def router(settings: Settings) -> APIRouter:
         max_detections: int = Query(max_det, ge=1, le=max_det),
         classes: list[str] | None = Query(None, description="class names to keep (repeat or comma-separate)"),
     ) -> JSONResponse:
-        """Several images as repeated multipart fields `files` (or `file`, `images`, `image`); results come
-        back in upload order. Any undecodable file fails the whole request with a 4xx naming it."""
+        """Several images as repeated multipart fields `files` (or `file`, `images`, `image`); one result per
+        file, in upload order: its detections, or the error that file alone got (an unreadable or corrupt
+        image does not fail the others). What fails the whole request (503 overloaded, 504, a bad query)
+        is answered as by /detect."""
         start = time.perf_counter()
         state = get_state(request)
         _, batcher = state.require_ready()
         class_mask = parse_classes(classes, state)
         uploads = await read_uploads(request, BATCH_FIELDS, max_files=state.settings.max_images_per_request)
-        decoded = await read_images(uploads, state.settings, state.decoding)
-        results = await run_detection(
-            state, request, batcher, [image for image, _ in decoded], [u.filename for u in uploads]
-        )
-        bodies = [
-            build_response(
+        read = await read_each(uploads, state)
+        errors: dict[int, ServiceError | UnusableImage] = {
+            i: r for i, r in enumerate(read) if isinstance(r, ServiceError)
+        }
+        readable = {i: r for i, r in enumerate(read) if not isinstance(r, ServiceError)}
+        images = [image for image, _ in readable.values()]
+        outcomes = await detection_outcomes(state, request, batcher, images) if images else []
+        detected = {}
+        for index, outcome in zip(readable, outcomes, strict=True):
+            if isinstance(outcome, UnusableImage):
+                errors[index] = outcome
+            else:
+                detected[index] = outcome
+        items, bodies = [], []
+        for index, upload in enumerate(uploads):
+            if index in errors:
+                items.append(failed_item(upload.filename, errors[index]))
+                continue
+            (image, decode_ms), (result, queue_ms) = readable[index], detected[index]
+            body = build_response(
                 state, image, result, decode_ms, queue_ms, start, score_threshold, class_mask, max_detections
             )
-            for (image, decode_ms), (result, queue_ms) in zip(decoded, results, strict=True)
-        ]
-        return JSONResponse(
-            {"results": bodies}, headers={"Server-Timing": server_timing(bodies[0]["timings_ms"])}
-        )
+            bodies.append(body)
+            items.append({"filename": upload.filename, "status": 200, **body})
+        headers = {"Server-Timing": server_timing(bodies[0]["timings_ms"])} if bodies else {}
+        return JSONResponse({"results": items, "failed": len(errors)}, headers=headers)
 
     return api
 
@@ -158,10 +179,23 @@ async def run_detection(
     images: list[UploadedImage],
     filenames: list[str | None] | None = None,
 ) -> list[tuple[ImageDetections, float]]:
+    """``detection_outcomes``, where an image the engine could not decode fails the request
+    (``UnusableImage``, naming the file when there are several: ``service.http_errors`` answers it)."""
+    answers = []
+    for index, outcome in enumerate(await detection_outcomes(state, request, batcher, images)):
+        if isinstance(outcome, UnusableImage):
+            raise name_file(outcome, index, filenames[index]) if len(images) > 1 and filenames else outcome
+        answers.append(outcome)
+    return answers
+
+
+async def detection_outcomes(
+    state: ServiceState, request: Request, batcher: DynamicBatcher, images: list[UploadedImage]
+) -> list[tuple[ImageDetections, float] | UnusableImage]:
     """Queue every image (decoded pixels, or a JPEG for the engine), wait (bounded by the request
-    timeout); returns (detections, queue ms) each. What the batcher refuses or drops it with, and an image
-    the engine could not decode (``UnusableImage``, naming the file when there are several), are raised
-    as they are: ``service.http_errors`` answers them."""
+    timeout); returns (detections, queue ms) each, or the ``UnusableImage`` of an image the engine could
+    not decode. What concerns the whole request (the batcher's refusals and drops, the timeout) is raised
+    as it is: ``service.http_errors`` answers it."""
     timeout = state.settings.request_timeout_s
     deadline = request_deadline(request.scope.setdefault("state", {}), timeout)
     futures: list[asyncio.Future] = []
@@ -178,14 +212,46 @@ async def run_detection(
         raise ServiceError(504, "timeout", f"no answer within {timeout:g} s; the service is overloaded")
     if waiting:  # never reached the engine: nothing was done, retrying elsewhere is safe
         raise TooLate("the request could not be served before its deadline")
-    answers = []
-    for index, future in enumerate(futures):
+    answers: list[tuple[ImageDetections, float] | UnusableImage] = []
+    for future in futures:
         try:
             result, queue_s = future.result()
         except UnusableImage as exc:
-            raise name_file(exc, index, filenames[index]) if len(images) > 1 and filenames else exc from None
+            answers.append(exc)
+            continue
         answers.append((result, queue_s * 1e3))
     return answers
+
+
+async def read_each(
+    uploads: list[Upload], state: ServiceState
+) -> list[tuple[UploadedImage, float] | ServiceError]:
+    """``read_images`` file by file: a file that cannot be served gets its own 4xx in its place; a 5xx (the
+    pixel budget is spent) fails the request."""
+
+    async def read(upload: Upload) -> tuple[UploadedImage, float] | ServiceError:
+        try:
+            [image] = await read_images([upload], state.settings, state.decoding)
+        except (ServiceError, UnusableImage) as exc:
+            error = http_error(exc)
+            if error is None or error.status >= 500:
+                raise
+            return error
+        return image
+
+    return list(await asyncio.gather(*map(read, uploads)))
+
+
+def failed_item(filename: str | None, error: ServiceError | UnusableImage) -> dict[str, Any]:
+    """The entry of a file that got an error in a /detect/batch answer (``schemas.BatchItem``), as
+    ``service.http_errors`` would answer it alone."""
+    answer = http_error(error)
+    assert answer is not None
+    return {
+        "filename": filename,
+        "status": answer.status,
+        "error": {"code": answer.code, "message": answer.message},
+    }
 
 
 def build_response(
@@ -248,10 +314,19 @@ def server_timing(timings_ms: dict[str, float]) -> str:
     return ", ".join(f"{stage};dur={ms:.3f}" for stage, ms in timings_ms.items())
 
 
-def wants_jpeg(accept: str) -> bool:
-    """``Accept: image/jpeg`` (without also accepting JSON) asks for the annotated image."""
+def annotated_format(response_format: str, accept: str) -> Literal["jpeg", "png"] | None:
+    """The annotated image's format (None: JSON): ``format=image|jpeg|png``, else ``Accept: image/jpeg`` or
+    ``image/png`` (without also accepting JSON)."""
+    if response_format in ("image", "jpeg"):
+        return "jpeg"
+    if response_format == "png":
+        return "png"
     accept = accept.lower()
-    return "image/jpeg" in accept and "application/json" not in accept
+    if "application/json" in accept:
+        return None
+    if "image/jpeg" in accept:
+        return "jpeg"
+    return "png" if "image/png" in accept else None
 
 
 def record_stages(

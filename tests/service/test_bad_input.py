@@ -8,7 +8,10 @@ import zlib
 import pytest
 from service_testing import encode, noise_image
 
+from service.schemas import BatchResponse
+
 JPEG = encode(noise_image(64, 48, seed=4))
+GIF = encode(noise_image(16, 16, 0), "GIF")
 MAX_UPLOAD = 20 * 1024 * 1024  # the default max_upload_bytes
 
 
@@ -115,12 +118,37 @@ def test_invalid_query_values_get_422(client, params):
     assert r.json()["error"]["code"] in ("invalid_request", "unknown_class")
 
 
-def test_batch_names_the_bad_file(client):
-    files = [("files", ("good.jpg", JPEG)), ("files", ("bad.jpg", JPEG[:100]))]
+def test_a_bad_file_fails_alone_in_a_batch(client):
+    """Each file of /detect/batch gets its own answer: detections for the good ones, the 4xx /detect would
+    have given for each bad one (truncated, not an image, unsupported format), in upload order."""
+    files = [
+        ("files", ("good.jpg", JPEG)),
+        ("files", ("truncated.jpg", JPEG[:100])),
+        ("files", ("anim.gif", GIF)),
+        ("files", ("again.jpg", JPEG)),
+    ]
     r = client.post("/detect/batch", files=files)
-    assert r.status_code == 400 and "file 1 (bad.jpg)" in r.json()["error"]["message"]
+    assert r.status_code == 200, r.text
+    body = BatchResponse.model_validate(r.json())
+    assert [(i.filename, i.status) for i in body.results] == [
+        ("good.jpg", 200),
+        ("truncated.jpg", client.post("/detect", **as_file(JPEG[:100])).status_code),
+        ("anim.gif", client.post("/detect", **as_file(GIF)).status_code),
+        ("again.jpg", 200),
+    ]
+    assert body.failed == 2
+    good, truncated, gif, again = body.results
+    assert good.detections == again.detections and good.image is not None and good.error is None
+    assert truncated.error and truncated.detections is None and len(truncated.error.message) > 10
+    assert gif.error and gif.error.code != truncated.error.code and "GIF" in gif.error.message
     too_many = [("files", (f"{i}.jpg", JPEG)) for i in range(17)]
-    assert client.post("/detect/batch", files=too_many).status_code == 400
+    assert client.post("/detect/batch", files=too_many).status_code == 400  # the request itself is wrong
+
+
+def test_a_batch_of_only_bad_files_is_answered_file_by_file(client):
+    r = client.post("/detect/batch", files=[("files", ("a.jpg", b"x" * 50)), ("files", ("b.jpg", b""))])
+    assert r.status_code == 200 and r.json()["failed"] == 2
+    assert all(item["status"] >= 400 and item["error"]["message"] for item in r.json()["results"])
 
 
 def test_unknown_routes_and_methods(client):

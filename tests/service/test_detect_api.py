@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 from service_testing import assert_same_detections, direct_detections, encode, noise_image
 
+from model.drawing import PALETTE
+
 IMAGE = encode(noise_image(96, 72, seed=1))
 THRESHOLD = 0.3
 
@@ -99,6 +101,28 @@ def test_annotated_image_instead_of_json(client, reference):
         with Image.open(io.BytesIO(IMAGE)) as im:
             plain = np.asarray(im.convert("RGB"), dtype=np.int16)
         assert np.abs(drawn - plain).max() > 100  # boxes were drawn
+
+
+def test_annotated_image_as_png(client, reference):
+    """``format=png`` (or ``Accept: image/png``): the same drawing as the JPEG, without its losses."""
+    jpeg = detect(client, params={"format": "jpeg"})
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(jpeg.content)) as im:
+        lossy = np.asarray(im.convert("RGB"), dtype=np.int16)
+    with Image.open(io.BytesIO(IMAGE)) as im:
+        plain = np.asarray(im.convert("RGB"), dtype=np.int16)
+    for r in (detect(client, params={"format": "png"}), detect(client, headers={"Accept": "image/png"})):
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+        assert int(r.headers["x-detections"]) == len(reference)
+        with Image.open(io.BytesIO(r.content)) as im:
+            assert im.format == "PNG" and im.size == (96, 72)
+            drawn = np.asarray(im.convert("RGB"), dtype=np.int16)
+        assert np.abs(drawn - plain).max() > 100  # boxes were drawn
+        # lossless: the boxes and label chips are their class colours exactly (the JPEG's are not)
+        for class_id in {["a", "b"].index(d["label"]) for d in reference}:
+            colour = np.array(PALETTE[class_id])
+            assert (drawn == colour).all(axis=2).sum() > 50 > (lossy == colour).all(axis=2).sum()
+    assert detect(client, params={"format": "gif"}).status_code == 422
 
 
 def test_image_modes_formats_and_exif_orientation(client, tiny_model):

@@ -98,11 +98,20 @@ def test_annotated_image_is_still_drawn(engine_client):
         assert im.size == (96, 72)
 
 
-def test_batch_request_names_a_corrupt_file(engine_client):
+def test_a_file_the_engine_cannot_decode_fails_alone_in_a_batch(engine_client):
+    """The header passes, the engine's decoder fails: that file gets its 400, the good one its detections."""
     files = [("files", ("good.jpg", IMAGE)), ("files", ("bad.jpg", corrupt_huffman_table(IMAGE)))]
     r = engine_client.post("/detect/batch", files=files)
-    assert r.status_code == 400, r.text
-    assert r.json()["error"]["code"] == "invalid_image" and "file 1 (bad.jpg)" in r.json()["error"]["message"]
+    assert r.status_code == 200, r.text
+    good, bad = r.json()["results"]
+    assert (good["filename"], good["status"], bad["filename"], bad["status"]) == (
+        "good.jpg",
+        200,
+        "bad.jpg",
+        400,
+    )
+    assert good["image"] == {"width": 96, "height": 72} and "error" not in good
+    assert bad["error"]["code"] == "invalid_image" and "detections" not in bad and r.json()["failed"] == 1
     assert engine_client.post("/detect", files={"file": ("a.jpg", IMAGE)}).status_code == 200
 
 

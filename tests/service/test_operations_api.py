@@ -94,7 +94,8 @@ def test_the_schema_is_built_at_startup_not_on_a_request():
 
 
 def test_docs_page_loads_nothing_from_outside(client):
-    """Swagger UI comes from the swagger-ui-bundle package's files: the page works offline."""
+    """Swagger UI comes from the fastapi-offline package's files: the page works offline (that it renders the
+    schema is tests/service/test_browser.py's)."""
     import re
 
     page = client.get("/docs")
