@@ -127,7 +127,8 @@ def load_failure(path: Path, exc: BaseException) -> str:
     if "WeightsUnpickler error:" in text:  # weights_only=True: the cause follows PyTorch's advice
         text = text.split("WeightsUnpickler error:", 1)[1]
     line = next((part.strip() for part in text.splitlines() if part.strip()), "")
-    return f"{type(exc).__name__}: {line[:200]}" if line else type(exc).__name__
+    line = line.split(". ", 1)[0].removesuffix(".")[:200]  # the first sentence: what, not PyTorch's advice
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

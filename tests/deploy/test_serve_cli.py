@@ -11,6 +11,7 @@ import pytest
 import uvicorn
 
 import deploy.prepare
+import service.server
 from deploy.cli import overrides_from, settings_from
 from model.cli import build_parser, main
 from service.app import create_app_from_env
@@ -21,6 +22,7 @@ from service.settings import Settings
 def captured_run(monkeypatch):
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    monkeypatch.setattr(service.server, "check_port", lambda host, port: None)  # port 8000 may be taken here
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the CLI exports settings for workers
     return calls
 
@@ -199,3 +201,24 @@ def test_healthcheck_fails_when_nothing_listens(capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert main(["healthcheck", "--port", str(port)]) == 1
+    assert capsys.readouterr().err == (
+        f"refinedet healthcheck: not ready: connection refused on port {port} (nothing listens on 127.0.0.1:{port})\n"
+    )
+
+
+def test_a_taken_port_is_one_line_before_the_server_starts(tiny_checkpoint, monkeypatch, capsys):
+    import socket
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("uvicorn started"))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        argv = ["serve", "--model", str(tiny_checkpoint), "--backend", "torch", "--device", "cpu"]
+        assert main([*argv, "--port", str(port)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        f"refinedet serve: error: port {port} is already in use on 127.0.0.1 (another server listens there): "
+        "stop it or pick another --port"
+    )
+    assert not any("address already in use" in line for line in err)  # uvicorn never got to it
