@@ -51,9 +51,9 @@ def has_cache_path_api() -> bool:
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
-def build_table(checkpoint: Path, output: Path, options: Any) -> dict[str, Any]:
+def build_table(checkpoint: Path, output: Path, options: Any, progress: Any = None) -> dict[str, Any]:
     """Calibrate ``checkpoint``'s FP32 export on ``options.files`` (``QuantizeOptions``) and write the
-    table to ``output`` (atomically). Returns the table."""
+    table to ``output`` (atomically). Returns the table. ``progress``: a ``conversion.progress.StageProgress``."""
     import onnxruntime
     import torch
 
@@ -64,8 +64,10 @@ def build_table(checkpoint: Path, output: Path, options: Any) -> dict[str, Any]:
         raise UserError(f"onnxruntime {onnxruntime.__version__} cannot export calibration ranges; upgrade it")
     with tempfile.TemporaryDirectory(prefix="refinedet-ranges-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
+        if progress is not None:
+            progress.stage("exporting the FP32 ONNX model")
         manifest = export_checkpoint(checkpoint, fp32)
-        reader = ImageReader(options.files, manifest.config, 1, manifest.input_name)
+        reader = ImageReader(options.files, manifest.config, 1, manifest.input_name, progress)
         cache = Path(tmp) / "ort-ranges.json"
         _, fp32_nodes = run_quantize_static(fp32, Path(tmp), reader, options, calibration_cache=cache)
         ranges = read_ort_ranges(cache)

@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_onnx(targets: argparse._SubParsersAction) -> None:
     p = targets.add_parser("onnx", help="checkpoint -> ONNX model + manifest (<output>.json)")
-    p.add_argument("--checkpoint", required=True, type=Path, help="RefineDet checkpoint (.pt)")
+    p.add_argument("--checkpoint", type=Path, help="RefineDet checkpoint (default: the shipped BCCD model)")
     p.add_argument("-o", "--output", required=True, type=Path, help="ONNX file to write, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 11-20 (default 17)")
     p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size K")
@@ -50,6 +55,7 @@ def _register_onnx(targets: argparse._SubParsersAction) -> None:
         "--calibration-method",
         help="how activation ranges are chosen: entropy (default, the closest to FP32 on BCCD), minmax, percentile",
     )
+    q.add_argument("--no-progress", action="store_true", help="INT8: no progress lines and bar on stderr")
     p.set_defaults(handler=cmd_export_onnx)
 
 
@@ -123,6 +129,7 @@ def _register_int8_ranges(targets: argparse._SubParsersAction) -> None:
     _add_calibration_source(p)
     p.add_argument("--calibration-max-images", type=int, help="default 64, spread evenly over the set")
     p.add_argument("--calibration-method", help="entropy (default), minmax or percentile")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines and bar on stderr")
     p.set_defaults(handler=cmd_export_int8_ranges, int8=True)
 
 
@@ -143,11 +150,14 @@ def _register_cpu(targets: argparse._SubParsersAction) -> None:
 
 def cmd_export_int8_ranges(args: argparse.Namespace) -> int:
     from conversion.calibration_table import build_table, table_path_for
+    from conversion.progress import StageProgress
+    from model.paths import check_output_file
 
+    output = check_output_file(args.output or table_path_for(args.checkpoint), "-o")
     options = quantize_options(args)
     assert options is not None
-    output = args.output or table_path_for(args.checkpoint)
-    table = build_table(args.checkpoint, output, options)
+    with StageProgress("export int8-ranges", len(options.files), enabled=not args.no_progress) as progress:
+        table = build_table(args.checkpoint, output, options, progress)
     print(f"wrote {output}: {len(table['ranges'])} ranges, {options.method} on {len(options.files)} images "
           f"of {options.source}")  # fmt: skip
     return 0
@@ -187,8 +197,15 @@ def _register_verify(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, type=Path, help="directory of images")
     p.add_argument("--device", help="cpu or cuda (default: cpu for ONNX, cuda for engines)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-images", type=int, default=32)
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=32,
+        metavar="N",
+        help="check the first N images of the folder, in name order (default 32; at least 1)",
+    )
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_verify)
 
 
@@ -222,18 +239,24 @@ def quantize_options(args: argparse.Namespace):
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from conversion.onnx_export import check_onnx_path, check_opset, export_checkpoint, parse_batch
+    from model.zoo import shipped_checkpoint
 
-    check_onnx_path(args.output)  # every option is checked before the checkpoint is read
+    check_artifact_output(
+        check_onnx_path(args.output)
+    )  # every option is checked before the checkpoint is read
     check_opset(args.opset)
     batch = parse_batch(args.batch)
     int8 = quantize_options(args)
+    checkpoint = args.checkpoint or shipped_checkpoint()
     export = {"opset": args.opset, "batch": batch, "outputs": args.outputs, "simplify": args.simplify}
     if int8 is None:
-        manifest = export_checkpoint(args.checkpoint, args.output, **export)
+        manifest = export_checkpoint(checkpoint, args.output, **export)
     else:
+        from conversion.progress import StageProgress
         from conversion.quantize import export_int8
 
-        manifest = export_int8(args.checkpoint, args.output, int8, **export)
+        with StageProgress("export onnx", len(int8.files), enabled=not args.no_progress) as progress:
+            manifest = export_int8(checkpoint, args.output, int8, progress=progress, **export)
     c = manifest.config
     print(
         f"wrote {args.output} and {args.output}.json: {c.name}, input {c.input_size}, {len(c.class_names)} classes, "
@@ -249,11 +272,29 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_artifact_output(path: Path, option: str = "-o") -> Path:
+    """An artifact and its manifest (``<path>.json``) can both be written."""
+    from model.artifacts import manifest_path
+    from model.paths import check_output_file
+
+    check_output_file(path, option)
+    check_output_file(manifest_path(path), option)
+    return path
+
+
 def engine_options(args: argparse.Namespace):
     """Validate the engine arguments without TensorRT (pure; tested)."""
     from conversion.calibration import calibration_files
     from conversion.tensorrt_build import EngineOptions, read_onnx_manifest, resolve_profile
+    from model.paths import check_output_file
 
+    check_artifact_output(args.output)
+    for flag, path in (
+        ("--calibration-cache", args.calibration_cache),
+        ("--timing-cache", args.timing_cache),
+    ):
+        if path is not None:
+            check_output_file(path, flag)
     onnx = read_onnx_manifest(args.onnx)
     profile = resolve_profile(onnx.batch, args.min_batch, args.opt_batch, args.max_batch)
     files: tuple[Path, ...] = ()
@@ -293,7 +334,9 @@ def cmd_export_engine(args: argparse.Namespace) -> int:
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
     from conversion.triton import export_triton
+    from model.paths import check_output_dir
 
+    check_output_dir(args.output, "-o")
     path = export_triton(
         args.onnx,
         args.output,
@@ -315,12 +358,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from model.checkpoint import file_sha256, load_model
     from model.devices import resolve_device
     from model.errors import UserError
+    from model.paths import check_output_file
     from model.runtime import load_runner
     from model.zoo import shipped_checkpoint
 
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    files = image_files(args.images, args.max_images)  # any count: the runner pads a fixed batch
+    if args.json is not None:
+        check_output_file(args.json, "--json")
     manifest = read_manifest(args.artifact)
     device = resolve_device(args.device or ("cuda" if manifest.kind == "tensorrt" else "cpu"))
-    files = image_files(args.images, args.max_images)  # any count: the runner pads a fixed batch
     args.checkpoint = args.checkpoint or shipped_checkpoint()
     model, _ = load_model(args.checkpoint)
     if model.config != manifest.config:
@@ -331,10 +379,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
     runner = load_runner(args.artifact, device=device)
     batches = image_batches(files, runner.config.input_size, runner.config.normalization, args.batch_size)
-    total = (len(files) + args.batch_size - 1) // args.batch_size
-    report = verify_artifact(
-        model, runner, tqdm(batches, total=total, desc="verify", unit="batch"), str(args.artifact)
-    )
+    with tqdm(total=len(files), desc="verify", unit="img", disable=args.no_progress) as bar:
+
+        def counted() -> Iterator[Tensor]:
+            for batch in batches:
+                yield batch
+                bar.update(batch.shape[0])
+
+        report = verify_artifact(model, runner, counted(), str(args.artifact))
     print(report.format())
     if args.json:
         from model.artifacts import atomic_write_bytes

@@ -39,12 +39,15 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model.artifacts import Manifest, atomic_write_bytes, read_manifest, write_manifest
 from model.checkpoint import file_sha256
 from model.config import RefineDetConfig
 from model.errors import UserError
+
+if TYPE_CHECKING:
+    from conversion.progress import StageProgress
 
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 DEFAULT_METHOD = "entropy"
@@ -81,11 +84,20 @@ class ImageReader:
 
     ``set_range(start, end)`` restricts it to batches ``start:end``, so that ``quantize_static``
     collects activations in passes of a few batches (``CalibStridedMinMax``, honoured by every
-    calibration method) instead of holding all of them at once.
+    calibration method) instead of holding all of them at once. ``progress`` hears of every image read and
+    of the end of the calibration.
     """
 
-    def __init__(self, files: Sequence[Path], config: RefineDetConfig, batch_size: int, input_name: str):
+    def __init__(
+        self,
+        files: Sequence[Path],
+        config: RefineDetConfig,
+        batch_size: int,
+        input_name: str,
+        progress: StageProgress | None = None,
+    ):
         self.files, self.config, self.batch_size, self.input_name = files, config, batch_size, input_name
+        self.progress, self.read = progress, 0
         self._batches: Iterator[Any] = iter(())
         self.set_range(0, len(self))
 
@@ -100,6 +112,14 @@ class ImageReader:
 
     def get_next(self) -> dict[str, Any] | None:
         batch = next(self._batches, None)
+        if self.progress is None:
+            pass
+        elif batch is not None:
+            self.read += batch.shape[0]
+            self.progress.images(batch.shape[0])
+        elif self.read == len(self) * self.batch_size:  # the last pass is over: ORT now picks the ranges
+            self.read = -1
+            self.progress.stage("choosing the activation ranges and quantizing")
         return None if batch is None else {self.input_name: batch.numpy()}
 
 
@@ -123,7 +143,9 @@ def batches_per_pass(batches: int) -> int:
     return max(d for d in range(1, min(batches, MAX_BATCHES_PER_PASS) + 1) if batches % d == 0)
 
 
-def quantize_onnx(fp32_path: str | Path, output: str | Path, options: QuantizeOptions) -> Manifest:
+def quantize_onnx(
+    fp32_path: str | Path, output: str | Path, options: QuantizeOptions, progress: StageProgress | None = None
+) -> Manifest:
     """Quantize the FP32 ONNX model at ``fp32_path`` (with its manifest) to ``output`` + manifest.
 
     A dynamic-batch model is calibrated one image at a time, a fixed-batch one in its batch (the last
@@ -133,13 +155,15 @@ def quantize_onnx(fp32_path: str | Path, output: str | Path, options: QuantizeOp
     fp32 = read_manifest(fp32_path)
     if fp32.kind != "onnx" or fp32.precision != "fp32":
         raise UserError(f"{fp32_path} is not an FP32 ONNX model ({fp32.kind}, {fp32.precision})")
-    reader = ImageReader(options.files, fp32.config, fp32.batch or 1, fp32.input_name)
+    reader = ImageReader(options.files, fp32.config, fp32.batch or 1, fp32.input_name, progress)
     if len(reader) == 0:
         raise UserError(
             f"{fp32_path} has a fixed batch of {fp32.batch}: calibrate with at least that many images"
         )
     with tempfile.TemporaryDirectory(prefix="refinedet-int8-") as tmp:
         quantized, fp32_nodes = run_quantize_static(Path(fp32_path), Path(tmp), reader, options)
+        if progress is not None:
+            progress.stage("checking the INT8 model")
         data = finish_int8(quantized, onnx.load(str(fp32_path)))
     path = atomic_write_bytes(output, data)
     used = options.files[: len(reader) * reader.batch_size]
@@ -165,8 +189,13 @@ def run_quantize_static(
     read instead of calibrating (``conversion.calibration_table``)."""
     import onnx
 
+    progress = reader.progress if reader is not None else None
+    if progress is not None:
+        progress.stage("preparing the graph for quantization")
     prepared = prepare_for_quantization(fp32_path, tmp)
     fp32_nodes = fp32_node_names(onnx.load(str(prepared)), options.fp32_nodes, options.op_types)
+    if reader is not None and progress is not None:
+        progress.stage(f"calibrating ({options.method}) on {len(reader) * reader.batch_size} images")
     quantized = quantize_prepared(prepared, tmp / "int8.onnx", reader, options, fp32_nodes, calibration_cache)
     return onnx.load(str(quantized)), fp32_nodes
 
@@ -261,12 +290,18 @@ def finish_int8(model: Any, fp32_model: Any) -> bytes:
 
 
 def export_int8(
-    checkpoint: str | Path, output: str | Path, options: QuantizeOptions, **export: Any
+    checkpoint: str | Path,
+    output: str | Path,
+    options: QuantizeOptions,
+    progress: StageProgress | None = None,
+    **export: Any,
 ) -> Manifest:
     """Checkpoint -> FP32 ONNX in a temporary folder (``export`` as for ``export_checkpoint``) -> INT8."""
     from conversion.onnx_export import export_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="refinedet-fp32-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
+        if progress is not None:
+            progress.stage("exporting the FP32 ONNX model")
         export_checkpoint(checkpoint, fp32, **export)
-        return quantize_onnx(fp32, output, options)
+        return quantize_onnx(fp32, output, options, progress)

@@ -196,12 +196,14 @@ def match_detections(
 
 def image_files(directory: str | Path, max_images: int | None = None) -> list[Path]:
     directory = Path(directory)
+    if max_images is not None and max_images < 1:
+        raise UserError(f"--max-images must be at least 1, got {max_images}")
     if not directory.is_dir():
         raise UserError(f"--images must be a directory of images, got {directory}")
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
-    return files[:max_images] if max_images else files
+    return files if max_images is None else files[:max_images]
 
 
 def image_batches(files: Sequence[Path], size: int, norm, batch_size: int) -> Iterable[Tensor]:

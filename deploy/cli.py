@@ -122,7 +122,6 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 def settings_from(overrides: dict[str, Any]):
     from pydantic import ValidationError
 
-    from model.errors import UserError
     from service.settings import Settings
 
     try:
@@ -139,10 +138,12 @@ def settings_from(overrides: dict[str, Any]):
 def announce(plan: Any, default: bool) -> None:
     """One short summary of what is served, on stderr (the whole plan: ``refinedet prepare``, ``--plan-out``)."""
     if plan.artifact is None:
+        from model.zoo import DEFAULT_CLASSES
+
         bar = "!" * 78
         print(
             f"{bar}\n  refinedet serve: NO TRAINED DEFAULT CHECKPOINT EXISTS YET.\n"
-            "  Serving an UNTRAINED refinedet320_vgg16 (random weights, classes RBC, WBC, Platelets):\n"
+            f"  Serving an UNTRAINED refinedet320_vgg16 (random weights, classes {', '.join(DEFAULT_CLASSES)}):\n"
             "  its detections are meaningless. Use --model PATH with a trained checkpoint/ONNX/engine.\n"
             f"{bar}",
             file=sys.stderr,
@@ -161,10 +162,13 @@ def configure_logging(level: str, json_logs: bool) -> None:
     logging.config.dictConfig(log_config(level, json_logs=json_logs))
 
 
-def _prepared(args: argparse.Namespace, json_logs: bool = False):
+def _prepared(args: argparse.Namespace, json_logs: bool = False, check: Any = None):
+    """(settings, the engine plan); ``check(settings)`` runs first, before anything is exported or built."""
     from deploy.prepare import prepare
 
     settings = settings_from(overrides_from(args))
+    if check is not None:
+        check(settings)
     configure_logging(settings.log_level, json_logs)
     return settings, prepare(settings)
 
@@ -176,9 +180,13 @@ def write_plan(plan: Any, path: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.plan_out is not None and Path(args.plan_out).is_dir():
-        raise UserError(f"--plan-out {args.plan_out} is a folder; give a file name")
-    settings, plan = _prepared(args, json_logs=not args.plain_logs)
+    from model.paths import check_output_file
+    from service.server import check_port
+
+    if args.plan_out is not None:
+        check_output_file(args.plan_out, "--plan-out")
+    # A taken port is reported before a first start's export, not minutes later.
+    settings, plan = _prepared(args, not args.plain_logs, check=lambda s: check_port(s.host, s.port))
     announce(plan, default=settings.model is None)
     if args.plan_out is not None:
         write_plan(plan, args.plan_out)
@@ -189,6 +197,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.triton_repo is not None:
+        from model.paths import check_output_dir
+
+        check_output_dir(args.triton_repo, "--triton-repo")
     _, plan = _prepared(args)
     if args.triton_repo is not None:
         from deploy.host import run_export_triton
@@ -206,9 +218,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from model.runtime.plan import build_network
 
     check_predict_options(args)
-    plan = plan_for_files(args.checkpoint or args.artifact, args.device, args.batch_size)
-    print(f"refinedet predict: {plan.summary()}", file=sys.stderr)
-    return run_predict(args, build_network(plan), plan.device)
+
+    def engine() -> tuple[Any, str]:
+        plan = plan_for_files(args.checkpoint or args.artifact, args.device, args.batch_size)
+        print(f"refinedet predict: {plan.summary()}", file=sys.stderr)
+        return build_network(plan), plan.device
+
+    return run_predict(args, engine)
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:

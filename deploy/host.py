@@ -190,10 +190,47 @@ class Builders:
 
 
 def check_ready(port: int, timeout_s: float = 4.0) -> int:
-    """Exit status for a container HEALTHCHECK: 0 when GET /readyz on this host's ``port`` answers 200."""
+    """Exit status for a container HEALTHCHECK: 0 when GET /readyz on this host's ``port`` answers 200,
+    else 1 with one line on stderr saying why (Docker keeps it in ``docker inspect``'s health log)."""
+    reason = not_ready_reason(port, timeout_s)
+    if reason is None:
+        return 0
+    print(f"refinedet healthcheck: not ready: {reason}", file=sys.stderr, flush=True)
+    return 1
+
+
+def not_ready_reason(port: int, timeout_s: float = 4.0) -> str | None:
+    """Why GET /readyz on this host's ``port`` did not answer 200, in a few words; None when it did."""
     url = f"http://127.0.0.1:{port}/readyz"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return 0 if response.status == 200 else 1
-    except (urllib.error.URLError, OSError, ValueError):
-        return 1
+            return None if response.status == 200 else f"{url} answered {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"{url} answered {exc.code}{_status_detail(exc)}"
+    except urllib.error.URLError as exc:
+        cause = exc.reason
+        if isinstance(cause, ConnectionRefusedError):
+            return f"connection refused on port {port} (nothing listens on 127.0.0.1:{port})"
+        if isinstance(cause, TimeoutError):
+            return f"no answer from {url} within {timeout_s:g} s"
+        return f"{url}: {cause}"
+    except TimeoutError:
+        return f"no answer from {url} within {timeout_s:g} s"
+    except (OSError, ValueError) as exc:
+        return f"{url}: {exc}"
+
+
+def _status_detail(exc: urllib.error.HTTPError) -> str:
+    """`` (status loading)`` / `` (status failed: <detail>)`` from the service's JSON body."""
+    try:
+        body = exc.read(2000).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    try:
+        status = json.loads(body)
+    except ValueError:
+        status = None
+    if isinstance(status, dict) and "status" in status:
+        detail = f": {status['detail']}" if status.get("detail") else ""
+        return f" (status {status['status']}{detail})"
+    return " (not the service's JSON status: is the refinedet service on this port?)"

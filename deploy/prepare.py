@@ -41,6 +41,7 @@ from conversion.engine_cache import build_once, engine_cache_key, plan_path, tim
 from deploy import host
 from deploy.host import Builders, Probes
 from model.artifacts import file_kind, read_manifest
+from model.devices import check_batch_device
 from model.errors import UserError
 from model.runtime.plan import EnginePlan
 from service.settings import Settings
@@ -261,10 +262,7 @@ def plan_for_files(
     """The plan for the batch paths (``refinedet predict``, a Ray Data actor): the same decision as ``serve``
     for ``model`` (None: the shipped one) on ``device`` (auto | cpu | cuda), batches of ``batch_size``; the
     rest (REFINEDET_BACKEND, REFINEDET_CACHE_DIR, ...) from the environment, as for ``serve``."""
-    if device.startswith("cuda:"):
-        raise UserError(f"--device {device}: choose the GPU with CUDA_VISIBLE_DEVICES and use --device cuda")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"unknown device {device!r}; use auto, cpu or cuda")
+    check_batch_device(device)
     settings = Settings(
         model=Path(model) if model else None, device=device,  # type: ignore[arg-type]
         max_batch_size=batch_size, cpu_threads=threads, workers=1,

@@ -26,6 +26,15 @@ from model.network import RefineDet, build_model
 FORMAT = "refinedet-checkpoint"
 XZ_MAGIC = b"\xfd7zXZ\x00"  # the first bytes of an xz stream (the shipped checkpoint is compressed)
 FORMAT_VERSION = 1
+# What a file that is not a checkpoint often is, by its first bytes (a checkpoint is a zip or a pickle).
+FILE_SIGNATURES = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a RIFF file (WebP image?)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file"),
+    (b"%PDF", "a PDF document"),
+)
 
 
 class CheckpointError(UserError, ValueError):
@@ -100,6 +109,28 @@ def stored_bytes(path: Path) -> io.BytesIO:
     return io.BytesIO(lzma.decompress(data) if data.startswith(XZ_MAGIC) else data)
 
 
+def load_failure(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``, in a few words on one line: what the file is when its
+    first bytes say so (an image, ...), else the error's first line (never PyTorch's multi-line advice on
+    ``weights_only``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        head = b""
+    for signature, kind in FILE_SIGNATURES:
+        if head.startswith(signature):
+            return f"it is {kind}"
+    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "it is a text file"
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # weights_only=True: the cause follows PyTorch's advice
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    line = line.split(". ", 1)[0].removesuffix(".")[:200]  # the first sentence: what, not PyTorch's advice
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate the raw checkpoint dict; clear errors for wrong or damaged files."""
     path = Path(path)
@@ -108,7 +139,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(stored_bytes(path), map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path} is not a checkpoint ({load_failure(path, exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a RefineDet checkpoint (no '{FORMAT}' format marker)")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:

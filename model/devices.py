@@ -23,3 +23,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+def check_batch_device(name: str) -> str:
+    """``--device`` of the commands that take the engine plan (``predict``, ``ray-predict``): auto, cpu or
+    cuda (the GPU is chosen with CUDA_VISIBLE_DEVICES there); a ``UserError`` otherwise."""
+    if name.startswith("cuda:"):
+        raise UserError(f"--device {name}: choose the GPU with CUDA_VISIBLE_DEVICES and use --device cuda")
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return name

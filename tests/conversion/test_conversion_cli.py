@@ -32,15 +32,23 @@ def test_export_bad_options(tiny_checkpoint, tmp_path, capsys):
     [
         (["--opset", "25"], "--opset must be between 11 and 20"),
         (["-o", "x.txt"], "an ONNX model's file name ends in .onnx (e.g. x.onnx)"),
+        (["-o", "{tmp}/folder.onnx"], "-o {tmp}/folder.onnx: is a folder; give a file name"),
+        (["-o", "{tmp}/manifest.onnx"], "-o {tmp}/manifest.onnx.json: is a folder"),
+        (["-o", "{tmp}/afile/m.onnx"], "-o {tmp}/afile/m.onnx: {tmp}/afile is a file, not a folder"),
     ],
 )
 def test_export_argument_errors_come_before_the_checkpoint_is_read(tmp_path, capsys, extra, message):
     # the checkpoint does not exist: an argument error reported first proves nothing was loaded
+    (tmp_path / "folder.onnx").mkdir()
+    (tmp_path / "manifest.onnx.json").mkdir()
+    (tmp_path / "afile").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
     argv = ["export", "onnx", "--checkpoint", str(tmp_path / "none.pt"), "-o", str(tmp_path / "m.onnx")]
-    assert main([*argv, *extra]) == 2
+    assert main([*argv, *[a.format(tmp=tmp_path) for a in extra]]) == 2
     err = capsys.readouterr().err
-    assert message in err and "checkpoint not found" not in err
-    assert list(tmp_path.iterdir()) == []
+    assert message.format(tmp=tmp_path) in err and "checkpoint not found" not in err
+    assert len(err.splitlines()) == 1
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_verify_errors_are_one_line(tiny_checkpoint, tiny_onnx, image_dir, tmp_path, capsys):
@@ -65,8 +73,9 @@ def test_verify_defaults_to_the_shipped_model(tiny_checkpoint, tiny_onnx, image_
     import model.zoo
 
     monkeypatch.setattr(model.zoo, "DEFAULT_CHECKPOINT", tiny_checkpoint)  # stands in for the shipped file
-    assert main(["verify", "--artifact", str(tiny_onnx), "--images", str(image_dir)]) == 0
-    assert "PASS" in capsys.readouterr().out
+    assert main(["verify", "--artifact", str(tiny_onnx), "--images", str(image_dir), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "PASS" in captured.out and "verify:" not in captured.err  # --no-progress: no bar
 
 
 def test_export_int8_option_errors_are_clear_and_come_before_the_export(
@@ -196,3 +205,106 @@ def test_triton_needs_an_onnx_artifact(tmp_path, capsys):
         main(["export", "triton", "--onnx", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "repo")]) == 2
     )
     assert "artifact not found" in capsys.readouterr().err
+
+
+def test_a_jpeg_given_as_a_checkpoint_is_one_line(image_dir, tmp_path, capsys):
+    from PIL import Image
+
+    photo = tmp_path / "photo.jpg"
+    Image.open(next(image_dir.iterdir())).convert("RGB").save(photo)
+    assert main(["export", "onnx", "--checkpoint", str(photo), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == (
+        f"refinedet export: error: {photo} is not a checkpoint (it is a JPEG image)\n"
+    )
+    assert main(["weights", "inspect", str(photo)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"refinedet weights: error: {photo}: not a PyTorch state dict (it is a JPEG image)\n"
+
+
+@pytest.mark.slow  # two INT8 exports: over a minute on 2 busy cores
+def test_export_int8_defaults_to_the_shipped_model_and_shows_its_progress(
+    tiny_checkpoint, image_dir, tmp_path, monkeypatch, capsys
+):
+    import model.zoo
+
+    monkeypatch.setattr(model.zoo, "DEFAULT_CHECKPOINT", tiny_checkpoint)  # stands in for the shipped file
+    out = tmp_path / "m.int8.onnx"
+    argv = ["export", "onnx", "-o", str(out), "--int8", "--calibration-images", str(image_dir),
+            "--calibration-method", "minmax"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "INT8: minmax calibration on 5 images" in captured.out
+    stages = [
+        "export onnx: exporting the FP32 ONNX model (",
+        "export onnx: preparing the graph for quantization (",
+        "export onnx: calibrating (minmax) on 5 images (",
+        "5/5 [",  # the calibration bar, with its total
+        "export onnx: choosing the activation ranges and quantizing (",
+        "export onnx: checking the INT8 model (",
+    ]
+    positions = [captured.err.find(stage) for stage in stages]
+    assert -1 not in positions and positions == sorted(positions), captured.err
+    assert main([*argv, "--no-progress"]) == 0
+    assert "export onnx:" not in capsys.readouterr().err
+
+
+def test_export_targets_check_their_outputs_before_working(
+    tiny_checkpoint, tiny_onnx, image_dir, tmp_path, capsys
+):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "folder").mkdir()
+    cases = [
+        (["export", "triton", "--onnx", str(tiny_onnx), "-o", str(afile)], f"-o {afile}: is a file, not a folder"),
+        (["export", "int8-ranges", "--checkpoint", str(tiny_checkpoint), "--calibration-images", str(image_dir),
+          "-o", str(tmp_path / "folder")], f"-o {tmp_path / 'folder'}: is a folder"),
+        (["weights", "convert-hed", "--h5", str(tmp_path / "none.h5"), "-o", str(tmp_path / "folder")],
+         f"-o {tmp_path / 'folder'}: is a folder"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_engine_options_check_the_output_files_without_tensorrt(tiny_onnx, tmp_path):
+    import argparse
+
+    from conversion.cli import engine_options
+    from model.errors import UserError
+
+    (tmp_path / "folder").mkdir()
+    base = {"onnx": tiny_onnx, "output": tmp_path / "m.plan", "precision": "fp16", "calibration_images": None,
+            "calibration_split": "train", "calibration_cache": None, "calibration_batch_size": 8,
+            "calibration_max_images": 512, "min_batch": None, "opt_batch": None, "max_batch": None,
+            "workspace": None, "timing_cache": None}  # fmt: skip
+    assert engine_options(argparse.Namespace(**base)).precision == "fp16"
+    for key in ("output", "calibration_cache", "timing_cache"):
+        with pytest.raises(UserError, match="folder: is a folder; give a file name"):
+            engine_options(argparse.Namespace(**{**base, key: tmp_path / "folder"}))
+
+
+def test_verify_checks_max_images_and_json_before_loading(tiny_onnx, image_dir, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    base = ["verify", "--checkpoint", str(tmp_path / "none.pth"), "--artifact", str(tiny_onnx),
+            "--images", str(image_dir)]  # fmt: skip
+    for extra, message in [
+        (["--max-images", "0"], "--max-images must be at least 1, got 0"),
+        (["--max-images", "-3"], "--max-images must be at least 1, got -3"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--json", str(tmp_path / "folder")], f"--json {tmp_path / 'folder'}: is a folder"),
+    ]:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "checkpoint not found" not in err, err
+
+
+def test_verify_shows_a_bar_over_the_images(tiny_checkpoint, tiny_onnx, image_dir, capsys):
+    argv = ["verify", "--checkpoint", str(tiny_checkpoint), "--artifact", str(tiny_onnx), "--images",
+            str(image_dir), "--max-images", "3", "--batch-size", "2"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "verify: 100%" in captured.err and "3/3 [" in captured.err  # images, not batches
+    assert "vs PyTorch on 3 images" in captured.out

@@ -136,24 +136,58 @@ def test_failed_export_raises_with_the_status(fake_cli, tmp_path):
 
 class ReadyHandler(BaseHTTPRequestHandler):
     status = 200
+    body = b'{"status": "ready", "detail": null}'
 
     def do_GET(self) -> None:
         self.send_response(self.status if self.path == "/readyz" else 404)
+        self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
+        self.wfile.write(self.body)
 
     def log_message(self, *args) -> None:
         pass
 
 
-@pytest.mark.parametrize(("status", "expected"), [(200, 0), (503, 1)])
-def test_check_ready(status, expected):
-    handler = type("Handler", (ReadyHandler,), {"status": status})
+@pytest.mark.parametrize(
+    ("status", "body", "expected", "why"),
+    [
+        (200, b'{"status": "ready", "detail": null}', 0, ""),
+        (503, b'{"status": "loading", "detail": null}', 1, "answered 503 (status loading)\n"),
+        (503, b'{"status": "failed", "detail": "the model failed to load"}', 1,
+         "answered 503 (status failed: the model failed to load)\n"),
+        (500, b"<html>oops</html>", 1, "answered 500 (not the service's JSON status: is the refinedet service on this port?)\n"),
+    ],
+)  # fmt: skip
+def test_check_ready_says_why_on_stderr(status, body, expected, why, capsys):
+    handler = type("Handler", (ReadyHandler,), {"status": status, "body": body})
     server = HTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    port = server.server_port
     try:
-        assert host.check_ready(server.server_port) == expected
+        assert host.check_ready(port) == expected
     finally:
         server.shutdown()
         server.server_close()
-    assert host.check_ready(server.server_port, timeout_s=1.0) == 1  # nobody listens
+    err = capsys.readouterr().err
+    if why:
+        assert err == f"refinedet healthcheck: not ready: http://127.0.0.1:{port}/readyz {why}"
+    else:
+        assert err == ""
+    assert host.check_ready(port, timeout_s=1.0) == 1  # nobody listens
+    assert capsys.readouterr().err == (
+        f"refinedet healthcheck: not ready: connection refused on port {port} (nothing listens on 127.0.0.1:{port})\n"
+    )
+
+
+def test_check_ready_names_a_silent_server(capsys):
+    import socket
+
+    with socket.socket() as listener:  # accepts connections (the backlog) but never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert host.check_ready(port, timeout_s=0.3) == 1
+    assert capsys.readouterr().err == (
+        f"refinedet healthcheck: not ready: no answer from http://127.0.0.1:{port}/readyz within 0.3 s\n"
+    )

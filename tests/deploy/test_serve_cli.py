@@ -11,6 +11,7 @@ import pytest
 import uvicorn
 
 import deploy.prepare
+import service.server
 from deploy.cli import overrides_from, settings_from
 from refinedet.cli import build_parser, main
 from service.app import create_app_from_env
@@ -28,6 +29,7 @@ def captured_run(monkeypatch):
         "run",
         lambda self: calls.append((self.config.app, {k: getattr(self.config, k) for k in options})),
     )
+    monkeypatch.setattr(service.server, "check_port", lambda host, port: None)  # port 8000 may be taken here
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the CLI exports settings for workers
     return calls
 
@@ -163,7 +165,7 @@ def test_untrained_default_is_announced(captured_run, capsys, monkeypatch):
     monkeypatch.setattr(model.zoo, "default_checkpoint", lambda: None)
     assert main(["serve", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert "UNTRAINED" in err and "RBC, WBC, Platelets" in err
+    assert "UNTRAINED" in err and "Platelets, RBC, WBC" in err
 
 
 def test_shipped_default_is_announced(captured_run, capsys):
@@ -255,6 +257,9 @@ def test_healthcheck_fails_when_nothing_listens(capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert main(["healthcheck", "--port", str(port)]) == 1
+    assert capsys.readouterr().err == (
+        f"refinedet healthcheck: not ready: connection refused on port {port} (nothing listens on 127.0.0.1:{port})\n"
+    )
 
 
 def test_predict_runs_the_engine_serve_would_run(monkeypatch, capsys, tiny_checkpoint, tmp_path):
@@ -308,7 +313,7 @@ def test_serve_stops_with_one_line_when_the_model_cannot_load(capsys, tmp_path):
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("refinedet serve: error: the model failed to load, so nothing was served: ")
-    assert "not a readable checkpoint" in last
+    assert "is not a checkpoint" in last
 
 
 def test_an_onnx_that_is_not_a_refinedet_model_is_refused_before_serving(captured_run, capsys, tmp_path):
@@ -316,3 +321,21 @@ def test_an_onnx_that_is_not_a_refinedet_model_is_refused_before_serving(capture
     other.write_bytes(b"\x08\x07 some other network")
     assert main(["serve", "--model", str(other), "--device", "cpu"]) == 2
     assert "no manifest beside" in capsys.readouterr().err and captured_run == []
+
+
+def test_a_taken_port_is_one_line_before_the_server_starts(tiny_checkpoint, monkeypatch, capsys):
+    import socket
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("uvicorn started"))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        argv = ["serve", "--model", str(tiny_checkpoint), "--backend", "torch", "--device", "cpu"]
+        assert main([*argv, "--port", str(port)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        f"refinedet serve: error: port {port} is already in use on 127.0.0.1 (another server listens there): "
+        "stop it or pick another --port"
+    )
+    assert not any("address already in use" in line for line in err)  # uvicorn never got to it

@@ -34,10 +34,18 @@ def default_model():
 
 
 def test_default_model_is_the_card_model(default_model):
+    import re
+    from pathlib import Path
+
+    from model.zoo import DEFAULT_CLASSES, DEFAULT_PRESET
+
     config = default_model.config
-    assert config.name == "refinedet320_vgg16"
-    assert config.class_names == ("Platelets", "RBC", "WBC")
+    assert config.name == "refinedet320_vgg16" == DEFAULT_PRESET
+    assert config.class_names == ("Platelets", "RBC", "WBC") == DEFAULT_CLASSES  # `refinedet info` uses these
     assert config.normalization.channel_order == "BGR"
+    card = (Path(default_checkpoint()).parent / "README.md").read_text()  # type: ignore[arg-type]
+    counted = re.search(r"\| architecture \|[^|]*?([\d,]+) parameters", card)
+    assert counted and int(counted.group(1).replace(",", "")) == default_model.num_parameters() == 33_970_664
 
 
 def test_default_model_finds_annotated_cells(default_model, bccd):

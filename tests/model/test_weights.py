@@ -421,3 +421,17 @@ def test_cli_inspect_reads_the_shipped_compressed_checkpoint(capsys):
     inspected = json.loads(capsys.readouterr().out)
     assert inspected["parameters"] > 30_000_000  # RefineDet320 VGG-16 with 3 classes: ~34 M
     assert inspected["provenance"]["normalization"]["channel_order"] == "BGR"
+
+
+def test_a_pickle_torch_refuses_to_load_is_one_line_without_pytorchs_advice(tmp_path, capsys):
+    import argparse
+
+    import torch
+
+    odd = tmp_path / "namespace.pth"
+    torch.save(argparse.Namespace(a=1), odd)  # a pickle, but of a class weights_only does not allow
+    assert main(["weights", "inspect", str(odd)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refinedet weights: error: {odd}: not a PyTorch state dict (UnpicklingError: ")
+    assert "argparse.Namespace" in err and len(err.splitlines()) == 1
+    assert "weights_only" not in err and "file an issue" not in err and "add_safe_globals" not in err

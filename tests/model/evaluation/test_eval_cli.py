@@ -83,7 +83,7 @@ def test_predict_writes_jsonl_and_annotated_images(tiny_checkpoint, images, tmp_
 def test_predict_user_errors(tiny_checkpoint, images, tmp_path):
     with pytest.raises(UserError, match="no such image file or folder"):
         run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(tmp_path / "nope.jpg")])
-    with pytest.raises(UserError, match="model not found"):
+    with pytest.raises(UserError, match="checkpoint not found"):
         run_cli(["predict", "--checkpoint", str(tmp_path / "missing.pt"), str(images[0])])
     with pytest.raises(UserError, match="score-threshold"):
         run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(images[0]), "--score-threshold", "1.5"])
@@ -286,3 +286,114 @@ def test_predict_resumes_whatever_the_paths_look_like(tiny_checkpoint, images, t
     assert run_cli(["predict", "--checkpoint", str(copy), "in", "--output", str(out), "--no-progress"]) == 0
     assert "1 images in" in capsys.readouterr().out.splitlines()[-1]  # two.png only; one.jpg was done
     assert [Path(r["file"]) for r in read_rows(out)] == images
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command gets as far as loading its model."""
+
+    def refuse(args):
+        raise AssertionError("the model was loaded before the error was reported")
+
+    monkeypatch.setattr(cli, "load_evaluated", refuse)
+
+
+def test_predict_refuses_a_file_as_output_before_the_model_loads(
+    tiny_checkpoint, images, tmp_path, no_model_load
+):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    with pytest.raises(UserError, match=r"^--output .*taken: is a file, not a folder"):
+        run_cli(["predict", "--checkpoint", str(tiny_checkpoint), str(images[0]), "--output", str(taken)])
+    assert taken.read_text() == "not a folder"
+
+
+def test_predict_on_an_empty_folder_fails_before_the_model_loads(tiny_checkpoint, tmp_path, no_model_load):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    out = tmp_path / "pred"
+    with pytest.raises(
+        UserError, match=r"^no images found in .*empty \(looked for .*jpg.*in subfolders too\)$"
+    ):
+        run_cli(
+            ["predict", "--checkpoint", str(tiny_checkpoint), str(tmp_path / "empty"), "--output", str(out)]
+        )
+    empty_list = tmp_path / "list.txt"
+    empty_list.write_text("# nothing yet\n")
+    with pytest.raises(UserError, match=r"^no images found in --list .*list\.txt"):
+        run_cli(
+            ["predict", "--checkpoint", str(tiny_checkpoint), "--list", str(empty_list), "--output", str(out)]
+        )
+    assert not out.exists()  # nothing was written
+
+
+def test_predict_defaults_to_the_shipped_model_and_its_bar_has_a_total(
+    tiny_checkpoint, images, tmp_path, capsys, monkeypatch
+):
+    import model.zoo
+
+    monkeypatch.setattr(model.zoo, "DEFAULT_CHECKPOINT", tiny_checkpoint)  # stands in for the shipped file
+    out = tmp_path / "pred"
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"{images[1]}\n")
+    assert (
+        run_cli(["predict", str(images[0]), "--list", str(listing), "--output", str(out), "--device", "cpu"])
+        == 0
+    )
+    run = json.loads((out / "run.json").read_text())
+    assert run["checkpoint_path"] == str(tiny_checkpoint) and len(read_rows(out)) == 2
+    captured = capsys.readouterr()
+    assert "2/2 [" in captured.err  # tqdm with a total: "n/total [elapsed<remaining"
+    assert "2 images in" in captured.out
+
+    monkeypatch.setattr(model.zoo, "DEFAULT_CHECKPOINT", tmp_path / "absent.pth.xz")
+    with pytest.raises(UserError, match="--checkpoint or --artifact"):
+        run_cli(["predict", str(images[0]), "--output", str(tmp_path / "other")])
+
+
+def test_a_finished_run_resumes_without_loading_the_model(
+    tiny_checkpoint, images, tmp_path, capsys, monkeypatch
+):
+    argv = [
+        "predict",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        *map(str, images),
+        "--output",
+        str(tmp_path / "p"),
+    ]
+    assert run_cli([*argv, "--no-progress"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(
+        cli, "load_evaluated", lambda args: pytest.fail("nothing to do, yet the model loaded")
+    )
+    assert run_cli([*argv, "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("0 images to do, 2 already done")
+
+
+def test_listed_inputs_counts_up_to_a_limit_then_streams(images, tmp_path):
+    folder = str(images[0].parent)
+    assert cli.listed_inputs([folder], []) == [str(images[0]), str(images[1])]
+    streamed = cli.listed_inputs([folder, folder], [], limit=3)  # 4 paths: over the limit
+    assert not isinstance(streamed, list)
+    assert list(streamed) == [str(images[0]), str(images[1])] * 2
+
+
+def test_eval_refuses_a_file_as_output_before_evaluating(tiny_checkpoint, voc_tree, tmp_path, no_model_load):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    base = ["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(voc_tree), "--no-progress"]
+    with pytest.raises(UserError, match=r"^--output .*taken: is a file, not a folder"):
+        run_cli([*base, "--output", str(taken)])
+    (tmp_path / "out" / "results.json").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"^--output .*results\.json: is a folder"):
+        run_cli([*base, "--output", str(tmp_path / "out")])
+
+
+def test_eval_checks_its_default_output_too(tiny_checkpoint, voc_tree, tmp_path, monkeypatch, no_model_load):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("a file where the default output folder's parent goes")
+    with pytest.raises(
+        UserError, match=r"^--output runs/eval/tiny-test-voc07: .*runs is a file, not a folder$"
+    ):
+        run_cli(["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(voc_tree)])

@@ -57,6 +57,31 @@ def test_missing_pretrained_file_leaves_no_run_folder(voc_root, tmp_path, capsys
     assert not out.exists()
 
 
+def test_output_paths_are_checked_before_the_data_loads(tmp_path, capsys, monkeypatch):
+    import model.training.build
+
+    monkeypatch.setattr(model.training.build, "open_train_set", lambda *a: pytest.fail("the data was loaded"))
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    data = ["--data", str(tmp_path / "missing")]  # would fail too: the output is checked first
+    assert main(["train", *data, "--output", str(taken), *TINY]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"refinedet train: error: --output {taken}: is a file, not a folder; give a folder (new or existing)\n"
+    )
+    assert main(["train", *data, "--output", str(taken / "run"), *TINY]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"refinedet train: error: --output {taken / 'run'}: {taken} is a file, not a folder\n"
+    )
+    missing = tmp_path / "weights.pth"
+    assert main(["train", *data, "--pretrained", str(missing), *TINY]) == 2
+    assert capsys.readouterr().err == (
+        f"refinedet train: error: --pretrained {missing}: no such file (or give imagenet or none)\n"
+    )
+    assert taken.read_text() == "a file"
+
+
 def test_cli_dataset_errors_are_one_line_messages(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "r"), *TINY])
     err = capsys.readouterr().err
