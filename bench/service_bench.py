@@ -1,13 +1,22 @@
-"""Service benchmark: ``refinedet serve`` versus a naive FastAPI app, through HTTP on 127.0.0.1, with
-real JPEG photos (BCCD, 640x480) and a closed-loop concurrency sweep.
+"""Service benchmark: ``refinedet serve`` versus its peers serving the same model file, through HTTP on
+127.0.0.1, with real JPEG photos (BCCD, 640x480) and a closed-loop concurrency sweep.
 
-    python -m bench.service_bench --device cuda --concurrency 1,4,16,64 --workers 1,4 --json out/service.json
+    python -m bench.service_bench --cpu-engine auto --concurrency 1,4,16 --apps service,naive,litserve \
+        --json bench/results/service_bench_cpu_peers.json
 
-For each app, number of uvicorn workers (the service only: ``--workers``, REFINEDET_WORKERS) and
-concurrency: requests/s, p50/p90/p99 latency and errors (non-200 answers and client exceptions); for a
-one-worker service also the mean dynamic batch size (from /metrics, which is per worker process). Then
-the ratio of the service's requests/s to the naive app's at each concurrency and worker count. See
-docs/benchmarks.md.
+Apps (``--apps``): ``service`` (``refinedet serve``; ``--workers`` uvicorn workers to sweep), ``naive``
+(``bench.naive_app``: a sync FastAPI handler around one session of the file) and ``litserve``
+(``bench.litserve_app``: LitServe's usual CPU set-up, 2 workers x 1 thread). With ``--cpu-engine`` every
+app serves the artifact the service's CPU-engine decision picked (``conversion.cpu_engine``, as
+``refinedet prepare`` prints it), the peers on ``--runtime`` (default: the runtime that decision serves it
+with); without it, the checkpoint (the peers on eager PyTorch). On a CPU the run starts with the chosen
+engine's network-only ceiling (``bench.ceiling``: the service's own backend, batch-1 ms and img/s with 2
+concurrent streams, no HTTP, no decoding), measured in the same run, with no server up.
+
+For each app, worker count and concurrency: requests/s, p50/p90/p99 latency and errors (non-200 answers
+and client exceptions); for a one-worker service also the mean dynamic batch size (from /metrics, which
+is per worker process). Then the service's requests/s over each peer's at each concurrency, and over the
+ceiling's img/s (its p50 at one client beside the ceiling's batch-1 ms). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -33,10 +42,13 @@ from bench.common import (
     resolve_checkpoint,
     write_json,
 )
+from bench.engine_session import RUNTIMES, default_runtime
 from bench.load_gen import combine_rounds, run_level
+from model.artifacts import file_kind
 from model.errors import UserError
 
-APPS = ("service", "naive")
+APPS = ("service", "naive", "litserve")
+PEERS = ("naive", "litserve")
 READY_LOG_MARKER = "refinedet.service: ready: "  # logged by each worker once its model is warmed up
 COLUMNS = (
     ("app", "app"), ("engine", "engine"), ("workers", "workers"), ("concurrency", "conc"), ("requests_per_s", "req/s"), ("p50", "p50 ms"),
@@ -75,7 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default 8)")
     p.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each level")
     p.add_argument("--client-processes", type=int, default=1, help="load-generator processes (default 1)")
-    p.add_argument("--apps", default="service,naive", help="which apps to measure (default both)")
+    p.add_argument("--apps", default="service,naive", help=f"which apps to measure, of {', '.join(APPS)} "
+                   "(default service,naive)")  # fmt: skip
+    p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
+                   help="the peers' runtime (default auto: the one the service serves the file with; onnxruntime "
+                        "or openvino for an ONNX model, torch for a checkpoint)")  # fmt: skip
+    p.add_argument("--litserve-workers", type=int, default=2, help="LitServe workers x 1 thread (default 2)")
+    p.add_argument("--ceiling", choices=["auto", "on", "off"], default="auto",
+                   help="measure the network-only ceiling first (auto: on a CPU)")  # fmt: skip
+    p.add_argument(
+        "--ceiling-duration", type=float, default=5.0, help="seconds of the ceiling's 2-stream run"
+    )
     p.add_argument("--images", action="append", default=[], help="JPEG file or folder (default: BCCD)")
     p.add_argument("--max-images", type=int, default=64, help="distinct photos sent (default 64)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /readyz")
@@ -98,6 +120,10 @@ def check(args: argparse.Namespace) -> tuple[list[int], list[str], dict[str, str
         raise UserError("--duration must be in (0, 600], --warmup >= 0, --client-processes >= 1")
     if not 1 <= args.rounds <= 20:
         raise UserError("--rounds takes 1 to 20")
+    if "litserve" in apps and args.device == "cuda":
+        raise UserError("--apps litserve: the LitServe peer runs on the CPU only (--device cpu)")
+    if not 1 <= args.litserve_workers <= 16:
+        raise UserError("--litserve-workers takes 1 to 16")
     extra = {}
     for item in args.server_env:
         key, sep, value = item.partition("=")
@@ -108,16 +134,22 @@ def check(args: argparse.Namespace) -> tuple[list[int], list[str], dict[str, str
 
 
 def app_command(
-    app: str, args: argparse.Namespace, model: Path, workers: int = 1
+    app: str, args: argparse.Namespace, model: Path, workers: int = 1, runtime: str | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """(argv with ``{port}``, extra environment) that starts ``app`` (the service with ``workers``)."""
+    """(argv with ``{port}``, extra environment) that starts ``app`` on ``model`` (the service with
+    ``workers``; a peer on ``runtime``, default: ``default_runtime(model)``)."""
     device = args.device
-    if app == "naive":
+    if app in PEERS:
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        argv = [sys.executable, "-m", "bench.naive_app", "--model", str(model), "--device", device]
+        runtime = runtime or default_runtime(model)
+        argv = [sys.executable, "-m", f"bench.{app}_app", "--model", str(model), "--runtime", runtime]
+        if app == "naive":
+            argv += ["--device", device]
+        else:
+            argv += ["--workers", str(args.litserve_workers)]
         return [*argv, "--host", servers.HOST, "--port", "{port}"], {}
     argv = [*servers.refinedet_command(), "serve", "--host", servers.HOST, "--port", "{port}", "--plain-logs"]
     env = {
@@ -133,6 +165,14 @@ def app_command(
     if args.max_batch_size is not None:
         env["REFINEDET_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     return argv, env
+
+
+def peer_runtime(args: argparse.Namespace, served: Path, backend: str | None) -> str:
+    """The peers' runtime: ``--runtime``, else the service's backend where a peer can run it, else the
+    file's default."""
+    if args.runtime != "auto":
+        return str(args.runtime)
+    return backend if backend in RUNTIMES else default_runtime(served)
 
 
 def measure(app: str, workers: int, url: str, bodies: list[bytes], c: int, duration: float,
@@ -168,17 +208,64 @@ def engine_of(url: str) -> str:
     return f"{info.get('backend', '?')}-{info.get('precision', '?')}"
 
 
-def ratios(rows: list[dict]) -> list[dict[str, Any]]:
-    """Service over naive requests/s at each (service workers, concurrency) both measured."""
-    naive = {r["concurrency"]: r["requests_per_s"] for r in rows if r["app"] == "naive"}
+def ratios(rows: list[dict], peer: str = "naive") -> list[dict[str, Any]]:
+    """Service over ``peer`` requests/s at each (service workers, concurrency) both measured."""
+    other = {r["concurrency"]: r["requests_per_s"] for r in rows if r["app"] == peer}
     out = []
     service = [r for r in rows if r["app"] == "service"]
     for r in sorted(service, key=lambda r: (r.get("workers", 1), r["concurrency"])):
         c, rps = r["concurrency"], r["requests_per_s"]
-        if naive.get(c):
+        if other.get(c):
             out.append({"concurrency": c, "workers": r.get("workers", 1), "service_rps": rps,
-                        "naive_rps": naive[c], "ratio": round(rps / naive[c], 2)})  # fmt: skip
+                        f"{peer}_rps": other[c], "ratio": round(rps / other[c], 2)})  # fmt: skip
     return out
+
+
+def versus_ceiling(rows: list[dict], ceiling: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each service row against the network-only ceiling: requests/s over its img/s, p50 minus its
+    batch-1 ms (the request path's cost at that load)."""
+    if not ceiling:
+        return []
+    out = []
+    for r in rows:
+        if r["app"] == "service" and ceiling.get("images_per_s"):
+            p50 = r.get("p50")
+            out.append({"concurrency": r["concurrency"], "workers": r.get("workers", 1),
+                        "rps_over_ceiling": round(r["requests_per_s"] / ceiling["images_per_s"], 2),
+                        "p50_minus_batch1_ms": None if p50 is None else round(p50 - ceiling["batch1_ms"], 1)})  # fmt: skip
+    return out
+
+
+def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per concurrency (one-worker service): each app's req/s, p50, p99, and the service's ratios
+    to each peer and to the ceiling."""
+    by = {(r["app"], r["concurrency"]): r for r in result["rows"] if r.get("workers", 1) == 1}
+    ceiling = result.get("ceiling") or {}
+    out = []
+    for c in sorted({c for _, c in by}):
+        row: dict[str, Any] = {"concurrency": c}
+        for app in APPS:
+            r = by.get((app, c))
+            if r is not None:
+                row.update(
+                    {f"{app}_rps": r["requests_per_s"], f"{app}_p50": r["p50"], f"{app}_p99": r["p99"]}
+                )
+        service = by.get(("service", c))
+        for peer in PEERS:
+            other = by.get((peer, c))
+            if service and other and other["requests_per_s"]:
+                row[f"vs_{peer}"] = round(service["requests_per_s"] / other["requests_per_s"], 2)
+        if service and ceiling.get("images_per_s"):
+            row["vs_ceiling"] = round(service["requests_per_s"] / ceiling["images_per_s"], 2)
+        out.append(row)
+    return out
+
+
+SUMMARY_COLUMNS = (
+    ("concurrency", "conc"),
+    *((f"{app}_{k}", f"{app} {h}") for app in APPS for k, h in (("rps", "req/s"), ("p50", "p50"), ("p99", "p99"))),
+    ("vs_naive", "svc/naive"), ("vs_litserve", "svc/litserve"), ("vs_ceiling", "svc/ceiling"),
+)  # fmt: skip
 
 
 def image_sizes(bodies: list[bytes]) -> dict[str, int]:
@@ -191,11 +278,31 @@ def image_sizes(bodies: list[bytes]) -> dict[str, int]:
     return dict(sizes)
 
 
+def measure_ceiling(
+    args: argparse.Namespace, served: Path, backend: str | None, jpeg: bytes
+) -> dict[str, Any] | None:
+    """The network-only ceiling of what the service serves (``bench.ceiling``), on a BCCD photo; None
+    when ``--ceiling`` is off (auto: on a CPU only)."""
+    if args.ceiling == "off" or (args.ceiling == "auto" and args.device == "cuda"):
+        return None
+    from bench.ceiling import network_ceiling
+    from model.preprocess import load_image
+
+    with tempfile.NamedTemporaryFile(suffix=".jpg") as f:
+        f.write(jpeg)
+        f.flush()
+        image = load_image(f.name)
+    ceiling = network_ceiling(served, backend or args.backend, duration_s=args.ceiling_duration, image=image)
+    print(f"network-only ceiling ({ceiling['engine']}, {ceiling['threads']} threads): batch-1 "
+          f"{ceiling['batch1_ms']} ms, {ceiling['images_per_s']} img/s with {ceiling['streams']} streams", flush=True)  # fmt: skip
+    return ceiling
+
+
 def service_model(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, str | None]:
     """(what the service serves, its backend or None for --backend): with ``--cpu-engine``,
     ``conversion.cpu_engine``'s artifact of the checkpoint."""
-    if args.cpu_engine is None:
-        return checkpoint, None
+    if args.cpu_engine is None:  # an ONNX model given as --model: the service's backend auto serves it
+        return checkpoint, None if file_kind(checkpoint) == "checkpoint" else "auto"
     import os
 
     from conversion.cpu_engine import prepare_cpu_artifact
@@ -207,27 +314,36 @@ def service_model(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, str
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Both apps' sweeps; the JSON (if asked for) is rewritten after every level."""
+    """Every app's sweep (the ceiling first); the JSON (if asked for) is rewritten after every level."""
     levels, apps, extra = check(args)
     worker_counts = parse_list(args.workers, int)
     model = resolve_checkpoint(args.model, workdir)
     bodies = read_jpegs(find_jpegs(args.images, limit=args.max_images))
     log_dir = args.log_dir or workdir
-    served, backend = service_model(args, model) if "service" in apps else (model, None)
+    served, backend = service_model(args, model)
+    runtime = peer_runtime(args, served, backend)
     result: dict[str, Any] = {
         "benchmark": "service",
         "model": str(model),
         "service_model": str(served),
+        "peers": {"file": str(served if args.device != "cuda" else model), "runtime": runtime,
+                  "litserve_workers": args.litserve_workers},
         "images": {"count": len(bodies), "sizes": image_sizes(bodies), "mean_bytes": sum(map(len, bodies)) // len(bodies)},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": {**environment(), "torchvision": _version("torchvision")},
+        "ceiling": measure_ceiling(args, served, backend, bodies[0]),
         "rows": [],
         "service_vs_naive": [],
+        "service_vs_litserve": [],
+        "service_vs_ceiling": [],
     }  # fmt: skip
 
     def save(row: dict[str, Any]) -> None:
         result["rows"].append(row)
-        result["service_vs_naive"] = ratios(result["rows"])
+        for peer in PEERS:
+            result[f"service_vs_{peer}"] = ratios(result["rows"], peer)
+        result["service_vs_ceiling"] = versus_ceiling(result["rows"], result["ceiling"])
+        result["summary"] = summary(result)
         if args.json:
             write_json(args.json, result)
 
@@ -235,7 +351,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     def start(stack: contextlib.ExitStack, app: str, workers: int) -> tuple[str, str]:
         """Start ``app`` (stopped when ``stack`` closes); (base URL, engine it serves)."""
-        argv, env = app_command(app, args, served if app == "service" else model, workers)
+        on_gpu = app == "naive" and args.device == "cuda"  # the GPU naive app runs the checkpoint
+        argv, env = app_command(app, args, model if on_gpu else served, workers, runtime)
         if app == "service" and backend is not None:
             env["REFINEDET_BACKEND"] = backend
         print(f"{app} (workers {workers}): starting {' '.join(argv)}", flush=True)
@@ -281,9 +398,21 @@ def report(result: dict[str, Any]) -> str:
     lines = [f"CPU: {cpu.get('model_name')} ({cpu.get('machine')}), flags {' '.join(cpu.get('flags', [])) or '-'}, "
              f"{cpu.get('usable_cores')} usable cores; load average at start {env.get('load_average')}",
              format_table(result["rows"], COLUMNS)]  # fmt: skip
-    for r in result["service_vs_naive"]:
-        lines.append(f"service ({r['workers']} workers) vs naive at concurrency {r['concurrency']}: "
-                     f"{r['service_rps']} / {r['naive_rps']} req/s = {r['ratio']}x")  # fmt: skip
+    ceiling = result.get("ceiling")
+    if ceiling:
+        lines.append(f"network-only ceiling ({ceiling['engine']}, {ceiling['threads']} threads, no HTTP, no decode): "
+                     f"batch-1 {ceiling['batch1_ms']} ms; {ceiling['images_per_s']} img/s with {ceiling['streams']} "
+                     "concurrent streams")  # fmt: skip
+    for peer in PEERS:
+        for r in result.get(f"service_vs_{peer}", []):
+            lines.append(f"service ({r['workers']} workers) vs {peer} at concurrency {r['concurrency']}: "
+                         f"{r['service_rps']} / {r[f'{peer}_rps']} req/s = {r['ratio']}x")  # fmt: skip
+    for r in result.get("service_vs_ceiling", []):
+        lines.append(f"service ({r['workers']} workers) at concurrency {r['concurrency']}: {r['rps_over_ceiling']}x "
+                     f"the ceiling's img/s; p50 - batch-1 = {r['p50_minus_batch1_ms']} ms")  # fmt: skip
+    if result.get("summary"):
+        present = {k for row in result["summary"] for k in row}
+        lines += ["", format_table(result["summary"], [c for c in SUMMARY_COLUMNS if c[0] in present])]
     return "\n".join(lines)
 
 
