@@ -37,8 +37,10 @@ def network_ceiling(
     feed (default: a mid-grey 640x480)."""
     from model.preprocess import preprocess
     from service.backends import create_backend
+    from service.process import cap_mmap_threshold
     from service.settings import Settings
 
+    cap_mmap_threshold()  # as a serving process does (service.process): fresh mmaps would slow every call
     settings = Settings(model=model, backend=backend, device="cpu")
     engine = create_backend(settings)
     engine.load()

@@ -70,12 +70,17 @@ class UploadDecoding:
                 "handler": "the handler (PIL)"}[self.engine]  # fmt: skip
 
 
-def decode_on_host(images: Sequence[EncodedImage]) -> list[Tensor | ServiceError]:
-    """The CPU engine's decoder: PIL, one image after another, in the calling thread."""
+def decode_on_host(
+    images: Sequence[EncodedImage], at_least: int | None = None
+) -> list[Tensor | ServiceError]:
+    """The CPU engine's decoder: PIL, one image after another, in the calling thread; a JPEG at the
+    smallest DCT scale with both sides at least ``at_least`` (``service.imaging.reduced_scale``; None:
+    whole). Detections are normalised, so they map to the header's size (``EncodedImage.width/height``)
+    whatever scale the pixels were decoded at."""
     decoded: list[Tensor | ServiceError] = []
     for image in images:
         try:
-            decoded.append(decode_pixels(image.data))
+            decoded.append(decode_pixels(image.data, at_least))
         except ServiceError as exc:
             decoded.append(exc)
     return decoded
