@@ -2,7 +2,7 @@
 
 In this process, one stage after another on the same photos, with the service's own parts (its backend
 from the same settings, ``service.detector.Detector``, the route's ``detection_dicts`` and JSON encoding):
-header check, JPEG decode (in the engine slot, reduced scale where it applies), preprocess, network
+header check, JPEG decode (in the engine slot; also at a reduced DCT scale), preprocess, network
 (a lone request's call: all the engine's threads), post-processing, response (detection dicts + JSON).
 Then through HTTP: ``refinedet serve`` on the same file, one client, keep-alive, the photo as the raw
 body: the client's latency, the handler's ``Server-Timing`` total, and what lies outside it (uvicorn,
@@ -98,7 +98,7 @@ def in_process(backend: Any, jpegs: list[bytes], rounds: int, rev: str | None) -
     torch.set_num_threads(host_threads)
     old = {name: module_at(rev, f"model/{name}.py") for name in ("preprocess", "postprocess")} if rev else {}
     old_post = old["postprocess"].PostProcessor(config) if old else None
-    names = ("header", "decode", "decode_whole", "preprocess", "network", "postprocess", "response",
+    names = ("header", "decode", "decode_reduced", "preprocess", "network", "postprocess", "response",
              "preprocess_before", "postprocess_before", "preprocess_n", "postprocess_n")  # fmt: skip
     t: dict[str, list[float]] = {k: [] for k in names}
     mismatches = 0
@@ -108,7 +108,7 @@ def in_process(backend: Any, jpegs: list[bytes], rounds: int, rev: str | None) -
             t["header"].append(ms)
             [pixels], ms = timed(lambda h=header, d=data: detector.decode([h.deferred(d)]))
             t["decode"].append(ms)
-            t["decode_whole"].append(_whole(header, data))
+            t["decode_reduced"].append(_decode_at(header, data, config.input_size))
             x, ms = timed(
                 lambda p=pixels: preprocess(stack_if_same_size([p]), config.input_size, config.normalization)
             )
@@ -150,13 +150,10 @@ def in_process(backend: Any, jpegs: list[bytes], rounds: int, rev: str | None) -
     network = median(t["network"])
     rows = [
         stage("header check (handler)", t["header"], network),
+        stage("JPEG decode (engine slot)", t["decode"], network, "PIL, channels-last view"),
         stage(
-            "JPEG decode (engine slot)",
-            t["decode"],
-            network,
-            "reduced scale" if detector.decode_at_least else "",
+            "JPEG decode, reduced to the input", t["decode_reduced"], network, "DCT scaling: off by default"
         ),
-        stage("JPEG decode, whole scale", t["decode_whole"], network),
         stage("preprocess", t["preprocess"], network, f"{host_threads} torch threads"),
         stage("network", t["network"], network, f"{backend.name}-{backend.precision}"),
         stage("post-process", t["postprocess"], network, f"{host_threads} torch threads"),
@@ -171,10 +168,10 @@ def in_process(backend: Any, jpegs: list[bytes], rounds: int, rev: str | None) -
     return rows
 
 
-def _whole(header: Any, data: bytes) -> float:
+def _decode_at(header: Any, data: bytes, at_least: int | None) -> float:
     from service.decoding import decode_on_host
 
-    return timed(lambda: decode_on_host([header.deferred(data)], None))[1]
+    return timed(lambda: decode_on_host([header.deferred(data)], at_least))[1]
 
 
 def server_timing(value: str) -> dict[str, float]:

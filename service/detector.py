@@ -55,8 +55,10 @@ class Detector:
     runs alone gets all the engine's threads; one that starts while another runs gets one thread
     (``CpuShare``), so under load the cores run independent one-thread inferences.
 
-    ``reduced_decode``: on a CPU, a JPEG at least twice the network input on both sides is decoded at a
-    reduced DCT scale, never under the input size (``service.imaging.reduced_scale``).
+    ``decode_at_least``: on a CPU, a JPEG at least twice this on both sides is decoded at a reduced DCT
+    scale that keeps both sides at least this (``service.imaging.reduced_scale``); None (the default):
+    whole. Off by default: at the network's input size it cost 0.2 BCCD mAP on 2x and 4x photos
+    (``bench.decode_scale``, docs/benchmarks.md).
 
     When the network runs in an artifact's runtime (ONNX Runtime, OpenVINO: their own thread pools), the
     PyTorch parts of a call (resize, normalisation, post-processing) run on one thread (``host_threads``):
@@ -64,10 +66,10 @@ class Detector:
     request's network waits for it at every op (measured: post-processing 11 ms on one thread, 243 ms on
     two while another process used the cores; docs/benchmarks.md)."""
 
-    def __init__(self, backend: Backend, cpu_streams: int = 1, reduced_decode: bool = True) -> None:
+    def __init__(self, backend: Backend, cpu_streams: int = 1, decode_at_least: int | None = None) -> None:
         self.backend = backend
         self.config = backend.loaded_config
-        self.decode_at_least = self.config.input_size if reduced_decode else None
+        self.decode_at_least = decode_at_least
         self.postprocessor = PostProcessor(self.config)
         self._jpeg_decoder: JpegDecoder | None = None  # made on the first EncodedImage on CUDA
         cpu = backend.device.type == "cpu"
