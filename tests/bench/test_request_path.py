@@ -46,3 +46,25 @@ def test_upscaled_photos_are_jpegs_of_the_factor():
     assert upscaled(jpeg, 1) is jpeg
     with Image.open(io.BytesIO(upscaled(jpeg, 3))) as im:
         assert (im.format, im.size) == ("JPEG", (240, 180))
+
+
+def test_the_instant_network_answers_every_call_with_one_photos_outputs(tiny_checkpoint):
+    import torch
+    from fastapi.testclient import TestClient
+
+    from bench.service_overhead import instant, minimal_app
+    from service.backends.torch import TorchBackend
+
+    backend = TorchBackend(tiny_checkpoint, torch.device("cpu"), max_batch=1)
+    backend.load()
+    calls = []
+    real = backend.infer
+    backend.infer = lambda x: calls.append(x) or real(x)
+    fast = instant(backend, synthetic_jpeg(96, 64))
+    first = fast.infer(torch.zeros(1, 3, 64, 64))
+    assert fast.infer(torch.ones(1, 3, 64, 64)) is first and len(calls) == 1  # computed once
+    assert fast.single_thread_infer()(torch.zeros(1, 3, 64, 64)) is first
+    client = TestClient(minimal_app(fast))
+    r = client.post("/detect", content=synthetic_jpeg(120, 90), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200 and r.json()["image"] == {"width": 120, "height": 90}
+    assert len(calls) == 1
