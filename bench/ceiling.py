@@ -28,38 +28,54 @@ from torch import Tensor
 from bench.timing import MIN_ITERS
 
 
+class NetworkCeiling:
+    """The service's backend for ``model`` (``backend``: the service's --backend), loaded once on the CPU
+    as the service loads it; ``measure()`` as often as wanted (e.g. between the levels of a sweep, so that
+    the ceiling sees the same machine load as the apps). ``image``: uint8 RGB [3, H, W] to feed (default:
+    a mid-grey 640x480)."""
+
+    def __init__(
+        self, model: Path | None, backend: str = "auto", streams: int = 2, image: Tensor | None = None
+    ) -> None:
+        from model.preprocess import preprocess
+        from service.backends import create_backend
+        from service.process import cap_mmap_threshold
+        from service.settings import Settings
+
+        cap_mmap_threshold()  # as a serving process does (service.process): fresh mmaps would slow every call
+        settings = Settings(model=model, backend=backend, device="cpu")
+        self.threads = settings.engine_threads()
+        self.engine = create_backend(settings)
+        self.engine.load()
+        self.engine.warmup(2)
+        self.streams = streams
+        self._stream_infers = [self.engine.single_thread_infer() for _ in range(streams)]
+        config = self.engine.loaded_config
+        pixels = image if image is not None else torch.full((3, 480, 640), 128, dtype=torch.uint8)
+        self.x = preprocess([pixels], config.input_size, config.normalization)
+
+    def measure(self, duration_s: float = 5.0, iters: int = 30) -> dict[str, Any]:
+        """{engine, threads, batch1_ms, batch1_p90_ms, batch1_runs, streams, images_per_s}."""
+        with torch.inference_mode():
+            lone = _latencies(self.engine.infer, self.x, iters, duration_s)
+            rate = _throughput(self._stream_infers, self.x, duration_s)
+        return {
+            "engine": f"{self.engine.name}-{self.engine.precision}",
+            "threads": self.threads,
+            "batch1_ms": round(statistics.median(lone), 2),
+            "batch1_p90_ms": round(statistics.quantiles(lone, n=10)[-1], 2) if len(lone) > 1 else lone[0],
+            "batch1_runs": len(lone),
+            "streams": self.streams,
+            "images_per_s": round(rate, 2),
+        }
+
+
 def network_ceiling(
     model: Path | None, backend: str = "auto", streams: int = 2, duration_s: float = 5.0, iters: int = 30,
     image: Tensor | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """{engine, threads, batch1_ms, batch1_p90_ms, streams, images_per_s, ...} for ``model`` as the service
-    would load it on the CPU (``backend``: the service's --backend). ``image``: uint8 RGB [3, H, W] to
-    feed (default: a mid-grey 640x480)."""
-    from model.preprocess import preprocess
-    from service.backends import create_backend
-    from service.process import cap_mmap_threshold
-    from service.settings import Settings
-
-    cap_mmap_threshold()  # as a serving process does (service.process): fresh mmaps would slow every call
-    settings = Settings(model=model, backend=backend, device="cpu")
-    engine = create_backend(settings)
-    engine.load()
-    engine.warmup(2)
-    config = engine.loaded_config
-    pixels = image if image is not None else torch.full((3, 480, 640), 128, dtype=torch.uint8)
-    x = preprocess([pixels], config.input_size, config.normalization)
-    with torch.inference_mode():
-        lone = _latencies(engine.infer, x, iters, duration_s)
-        rate = _throughput([engine.single_thread_infer() for _ in range(streams)], x, duration_s)
-    return {
-        "engine": f"{engine.name}-{engine.precision}",
-        "threads": settings.engine_threads(),
-        "batch1_ms": round(statistics.median(lone), 2),
-        "batch1_p90_ms": round(statistics.quantiles(lone, n=10)[-1], 2) if len(lone) > 1 else lone[0],
-        "batch1_runs": len(lone),
-        "streams": streams,
-        "images_per_s": round(rate, 2),
-    }
+    """One ``NetworkCeiling(...).measure(...)``."""
+    return NetworkCeiling(model, backend, streams, image).measure(duration_s, iters)
 
 
 def _latencies(infer: Callable[[Tensor], Any], x: Tensor, iters: int, budget_s: float) -> list[float]:

@@ -26,9 +26,11 @@ import contextlib
 import io
 import json
 import signal
+import statistics
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,18 +223,27 @@ def ratios(rows: list[dict], peer: str = "naive") -> list[dict[str, Any]]:
     return out
 
 
-def versus_ceiling(rows: list[dict], ceiling: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Each service row against the network-only ceiling: requests/s over its img/s, p50 minus its
-    batch-1 ms (the request path's cost at that load)."""
-    if not ceiling:
-        return []
+def level_ceiling(
+    ceiling: dict[str, Any] | None, ceilings: Sequence[dict[str, Any]], c: int
+) -> dict[str, Any] | None:
+    """The ceiling measured just before level ``c`` (with ``--rounds`` > 1), else the run's mean."""
+    return next((m for m in ceilings if m.get("level") == c), ceiling)
+
+
+def versus_ceiling(
+    rows: list[dict], ceiling: dict[str, Any] | None, ceilings: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """Each service row against the network-only ceiling (``level_ceiling``): requests/s over its img/s,
+    p50 minus its batch-1 ms (the request path's cost at that load)."""
     out = []
     for r in rows:
-        if r["app"] == "service" and ceiling.get("images_per_s"):
+        at = level_ceiling(ceiling, ceilings, r["concurrency"]) or {}
+        if r["app"] == "service" and at.get("images_per_s"):
             p50 = r.get("p50")
             out.append({"concurrency": r["concurrency"], "workers": r.get("workers", 1),
-                        "rps_over_ceiling": round(r["requests_per_s"] / ceiling["images_per_s"], 2),
-                        "p50_minus_batch1_ms": None if p50 is None else round(p50 - ceiling["batch1_ms"], 1)})  # fmt: skip
+                        "ceiling_images_per_s": at["images_per_s"], "ceiling_batch1_ms": at["batch1_ms"],
+                        "rps_over_ceiling": round(r["requests_per_s"] / at["images_per_s"], 2),
+                        "p50_minus_batch1_ms": None if p50 is None else round(p50 - at["batch1_ms"], 1)})  # fmt: skip
     return out
 
 
@@ -255,8 +266,11 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
             other = by.get((peer, c))
             if service and other and other["requests_per_s"]:
                 row[f"vs_{peer}"] = round(service["requests_per_s"] / other["requests_per_s"], 2)
-        if service and ceiling.get("images_per_s"):
-            row["vs_ceiling"] = round(service["requests_per_s"] / ceiling["images_per_s"], 2)
+        at = level_ceiling(ceiling, result.get("ceilings", ()), c) or {}
+        if at.get("images_per_s"):
+            row["ceiling"] = at["images_per_s"]
+            if service:
+                row["vs_ceiling"] = round(service["requests_per_s"] / at["images_per_s"], 2)
         out.append(row)
     return out
 
@@ -264,7 +278,8 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
 SUMMARY_COLUMNS = (
     ("concurrency", "conc"),
     *((f"{app}_{k}", f"{app} {h}") for app in APPS for k, h in (("rps", "req/s"), ("p50", "p50"), ("p99", "p99"))),
-    ("vs_naive", "svc/naive"), ("vs_litserve", "svc/litserve"), ("vs_ceiling", "svc/ceiling"),
+    ("ceiling", "ceiling img/s"), ("vs_naive", "svc/naive"), ("vs_litserve", "svc/litserve"),
+    ("vs_ceiling", "svc/ceiling"),
 )  # fmt: skip
 
 
@@ -278,24 +293,28 @@ def image_sizes(bodies: list[bytes]) -> dict[str, int]:
     return dict(sizes)
 
 
-def measure_ceiling(
-    args: argparse.Namespace, served: Path, backend: str | None, jpeg: bytes
-) -> dict[str, Any] | None:
-    """The network-only ceiling of what the service serves (``bench.ceiling``), on a BCCD photo; None
-    when ``--ceiling`` is off (auto: on a CPU only)."""
+def open_ceiling(args: argparse.Namespace, served: Path, backend: str | None, jpeg: bytes) -> Any:
+    """The network-only ceiling of what the service serves (``bench.ceiling.NetworkCeiling``), fed a
+    BCCD photo; None when ``--ceiling`` is off (auto: on a CPU only)."""
     if args.ceiling == "off" or (args.ceiling == "auto" and args.device == "cuda"):
         return None
-    from bench.ceiling import network_ceiling
+    from bench.ceiling import NetworkCeiling
     from model.preprocess import load_image
 
     with tempfile.NamedTemporaryFile(suffix=".jpg") as f:
         f.write(jpeg)
         f.flush()
         image = load_image(f.name)
-    ceiling = network_ceiling(served, backend or args.backend, duration_s=args.ceiling_duration, image=image)
-    print(f"network-only ceiling ({ceiling['engine']}, {ceiling['threads']} threads): batch-1 "
-          f"{ceiling['batch1_ms']} ms, {ceiling['images_per_s']} img/s with {ceiling['streams']} streams", flush=True)  # fmt: skip
-    return ceiling
+    return NetworkCeiling(served, backend or args.backend, image=image)
+
+
+def measure_ceiling(ceiling: Any, args: argparse.Namespace, when: str) -> dict[str, Any] | None:
+    if ceiling is None:
+        return None
+    out = {"when": when, **ceiling.measure(args.ceiling_duration)}
+    print(f"network-only ceiling {when} ({out['engine']}, {out['threads']} threads): batch-1 {out['batch1_ms']} ms, "
+          f"{out['images_per_s']} img/s with {out['streams']} streams", flush=True)  # fmt: skip
+    return out
 
 
 def service_model(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, str | None]:
@@ -331,18 +350,29 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "images": {"count": len(bodies), "sizes": image_sizes(bodies), "mean_bytes": sum(map(len, bodies)) // len(bodies)},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": {**environment(), "torchvision": _version("torchvision")},
-        "ceiling": measure_ceiling(args, served, backend, bodies[0]),
+        "ceiling": None,  # the mean of the measurements in "ceilings", taken as the sweep went on
+        "ceilings": [],
         "rows": [],
         "service_vs_naive": [],
         "service_vs_litserve": [],
         "service_vs_ceiling": [],
     }  # fmt: skip
 
+    ceiling = open_ceiling(args, served, backend, bodies[0])
+
+    def check_ceiling(when: str, level: int | None = None) -> None:
+        measured = measure_ceiling(ceiling, args, when)
+        if measured is not None:
+            if level is not None:  # measured just before this level, with the servers idle
+                measured["level"] = level
+            result["ceilings"].append(measured)
+            result["ceiling"] = mean_ceiling(result["ceilings"])
+
     def save(row: dict[str, Any]) -> None:
         result["rows"].append(row)
         for peer in PEERS:
             result[f"service_vs_{peer}"] = ratios(result["rows"], peer)
-        result["service_vs_ceiling"] = versus_ceiling(result["rows"], result["ceiling"])
+        result["service_vs_ceiling"] = versus_ceiling(result["rows"], result["ceiling"], result["ceilings"])
         result["summary"] = summary(result)
         if args.json:
             write_json(args.json, result)
@@ -363,24 +393,39 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                                   args.ready_timeout, marker, workers))  # fmt: skip
         return url, engine_of(url)
 
-    if args.rounds == 1:  # app after app: one server up at a time
+    check_ceiling("at the start", levels[0] if args.rounds > 1 else None)
+    if args.rounds == 1:  # app after app: one server up at a time; the ceiling again at the end
         for app, workers in targets:
             with contextlib.ExitStack() as stack:
                 url, engine = start(stack, app, workers)
                 for c in levels:
                     part = measure(app, workers, url, bodies, c, args.duration, args)
                     save(finish_row(app, workers, engine, [part]))
+        check_ceiling("at the end")
         return result
     with contextlib.ExitStack() as stack:  # every server up; each level in rounds, the apps taking turns
         urls = {t: start(stack, *t) for t in targets}
-        for c in levels:
+        for k, c in enumerate(levels):
+            if k > 0:
+                check_ceiling(f"before concurrency {c}", c)
             parts: dict[tuple[str, int], list[dict[str, Any]]] = {t: [] for t in targets}
             for _ in range(args.rounds):
                 for t in targets:
                     parts[t].append(measure(*t, urls[t][0], bodies, c, args.duration / args.rounds, args))
             for t in targets:
                 save(finish_row(*t, urls[t][1], parts[t]))
+        check_ceiling("at the end")
     return result
+
+
+def mean_ceiling(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ceilings measured during a run -> one: the mean of batch-1 ms and img/s (the machine's load
+    moves during a run; each measurement is in ``ceilings``)."""
+    last = measured[-1]
+    return {**{k: last[k] for k in ("engine", "threads", "streams")},
+            "batch1_ms": round(statistics.fmean(m["batch1_ms"] for m in measured), 2),
+            "images_per_s": round(statistics.fmean(m["images_per_s"] for m in measured), 2),
+            "measurements": len(measured)}  # fmt: skip
 
 
 def _version(package: str) -> str | None:
@@ -400,16 +445,18 @@ def report(result: dict[str, Any]) -> str:
              format_table(result["rows"], COLUMNS)]  # fmt: skip
     ceiling = result.get("ceiling")
     if ceiling:
+        spread = ", ".join(f"{m['images_per_s']} ({m['when']})" for m in result.get("ceilings", []))
         lines.append(f"network-only ceiling ({ceiling['engine']}, {ceiling['threads']} threads, no HTTP, no decode): "
                      f"batch-1 {ceiling['batch1_ms']} ms; {ceiling['images_per_s']} img/s with {ceiling['streams']} "
-                     "concurrent streams")  # fmt: skip
+                     f"concurrent streams (mean of: {spread or '-'} img/s)")  # fmt: skip
     for peer in PEERS:
         for r in result.get(f"service_vs_{peer}", []):
             lines.append(f"service ({r['workers']} workers) vs {peer} at concurrency {r['concurrency']}: "
                          f"{r['service_rps']} / {r[f'{peer}_rps']} req/s = {r['ratio']}x")  # fmt: skip
     for r in result.get("service_vs_ceiling", []):
         lines.append(f"service ({r['workers']} workers) at concurrency {r['concurrency']}: {r['rps_over_ceiling']}x "
-                     f"the ceiling's img/s; p50 - batch-1 = {r['p50_minus_batch1_ms']} ms")  # fmt: skip
+                     f"the ceiling's {r['ceiling_images_per_s']} img/s; p50 - batch-1 ({r['ceiling_batch1_ms']} ms) = "
+                     f"{r['p50_minus_batch1_ms']} ms")  # fmt: skip
     if result.get("summary"):
         present = {k for row in result["summary"] for k in row}
         lines += ["", format_table(result["summary"], [c for c in SUMMARY_COLUMNS if c[0] in present])]

@@ -216,13 +216,21 @@ def test_summary_pairs_every_app_and_the_ceiling_at_each_concurrency():
     result = {"rows": rows, "ceiling": ceiling}
     assert service_bench.summary(result) == [
         {"concurrency": 1, "service_rps": 30.0, "service_p50": 40.0, "service_p99": 80.0, "naive_rps": 20.0,
-         "naive_p50": 50.0, "naive_p99": 100.0, "vs_naive": 1.5, "vs_ceiling": 0.4},
+         "naive_p50": 50.0, "naive_p99": 100.0, "vs_naive": 1.5, "ceiling": 75.0, "vs_ceiling": 0.4},
         {"concurrency": 16, "service_rps": 60.0, "service_p50": 260.0, "service_p99": 520.0, "naive_rps": 30.0,
          "naive_p50": 500.0, "naive_p99": 1000.0, "litserve_rps": 40.0, "litserve_p50": 400.0,
-         "litserve_p99": 800.0, "vs_naive": 2.0, "vs_litserve": 1.5, "vs_ceiling": 0.8},
+         "litserve_p99": 800.0, "vs_naive": 2.0, "vs_litserve": 1.5, "ceiling": 75.0, "vs_ceiling": 0.8},
     ]  # fmt: skip
     assert service_bench.versus_ceiling(rows, ceiling)[0] == {
-        "concurrency": 1, "workers": 1, "rps_over_ceiling": 0.4, "p50_minus_batch1_ms": 10.0}  # fmt: skip
+        "concurrency": 1, "workers": 1, "ceiling_images_per_s": 75.0, "ceiling_batch1_ms": 30.0,
+        "rps_over_ceiling": 0.4, "p50_minus_batch1_ms": 10.0}  # fmt: skip
+    # measured before each level (--rounds): each level against its own, the others against the mean
+    per_level = [{"level": 16, "images_per_s": 50.0, "batch1_ms": 40.0}]
+    assert [r["rps_over_ceiling"] for r in service_bench.versus_ceiling(rows, ceiling, per_level)] == [
+        0.4,
+        1.2,
+        1.0,
+    ]
     assert service_bench.versus_ceiling(rows, None) == []
     assert service_bench.ratios(rows, "litserve") == [
         {"concurrency": 16, "workers": 1, "service_rps": 60.0, "litserve_rps": 40.0, "ratio": 1.5},
