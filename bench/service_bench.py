@@ -367,6 +367,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 measured["level"] = level
             result["ceilings"].append(measured)
             result["ceiling"] = mean_ceiling(result["ceilings"])
+            if args.json and result["rows"]:
+                write_json(args.json, result)
 
     def save(row: dict[str, Any]) -> None:
         result["rows"].append(row)
