@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"service_overhead: error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(rows, (("app", "app"), ("stage", "stage"), ("p50_ms", "p50 ms"), ("mean_ms", "mean ms"))))
+    print(
+        format_table(rows, (("app", "app"), ("stage", "stage"), ("p50_ms", "p50 ms"), ("mean_ms", "mean ms")))
+    )
     latency = {r["app"]: r["p50_ms"] for r in rows if r["stage"] == "HTTP /detect, client latency"}
     if len(latency) == 2:
         print(f"the service's own cost per request (p50): {latency['service'] - latency['minimal']:.2f} ms "
