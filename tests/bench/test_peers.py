@@ -87,3 +87,24 @@ def test_ceiling_reports_batch1_latency_and_stream_throughput(tiny_checkpoint):
     assert ceiling["engine"] == "torch-fp32" and ceiling["streams"] == 2
     assert ceiling["batch1_ms"] > 0 and ceiling["batch1_runs"] >= 5 and ceiling["images_per_s"] > 0
     assert ceiling["batch1_p90_ms"] >= ceiling["batch1_ms"]
+
+
+@pytest.mark.slow
+def test_litserve_app_serves_over_http_and_stops_with_its_workers(tiny_onnx, tmp_path):
+    pytest.importorskip("litserve")
+    import sys
+
+    from bench import servers
+
+    argv = [sys.executable, "-m", "bench.litserve_app", "--model", str(tiny_onnx), "--workers", "2",
+            "--host", servers.HOST, "--port", "{port}"]  # fmt: skip
+    with servers.running(argv, servers.server_env({}), tmp_path / "litserve.log", 120) as url:
+        status, body = servers.get(f"{url}/v1/model")
+        assert status == 200 and b"onnxruntime" in body
+        import urllib.request
+
+        request = urllib.request.Request(f"{url}/detect", data=synthetic_jpeg(100, 80), method="POST",
+                                         headers={"Content-Type": "image/jpeg"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.status == 200 and b'"width":100' in resp.read()
+    assert servers.get(f"{url}/readyz")[0] == 0  # stopped
