@@ -144,3 +144,13 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     rule = "  ".join("-" * w for w in widths)
     rows_text = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body]
     return "\n".join([line, rule, *rows_text])
+
+
+def service_backend(settings: Any) -> tuple[Any, Any]:
+    """(backend, plan): the engine plan ``refinedet serve`` would serve for ``settings`` (``deploy.prepare``,
+    the one decision) and its backend, unloaded, as the service builds it."""
+    from deploy.prepare import prepare
+    from service.backends import create_backend
+
+    plan = prepare(settings)
+    return create_backend(plan, settings), plan

@@ -25,6 +25,7 @@ def main() -> None:
     from PIL import Image
     from tritonclient import http as triton_http
 
+    from deploy.prepare import prepare
     from service.app import create_app
     from service.settings import Settings
 
@@ -34,9 +35,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18310)
     args = parser.parse_args()
     settings = Settings(model=args.model, device="cpu", access_log=False, log_level="warning")
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=args.port, log_level="warning")
-    )
+    app = create_app(settings, plan=prepare(settings))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{args.port}"
     deadline = time.monotonic() + 300

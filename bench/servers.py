@@ -112,14 +112,17 @@ def _log_count(log_path: Path, marker: str, offset: int) -> int:
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    """SIGTERM, SIGKILL after ``grace_s``; then whatever is left of the process group it leads (``running``
+    starts each server in its own session: LitServe's worker processes, uvicorn's) is killed too."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group of the server we started (pgid == its pid)
 
 
 @contextlib.contextmanager
@@ -138,7 +141,9 @@ def running(
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
         offset = log.tell()
-        proc = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://{HOST}:{port}"
     try:
         wait_ready(proc, url, ready_timeout_s, log_path, ready_marker, ready_count, offset)

@@ -1,12 +1,22 @@
-"""Service benchmark: ``refinedet serve`` versus a naive FastAPI app, through HTTP on 127.0.0.1, with
-real JPEG photos (BCCD, 640x480) and a closed-loop concurrency sweep.
+"""Service benchmark: ``refinedet serve`` versus its peers serving the same model file, through HTTP on
+127.0.0.1, with real JPEG photos (BCCD, 640x480) and a closed-loop concurrency sweep.
 
-    python -m bench.service_bench --device cuda --concurrency 1,4,16,64 --workers 1,4 --json out/service.json
+    python -m bench.service_bench --cpu-engine auto --concurrency 1,4,16 --apps service,naive,litserve \
+        --json bench/results/service_bench_cpu_peers.json
 
-For each app, number of uvicorn workers (the service only: ``--workers``, REFINEDET_WORKERS) and
-concurrency: requests/s, p50/p90/p99 latency and errors (non-200 answers and client exceptions); for a
-one-worker service also the mean dynamic batch size (from /metrics, which is per worker process). Then
-the ratio of the service's requests/s to the naive app's at each concurrency and worker count. See
+Apps (``--apps``): ``service`` (``refinedet serve``; ``--workers`` uvicorn workers to sweep), ``naive``
+(``bench.naive_app``: a sync FastAPI handler around one session of the file) and ``litserve``
+(``bench.litserve_app``: LitServe's usual CPU set-up, 2 workers x 1 thread). With ``--cpu-engine`` every
+app serves the artifact the service's CPU-engine decision picked (``conversion.cpu_engine``, as
+``refinedet prepare`` prints it), the peers on ``--runtime`` (default: the runtime that decision serves it
+with); without it, the checkpoint (the peers on eager PyTorch). On a CPU the run starts with the chosen
+engine's network-only ceiling (``bench.ceiling``: the service's own backend, batch-1 ms and img/s with 2
+concurrent streams, no HTTP, no decoding), measured in the same run, with no server up.
+
+For each app, worker count and concurrency: requests/s, p50/p90/p99 latency and errors (non-200 answers
+and client exceptions); for a one-worker service also the mean dynamic batch size (from /metrics, which
+is per worker process). Then the service's requests/s over each peer's at each concurrency, and over the
+ceiling's img/s (its p50 at one client beside the ceiling's batch-1 ms): ``bench.service_report``. See
 docs/benchmarks.md.
 """
 
@@ -27,22 +37,18 @@ from bench import servers
 from bench.common import (
     environment,
     find_jpegs,
-    format_table,
     parse_list,
     read_jpegs,
     resolve_checkpoint,
     write_json,
 )
+from bench.engine_session import RUNTIMES, default_runtime
 from bench.load_gen import combine_rounds, run_level
+from bench.service_report import APPS, PEERS, mean_ceiling, ratios, report, summary, versus_ceiling
+from model.artifacts import file_kind
 from model.errors import UserError
 
-APPS = ("service", "naive")
 READY_LOG_MARKER = "refinedet.service: ready: "  # logged by each worker once its model is warmed up
-COLUMNS = (
-    ("app", "app"), ("engine", "engine"), ("workers", "workers"), ("concurrency", "conc"), ("requests_per_s", "req/s"), ("p50", "p50 ms"),
-    ("p90", "p90 ms"), ("p99", "p99 ms"), ("errors", "errors"), ("mean_batch", "batch"),
-    ("detections_per_response", "det/resp"),
-)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default 8)")
     p.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each level")
     p.add_argument("--client-processes", type=int, default=1, help="load-generator processes (default 1)")
-    p.add_argument("--apps", default="service,naive", help="which apps to measure (default both)")
+    p.add_argument("--apps", default="service,naive", help=f"which apps to measure, of {', '.join(APPS)} "
+                   "(default service,naive)")  # fmt: skip
+    p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
+                   help="the peers' runtime (default auto: the one the service serves the file with; onnxruntime "
+                        "or openvino for an ONNX model, torch for a checkpoint)")  # fmt: skip
+    p.add_argument("--litserve-workers", type=int, default=2, help="LitServe workers x 1 thread (default 2)")
+    p.add_argument("--ceiling", choices=["auto", "on", "off"], default="auto",
+                   help="measure the network-only ceiling first (auto: on a CPU)")  # fmt: skip
+    p.add_argument(
+        "--ceiling-duration", type=float, default=5.0, help="seconds of the ceiling's 2-stream run"
+    )
     p.add_argument("--images", action="append", default=[], help="JPEG file or folder (default: BCCD)")
     p.add_argument("--max-images", type=int, default=64, help="distinct photos sent (default 64)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /readyz")
@@ -98,6 +114,10 @@ def check(args: argparse.Namespace) -> tuple[list[int], list[str], dict[str, str
         raise UserError("--duration must be in (0, 600], --warmup >= 0, --client-processes >= 1")
     if not 1 <= args.rounds <= 20:
         raise UserError("--rounds takes 1 to 20")
+    if "litserve" in apps and args.device == "cuda":
+        raise UserError("--apps litserve: the LitServe peer runs on the CPU only (--device cpu)")
+    if not 1 <= args.litserve_workers <= 16:
+        raise UserError("--litserve-workers takes 1 to 16")
     extra = {}
     for item in args.server_env:
         key, sep, value = item.partition("=")
@@ -108,16 +128,22 @@ def check(args: argparse.Namespace) -> tuple[list[int], list[str], dict[str, str
 
 
 def app_command(
-    app: str, args: argparse.Namespace, model: Path, workers: int = 1
+    app: str, args: argparse.Namespace, model: Path, workers: int = 1, runtime: str | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """(argv with ``{port}``, extra environment) that starts ``app`` (the service with ``workers``)."""
+    """(argv with ``{port}``, extra environment) that starts ``app`` on ``model`` (the service with
+    ``workers``; a peer on ``runtime``, default: ``default_runtime(model)``)."""
     device = args.device
-    if app == "naive":
+    if app in PEERS:
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        argv = [sys.executable, "-m", "bench.naive_app", "--model", str(model), "--device", device]
+        runtime = runtime or default_runtime(model)
+        argv = [sys.executable, "-m", f"bench.{app}_app", "--model", str(model), "--runtime", runtime]
+        if app == "naive":
+            argv += ["--device", device]
+        else:
+            argv += ["--workers", str(args.litserve_workers)]
         return [*argv, "--host", servers.HOST, "--port", "{port}"], {}
     argv = [*servers.refinedet_command(), "serve", "--host", servers.HOST, "--port", "{port}", "--plain-logs"]
     env = {
@@ -133,6 +159,14 @@ def app_command(
     if args.max_batch_size is not None:
         env["REFINEDET_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     return argv, env
+
+
+def peer_runtime(args: argparse.Namespace, served: Path, backend: str | None) -> str:
+    """The peers' runtime: ``--runtime``, else the service's backend where a peer can run it, else the
+    file's default."""
+    if args.runtime != "auto":
+        return str(args.runtime)
+    return backend if backend in RUNTIMES else default_runtime(served)
 
 
 def measure(app: str, workers: int, url: str, bodies: list[bytes], c: int, duration: float,
@@ -168,19 +202,6 @@ def engine_of(url: str) -> str:
     return f"{info.get('backend', '?')}-{info.get('precision', '?')}"
 
 
-def ratios(rows: list[dict]) -> list[dict[str, Any]]:
-    """Service over naive requests/s at each (service workers, concurrency) both measured."""
-    naive = {r["concurrency"]: r["requests_per_s"] for r in rows if r["app"] == "naive"}
-    out = []
-    service = [r for r in rows if r["app"] == "service"]
-    for r in sorted(service, key=lambda r: (r.get("workers", 1), r["concurrency"])):
-        c, rps = r["concurrency"], r["requests_per_s"]
-        if naive.get(c):
-            out.append({"concurrency": c, "workers": r.get("workers", 1), "service_rps": rps,
-                        "naive_rps": naive[c], "ratio": round(rps / naive[c], 2)})  # fmt: skip
-    return out
-
-
 def image_sizes(bodies: list[bytes]) -> dict[str, int]:
     from PIL import Image
 
@@ -191,11 +212,35 @@ def image_sizes(bodies: list[bytes]) -> dict[str, int]:
     return dict(sizes)
 
 
+def open_ceiling(args: argparse.Namespace, served: Path, backend: str | None, jpeg: bytes) -> Any:
+    """The network-only ceiling of what the service serves (``bench.ceiling.NetworkCeiling``), fed a
+    BCCD photo; None when ``--ceiling`` is off (auto: on a CPU only)."""
+    if args.ceiling == "off" or (args.ceiling == "auto" and args.device == "cuda"):
+        return None
+    from bench.ceiling import NetworkCeiling
+    from model.preprocess import load_image
+
+    with tempfile.NamedTemporaryFile(suffix=".jpg") as f:
+        f.write(jpeg)
+        f.flush()
+        image = load_image(f.name)
+    return NetworkCeiling(served, backend or args.backend, image=image)
+
+
+def measure_ceiling(ceiling: Any, args: argparse.Namespace, when: str) -> dict[str, Any] | None:
+    if ceiling is None:
+        return None
+    out = {"when": when, **ceiling.measure(args.ceiling_duration)}
+    print(f"network-only ceiling {when} ({out['engine']}, {out['threads']} threads): batch-1 {out['batch1_ms']} ms, "
+          f"{out['images_per_s']} img/s with {out['streams']} streams", flush=True)  # fmt: skip
+    return out
+
+
 def service_model(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, str | None]:
     """(what the service serves, its backend or None for --backend): with ``--cpu-engine``,
     ``conversion.cpu_engine``'s artifact of the checkpoint."""
-    if args.cpu_engine is None:
-        return checkpoint, None
+    if args.cpu_engine is None:  # an ONNX model given as --model: the service's backend auto serves it
+        return checkpoint, None if file_kind(checkpoint) == "checkpoint" else "auto"
     import os
 
     from conversion.cpu_engine import prepare_cpu_artifact
@@ -207,27 +252,49 @@ def service_model(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, str
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Both apps' sweeps; the JSON (if asked for) is rewritten after every level."""
+    """Every app's sweep (the ceiling first); the JSON (if asked for) is rewritten after every level."""
     levels, apps, extra = check(args)
     worker_counts = parse_list(args.workers, int)
     model = resolve_checkpoint(args.model, workdir)
     bodies = read_jpegs(find_jpegs(args.images, limit=args.max_images))
     log_dir = args.log_dir or workdir
-    served, backend = service_model(args, model) if "service" in apps else (model, None)
+    served, backend = service_model(args, model)
+    runtime = peer_runtime(args, served, backend)
     result: dict[str, Any] = {
         "benchmark": "service",
         "model": str(model),
         "service_model": str(served),
+        "peers": {"file": str(served if args.device != "cuda" else model), "runtime": runtime,
+                  "litserve_workers": args.litserve_workers},
         "images": {"count": len(bodies), "sizes": image_sizes(bodies), "mean_bytes": sum(map(len, bodies)) // len(bodies)},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": {**environment(), "torchvision": _version("torchvision")},
+        "ceiling": None,  # the mean of the measurements in "ceilings", taken as the sweep went on
+        "ceilings": [],
         "rows": [],
         "service_vs_naive": [],
+        "service_vs_litserve": [],
+        "service_vs_ceiling": [],
     }  # fmt: skip
+
+    ceiling = open_ceiling(args, served, backend, bodies[0])
+
+    def check_ceiling(when: str, level: int | None = None) -> None:
+        measured = measure_ceiling(ceiling, args, when)
+        if measured is not None:
+            if level is not None:  # measured just before this level, with the servers idle
+                measured["level"] = level
+            result["ceilings"].append(measured)
+            result["ceiling"] = mean_ceiling(result["ceilings"])
+            if args.json and result["rows"]:
+                write_json(args.json, result)
 
     def save(row: dict[str, Any]) -> None:
         result["rows"].append(row)
-        result["service_vs_naive"] = ratios(result["rows"])
+        for peer in PEERS:
+            result[f"service_vs_{peer}"] = ratios(result["rows"], peer)
+        result["service_vs_ceiling"] = versus_ceiling(result["rows"], result["ceiling"], result["ceilings"])
+        result["summary"] = summary(result)
         if args.json:
             write_json(args.json, result)
 
@@ -235,7 +302,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     def start(stack: contextlib.ExitStack, app: str, workers: int) -> tuple[str, str]:
         """Start ``app`` (stopped when ``stack`` closes); (base URL, engine it serves)."""
-        argv, env = app_command(app, args, served if app == "service" else model, workers)
+        on_gpu = app == "naive" and args.device == "cuda"  # the GPU naive app runs the checkpoint
+        argv, env = app_command(app, args, model if on_gpu else served, workers, runtime)
         if app == "service" and backend is not None:
             env["REFINEDET_BACKEND"] = backend
         print(f"{app} (workers {workers}): starting {' '.join(argv)}", flush=True)
@@ -246,23 +314,28 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                                   args.ready_timeout, marker, workers))  # fmt: skip
         return url, engine_of(url)
 
-    if args.rounds == 1:  # app after app: one server up at a time
+    check_ceiling("at the start", levels[0] if args.rounds > 1 else None)
+    if args.rounds == 1:  # app after app: one server up at a time; the ceiling again at the end
         for app, workers in targets:
             with contextlib.ExitStack() as stack:
                 url, engine = start(stack, app, workers)
                 for c in levels:
                     part = measure(app, workers, url, bodies, c, args.duration, args)
                     save(finish_row(app, workers, engine, [part]))
+        check_ceiling("at the end")
         return result
     with contextlib.ExitStack() as stack:  # every server up; each level in rounds, the apps taking turns
         urls = {t: start(stack, *t) for t in targets}
-        for c in levels:
+        for k, c in enumerate(levels):
+            if k > 0:
+                check_ceiling(f"before concurrency {c}", c)
             parts: dict[tuple[str, int], list[dict[str, Any]]] = {t: [] for t in targets}
             for _ in range(args.rounds):
                 for t in targets:
                     parts[t].append(measure(*t, urls[t][0], bodies, c, args.duration / args.rounds, args))
             for t in targets:
                 save(finish_row(*t, urls[t][1], parts[t]))
+        check_ceiling("at the end")
     return result
 
 
@@ -273,18 +346,6 @@ def _version(package: str) -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
-
-
-def report(result: dict[str, Any]) -> str:
-    env = result["environment"]
-    cpu = env.get("cpu_info") or {}
-    lines = [f"CPU: {cpu.get('model_name')} ({cpu.get('machine')}), flags {' '.join(cpu.get('flags', [])) or '-'}, "
-             f"{cpu.get('usable_cores')} usable cores; load average at start {env.get('load_average')}",
-             format_table(result["rows"], COLUMNS)]  # fmt: skip
-    for r in result["service_vs_naive"]:
-        lines.append(f"service ({r['workers']} workers) vs naive at concurrency {r['concurrency']}: "
-                     f"{r['service_rps']} / {r['naive_rps']} req/s = {r['ratio']}x")  # fmt: skip
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,13 +63,18 @@ class UploadDecoding:
                 "handler": "the handler (PIL)"}[self.engine]  # fmt: skip
 
 
-def decode_on_host(images: Sequence[EncodedImage]) -> list[Tensor | UnusableImage]:
-    """The CPU engine's decoder: PIL, one image after another, in the calling thread; an image that cannot
-    be decoded gets its ``UnusableImage`` in its place."""
+def decode_on_host(
+    images: Sequence[EncodedImage], at_least: int | None = None
+) -> list[Tensor | UnusableImage]:
+    """The CPU engine's decoder: PIL, one image after another, in the calling thread; a JPEG at the
+    smallest DCT scale with both sides at least ``at_least`` (``service.imaging.reduced_scale``; None:
+    whole). Detections are normalised, so they map to the header's size (``EncodedImage.width/height``)
+    whatever scale the pixels were decoded at. An image that cannot be decoded gets its ``UnusableImage``
+    in its place."""
     decoded: list[Tensor | UnusableImage] = []
     for image in images:
         try:
-            decoded.append(decode_pixels(image.data))
+            decoded.append(decode_pixels(image.data, at_least))
         except UnusableImage as exc:
             decoded.append(exc)
     return decoded

@@ -52,15 +52,30 @@ class ImageDetections:
 class BatchDetector:
     """``cpu_streams``: on a CPU, how many calls may run at once (the batcher's engine slots). A call that
     runs alone gets all the engine's threads; one that starts while another runs gets one thread
-    (``CpuShare``), so under load the cores run independent one-thread inferences."""
+    (``CpuShare``), so under load the cores run independent one-thread inferences.
 
-    def __init__(self, backend: Backend, cpu_streams: int = 1, decoder: str = "pil") -> None:
+    ``decode_at_least``: on a CPU, a JPEG at least twice this on both sides is decoded at a reduced DCT
+    scale that keeps both sides at least this (``service.imaging.reduced_scale``); None (the default):
+    whole. Off by default: at the network's input size it cost 0.2 BCCD mAP on 2x and 4x photos
+    (``bench.decode_scale``, docs/benchmarks.md).
+
+    When the network runs in an artifact's runtime (ONNX Runtime, OpenVINO: their own thread pools), the
+    PyTorch parts of a call (resize, normalisation, post-processing) run on one thread (``host_threads``):
+    small ops gain little from an OpenMP team, and a team whose other thread the OS has given to another
+    request's network waits for it at every op (measured: post-processing 11 ms on one thread, 243 ms on
+    two while another process used the cores; docs/benchmarks.md)."""
+
+    def __init__(
+        self, backend: Backend, cpu_streams: int = 1, decoder: str = "pil", decode_at_least: int | None = None
+    ) -> None:
         self.backend = backend
         self.decoder = decoder  # who decodes queued uploads: "nvjpeg" or "pil" (UploadDecoding's engine)
         self.config = backend.loaded_config
+        self.decode_at_least = decode_at_least
         self.postprocessor = PostProcessor(self.config)
         self._jpeg_decoder: JpegDecoder | None = None  # made on the first EncodedImage on CUDA
         cpu = backend.device.type == "cpu"
+        self.host_threads = 1 if cpu and backend.name != "torch" else None  # None: the network is PyTorch's
         self.cpu_share = CpuShare(torch.get_num_threads()) if cpu and cpu_streams > 1 else None
         self._one_thread_infer = (
             backend.single_thread_infer() if self.cpu_share is not None else backend.infer
@@ -89,12 +104,26 @@ class BatchDetector:
         An upload that cannot be decoded gets its ``UnusableImage`` in its place (the batcher fails that
         request alone with it); the others are served.
         Safe to call from several threads at once (the batcher's engine slots)."""
-        if self.cpu_share is None:
-            return self._run_chunks(inputs, self.backend.infer)
-        with self.cpu_share.call() as threads:
-            if torch.get_num_threads() != threads:  # kept per calling thread
-                torch.set_num_threads(threads)
-            return self._run_chunks(inputs, self.backend.infer if threads > 1 else self._one_thread_infer)
+        with self._torch_threads(self.host_threads):
+            if self.cpu_share is None:
+                return self._run_chunks(inputs, self.backend.infer)
+            with self.cpu_share.call() as threads, self._torch_threads(self.host_threads or threads):
+                return self._run_chunks(inputs, self.backend.infer if threads > 1 else self._one_thread_infer)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _torch_threads(threads: int | None) -> Iterator[None]:
+        """PyTorch's intra-op threads for this calling thread (kept per thread) within the block, as they
+        were after it (None: unchanged)."""
+        before = torch.get_num_threads()
+        if threads is None or threads == before:
+            yield
+            return
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def _run_chunks(
         self, inputs: Sequence[ImageInput], infer: Callable[[Tensor], BackendOutput]
@@ -141,7 +170,7 @@ class BatchDetector:
         """The engine's decode of queued uploads: nvJPEG (plain JPEGs, batched, on the GPU) or PIL."""
         if self.decoder == "nvjpeg":
             return self.jpeg_decoder(encoded)
-        return decode_on_host(encoded)
+        return decode_on_host(encoded, self.decode_at_least)
 
     @property
     def jpeg_decoder(self) -> JpegDecoder:
@@ -207,6 +236,9 @@ class StageClock:
 
 def stack_if_same_size(images: list[Tensor]) -> Tensor | list[Tensor]:
     """One Tensor[B, 3, H, W] when every image has the same size (so the resize is one call; the result
-    equals the per-image resize exactly), else the list as it is."""
+    equals the per-image resize exactly), else the list as it is. One image is a view with its own
+    strides (a channels-last decode stays channels-last: ``model.preprocess.preprocess``'s fast path)."""
+    if len(images) == 1:
+        return images[0].unsqueeze(0)
     first = images[0].shape
     return torch.stack(images) if all(im.shape == first for im in images) else images

@@ -187,16 +187,34 @@ def read_header(data: bytes, max_pixels: int, min_side: int) -> ImageHeader:
         return _header(image, data)
 
 
-def decode_image(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
-    """Decode an upload; raises ``UnusableImage`` for anything but a usable image."""
+def decode_image(
+    data: bytes, max_pixels: int, min_side: int, at_least: int | None = None, contiguous: bool = True
+) -> DecodedImage:
+    """Decode an upload; raises ``UnusableImage`` for anything but a usable image.
+    ``at_least``: a JPEG may be decoded at a reduced scale whose sides are both at least this
+    (``reduced_scale``); width/height are then the decoded pixels', not the header's. ``contiguous``:
+    as ``model.preprocess.pil_to_rgb``'s (False: a channels-last view, no copy)."""
     with open_image(data, max_pixels, min_side) as image:
-        return _decode(image)
+        if at_least is not None:
+            reduced_scale(image, at_least)
+        return _decode(image, contiguous)
 
 
-def decode_pixels(data: bytes) -> Tensor:
+def decode_pixels(data: bytes, at_least: int | None = None) -> Tensor:
     """uint8 RGB Tensor[3, H, W] of an upload whose header already passed the checks (the engine's PIL
-    decode); ``UnusableImage`` (``INVALID``) if it is damaged."""
-    return decode_image(data, max_pixels=1 << 62, min_side=1).pixels
+    decode; ``at_least`` as ``decode_image``'s), channels-last (a view over PIL's [H, W, 3] pixels, which
+    ``model.preprocess.preprocess`` resizes fastest on a CPU); ``UnusableImage`` (``INVALID``) if it is damaged."""
+    return decode_image(data, max_pixels=1 << 62, min_side=1, at_least=at_least, contiguous=False).pixels
+
+
+def reduced_scale(image: Image.Image, at_least: int) -> None:
+    """Let libjpeg decode ``image`` (opened, not loaded) at 1/2, 1/4 or 1/8 scale where both sides stay
+    at least ``at_least`` pixels: the largest such reduction (PIL's ``draft``; the DCT is scaled, so the
+    work shrinks with the pixel count). No effect on other formats, or where even 1/2 would go under
+    (a 640x480 photo for a 320 input is decoded whole). The network warps every image to its square
+    input, so only how the downscale is computed changes (docs/benchmarks.md measures the mAP)."""
+    if image.format == "JPEG" and min(image.size) >= 2 * at_least:
+        image.draft(image.mode, (at_least, at_least))
 
 
 def _header(image: Image.Image, data: bytes) -> ImageHeader:
@@ -223,10 +241,10 @@ def _ends_with_eoi(data: bytes) -> bool:
     return data[-64:].rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
 
 
-def _decode(image: Image.Image) -> DecodedImage:
+def _decode(image: Image.Image, contiguous: bool = True) -> DecodedImage:
     try:
         image.load()
-        pixels = pil_to_rgb(image)
+        pixels = pil_to_rgb(image, contiguous)
     except Exception as exc:  # decoders raise many types for damaged data
         log.info("undecodable %s upload: %s: %s", image.format, type(exc).__name__, exc)
         raise UnusableImage(

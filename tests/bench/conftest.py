@@ -27,3 +27,13 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, (w, h) in enumerate([(96, 64), (80, 80), (64, 112)]):
         (folder / f"photo{i}.jpg").write_bytes(synthetic_jpeg(w, h, seed=i))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """The tiny checkpoint exported to ONNX (raw heads, dynamic batch), with its manifest."""
+    from conversion.onnx_export import export_checkpoint
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_checkpoint(tiny_checkpoint, path)
+    return path

@@ -45,7 +45,7 @@ def test_app_commands(tmp_path):
     assert env["REFINEDET_MAX_BATCH_SIZE"] == "16" and env["REFINEDET_MAX_DELAY_MS"] == "3.0"
     assert env["REFINEDET_WORKERS"] == "1" and env["REFINEDET_ACCESS_LOG"] == "false"
     assert service_bench.app_command("service", args, tmp_path / "m.pth", 4)[1]["REFINEDET_WORKERS"] == "4"
-    argv, env = service_bench.app_command("naive", args, tmp_path / "m.pth")
+    argv, env = service_bench.app_command("naive", args, tmp_path / "m.pth", runtime="torch")
     assert argv[1:3] == ["-m", "bench.naive_app"] and "--device" in argv and env == {}
 
 
@@ -174,3 +174,107 @@ def test_rows_say_which_engine_and_cpu():
                                            "usable_cores": 2}, "load_average": [1.0, 1.0, 1.0]}}  # fmt: skip
     text = service_bench.report(result)
     assert "CPU: AMD EPYC (x86_64), flags avx512_vnni, 2 usable cores" in text and "onnxruntime-int8" in text
+
+
+def test_peer_commands_serve_the_services_file_on_the_chosen_runtime(tmp_path):
+    args = args_for("--device", "cpu", "--litserve-workers", "3")
+    onnx = tmp_path / "int8.onnx"
+    argv, env = service_bench.app_command("litserve", args, onnx, runtime="openvino")
+    assert argv[1:3] == ["-m", "bench.litserve_app"] and env == {}
+    assert argv[argv.index("--model") + 1] == str(onnx) and argv[argv.index("--runtime") + 1] == "openvino"
+    assert argv[argv.index("--workers") + 1] == "3" and "--device" not in argv
+    argv, _ = service_bench.app_command("naive", args, onnx, runtime="onnxruntime")
+    assert argv[argv.index("--runtime") + 1] == "onnxruntime"
+    with pytest.raises(UserError, match="LitServe peer runs on the CPU"):
+        service_bench.check(args_for("--apps", "service,litserve", "--device", "cuda"))
+
+
+def test_peer_runtime_follows_the_service_unless_asked(tiny_checkpoint):
+    assert service_bench.peer_runtime(args_for(), tiny_checkpoint, None) == "torch"
+    assert service_bench.peer_runtime(args_for(), tiny_checkpoint, "openvino") == "openvino"
+    assert service_bench.peer_runtime(args_for(), tiny_checkpoint, "auto") == "torch"
+    assert (
+        service_bench.peer_runtime(args_for("--runtime", "onnxruntime"), tiny_checkpoint, "torch")
+        == "onnxruntime"
+    )
+
+
+def test_summary_pairs_every_app_and_the_ceiling_at_each_concurrency():
+    def row(app, c, rps, p50, workers=1):
+        return {
+            "app": app,
+            "workers": workers,
+            "concurrency": c,
+            "requests_per_s": rps,
+            "p50": p50,
+            "p99": 2 * p50,
+        }
+
+    rows = [row("service", 1, 30.0, 40.0), row("service", 16, 60.0, 260.0), row("service", 16, 50.0, 300.0, 2),
+            row("naive", 1, 20.0, 50.0), row("naive", 16, 30.0, 500.0), row("litserve", 16, 40.0, 400.0)]  # fmt: skip
+    ceiling = {"images_per_s": 75.0, "batch1_ms": 30.0, "engine": "openvino-int8", "threads": 2, "streams": 2}
+    result = {"rows": rows, "ceiling": ceiling}
+    assert service_bench.summary(result) == [
+        {"concurrency": 1, "service_rps": 30.0, "service_p50": 40.0, "service_p99": 80.0, "naive_rps": 20.0,
+         "naive_p50": 50.0, "naive_p99": 100.0, "vs_naive": 1.5, "ceiling": 75.0, "vs_ceiling": 0.4},
+        {"concurrency": 16, "service_rps": 60.0, "service_p50": 260.0, "service_p99": 520.0, "naive_rps": 30.0,
+         "naive_p50": 500.0, "naive_p99": 1000.0, "litserve_rps": 40.0, "litserve_p50": 400.0,
+         "litserve_p99": 800.0, "vs_naive": 2.0, "vs_litserve": 1.5, "ceiling": 75.0, "vs_ceiling": 0.8},
+    ]  # fmt: skip
+    assert service_bench.versus_ceiling(rows, ceiling)[0] == {
+        "concurrency": 1, "workers": 1, "ceiling_images_per_s": 75.0, "ceiling_batch1_ms": 30.0,
+        "rps_over_ceiling": 0.4, "p50_minus_batch1_ms": 10.0}  # fmt: skip
+    # measured before each level (--rounds): each level against its own, the others against the mean
+    per_level = [{"level": 16, "images_per_s": 50.0, "batch1_ms": 40.0}]
+    assert [r["rps_over_ceiling"] for r in service_bench.versus_ceiling(rows, ceiling, per_level)] == [
+        0.4,
+        1.2,
+        1.0,
+    ]
+    assert service_bench.versus_ceiling(rows, None) == []
+    assert service_bench.ratios(rows, "litserve") == [
+        {"concurrency": 16, "workers": 1, "service_rps": 60.0, "litserve_rps": 40.0, "ratio": 1.5},
+        {"concurrency": 16, "workers": 2, "service_rps": 50.0, "litserve_rps": 40.0, "ratio": 1.25},
+    ]
+    extra = {
+        "service_vs_ceiling": service_bench.versus_ceiling(rows, ceiling),
+        "summary": service_bench.summary(result),
+    }
+    text = service_bench.report({**result, **extra, "environment": {}})
+    assert "svc/litserve" in text and "0.4x the ceiling" in text
+
+
+def test_stopping_a_server_also_stops_the_processes_it_started(tmp_path):
+    """LitServe runs its workers as child processes: whatever the server leaves behind is stopped too."""
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import http.server, subprocess, sys, signal\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))  # exits, leaving its child running\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers()\n"
+        "    def log_message(self, *a): pass\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+    )
+    with servers.running(
+        [sys.executable, "-c", script, "{port}"], servers.server_env({}), tmp_path / "l.log", 30
+    ):
+        child = int(pid_file.read_text())
+        assert _alive(child)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (killed, not yet reaped by init) is not alive
+        return f.read().split(") ")[1][0] != "Z"

@@ -8,9 +8,12 @@ from model.config import PostprocessConfig, preset
 from model.postprocess import (
     Detections,
     PostProcessor,
+    adaptive_nms,
     batched_greedy_nms,
+    box_iou,
     decode_predictions,
     detections_to_host,
+    nms_buckets,
     select_detections,
     to_pixels,
 )
@@ -266,3 +269,38 @@ def test_box_iou_equals_torchvision_and_broadcasts():
     assert box_iou(a, b)[0, 0] == pytest.approx(1.0)
     batched = box_iou(torch.stack([a, a]), torch.stack([a, a]))
     assert batched.shape == (2, 7, 7) and torch.allclose(batched[1], tv_box_iou(a, a), atol=1e-6)
+
+
+def reference_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The IoU as first written (corner pairs broadcast together): ``box_iou`` must equal it bit for bit."""
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter).clamp(min=1e-12)
+
+
+def test_box_iou_is_bitwise_the_reference_formula():
+    g = torch.Generator().manual_seed(5)
+    boxes = random_boxes(90, g).view(3, 30, 4)
+    boxes[0, 3] = torch.tensor([0.5, 0.5, 0.4, 0.6])  # inverted: zero area
+    assert torch.equal(box_iou(boxes, boxes), reference_iou(boxes, boxes))
+    assert torch.equal(box_iou(boxes[0], boxes[1, :7]), reference_iou(boxes[0], boxes[1, :7]))
+    assert box_iou(boxes[0], boxes[1, :7]).shape == (30, 7)
+
+
+def test_nms_buckets_group_similar_lengths_and_skip_empty_groups():
+    assert nms_buckets([8, 400, 0, 85, 300, 90]) == [([1, 4], 400), ([5, 3], 90), ([0], 8)]
+    assert nms_buckets([0, 0]) == []
+    assert nms_buckets([10, 10, 10], budget=200) == [([0, 1], 10), ([2], 10)]  # 3 x 10 x 10 > 200
+
+
+def test_adaptive_nms_equals_batched_nms_on_groups_of_any_length():
+    g = torch.Generator().manual_seed(11)
+    boxes = random_boxes(6 * 50, g).view(6, 50, 4)
+    lengths = torch.tensor([50, 3, 0, 27, 49, 1])
+    valid = torch.arange(50)[None] < lengths[:, None]
+    valid[3, 5] = False  # a hole inside a prefix (NaN scores sort first): still exact
+    assert torch.equal(adaptive_nms(boxes, valid, 0.3), batched_greedy_nms(boxes, valid, 0.3))
+    assert not adaptive_nms(boxes, valid, 0.3)[2].any()

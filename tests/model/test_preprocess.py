@@ -48,3 +48,17 @@ def test_preprocess_warps_any_size_to_the_square_input():
     ]
     out = preprocess(images, 64, Normalization.torchvision())
     assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
+
+
+def test_channels_last_pixels_give_the_same_network_input_contiguous():
+    """``pil_to_rgb(contiguous=False)`` is a view over PIL's [H, W, 3] pixels; ``preprocess`` resizes it
+    channels-last (the CPU's fast path) to bitwise the same input as from contiguous pixels."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8), "RGB")
+    view, copy = pil_to_rgb(image, contiguous=False), pil_to_rgb(image)
+    assert torch.equal(view, copy) and copy.is_contiguous() and not view.is_contiguous()
+    norm = Normalization(channel_order="BGR", mean=(104.0, 117.0, 123.0))
+    for size in (64, 320):
+        fast, plain = preprocess(view.unsqueeze(0), size, norm), preprocess(copy[None], size, norm)
+        assert fast.is_contiguous() and fast.shape == (1, 3, size, size)
+        assert torch.equal(fast, plain)

@@ -117,3 +117,42 @@ def test_a_call_alone_gets_every_thread_and_a_concurrent_one_one_thread(tiny_bac
             assert torch.equal(g.labels, w.labels)
             torch.testing.assert_close(g.scores, w.scores, atol=1e-5, rtol=0)
             torch.testing.assert_close(g.boxes_xyxy, w.boxes_xyxy, atol=1e-5, rtol=0)
+
+
+def test_a_single_image_keeps_its_strides():
+    pixels = torch.zeros(40, 30, 3, dtype=torch.uint8).permute(2, 0, 1)  # channels-last, as decoded
+    batch = stack_if_same_size([pixels])
+    assert isinstance(batch, torch.Tensor) and batch.shape == (1, 3, 40, 30)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pytorch_parts_run_on_one_thread_beside_an_artifact_runtime(tiny_backend, monkeypatch):
+    """An artifact backend's network has its own threads: resize and post-processing run on one PyTorch
+    thread, and the caller's thread count is as it was afterwards. A PyTorch network keeps them all."""
+    seen: list[int] = []
+    real = tiny_backend.infer
+    monkeypatch.setattr(tiny_backend, "infer", lambda x: seen.append(torch.get_num_threads()) or real(x))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        BatchDetector(tiny_backend).detect([torch.zeros(3, 50, 60, dtype=torch.uint8)])
+        monkeypatch.setattr(tiny_backend, "name", "onnxruntime")
+        for streams in (1, 2):
+            BatchDetector(tiny_backend, cpu_streams=streams).detect(
+                [torch.zeros(3, 50, 60, dtype=torch.uint8)]
+            )
+        assert seen == [2, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_detected_in_the_whole_images_frame(tiny_backend):
+    """At least 64: a 512x384 upload is decoded at 1/4 (128x96, both sides >= 64); the detections are
+    normalised, so the route maps them onto the header's 512x384. By default: whole."""
+    data = encode(noise_image(512, 384, seed=5))
+    reduced, whole = BatchDetector(tiny_backend, decode_at_least=64), BatchDetector(tiny_backend)
+    assert reduced.decode([encoded(data)])[0].shape == (3, 96, 128)
+    assert whole.decode([encoded(data)])[0].shape == (3, 384, 512)
+    [result] = reduced.detect([encoded(data)])
+    assert isinstance(result, ImageDetections) and len(result.scores) > 0
+    assert encoded(data).width == 512  # what to_pixels maps the boxes with

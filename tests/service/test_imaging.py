@@ -81,3 +81,29 @@ def test_upload_decoding_follows_the_setting_and_the_device():
 
     assert [choose(s, "cuda") for s in ("auto", "on", "off")] == ["nvjpeg", "nvjpeg", "handler"]
     assert [choose(s, "cpu") for s in ("auto", "on", "off")] == ["pil", "pil", "handler"]
+
+
+@pytest.mark.parametrize(
+    ("size", "at_least", "decoded"),
+    [
+        ((1280, 960), 320, (640, 480)),  # 1/2: both sides still >= 320 (1/4 would give 240)
+        ((1280, 960), 160, (320, 240)),  # 1/4
+        ((640, 480), 320, (640, 480)),  # 1/2 would go under 320: decoded whole
+        ((1280, 960), None, (1280, 960)),
+    ],
+)
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_above_the_input(size, at_least, decoded):
+    data = encode(noise_image(*size, seed=3))
+    image = decode_image(data, 10**8, 8, at_least=at_least)
+    assert (image.width, image.height) == decoded and image.pixels.shape == (3, decoded[1], decoded[0])
+    png = encode(noise_image(*size, seed=3), "PNG")
+    assert (decode_image(png, 10**8, 8, at_least=at_least).width, image.format) == (size[0], "JPEG")
+
+
+def test_the_engines_decode_is_a_channels_last_view_of_the_same_pixels():
+    from service.imaging import decode_pixels
+
+    data = encode(noise_image(90, 70, seed=4))
+    pixels = decode_pixels(data)
+    assert pixels.shape == (3, 70, 90) and not pixels.is_contiguous() and pixels.stride() == (1, 270, 3)
+    assert (pixels == decode_image(data, 10**8, 8).pixels).all()
