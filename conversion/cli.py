@@ -127,14 +127,24 @@ def _register_int8_ranges(targets: argparse._SubParsersAction) -> None:
 
 
 def _register_cpu(targets: argparse._SubParsersAction) -> None:
+    from conversion.cpu_candidate import ALIASES, ENGINES  # standard library only
+
     p = targets.add_parser(
         "cpu",
-        help="the fastest verified CPU artifact for a checkpoint (INT8 / FP32 ONNX), made once into a cache",
+        help="the fastest verified CPU engine for a checkpoint (OpenVINO / ONNX Runtime INT8 or FP32, or "
+        "torch), decided once into a cache",
+        description="Check every CPU engine against the checkpoint, time the verified ones and print the "
+        "fastest (JSON: artifact, engine, backend, precision, reason, record). Engines: "
+        + ", ".join(ENGINES)
+        + ". OpenVINO runs the same .onnx files in a child process each (a crash or hang costs only that "
+        "candidate) and picks its own precision (bf16 on a CPU with BF16).",
     )
     p.add_argument("--checkpoint", type=Path, help="default: the shipped checkpoint")
     p.add_argument("--cache-dir", required=True, type=Path, help="cache folder (REFINEDET_CACHE_DIR)")
-    p.add_argument("--engine", choices=("auto", "int8", "fp32", "torch"), default="auto",
-                   help="auto: INT8 where it is faster and verified, else FP32 ONNX, else torch")  # fmt: skip
+    p.add_argument("--engine", choices=("auto", *ENGINES, *ALIASES), default="auto", metavar="ENGINE",
+                   help="auto (default): the fastest verified (INT8 only where 1.1x faster than the rest); "
+                   f"or one of {', '.join(ENGINES)} (falls back to the same runtime's FP32, then torch); "
+                   f"{', '.join(f'{k} = {v}' for k, v in ALIASES.items())}")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads the serving worker will use (default: the usable cores)")  # fmt: skip
     p.add_argument("--json-out", type=Path, default=None, help="also write the decision (JSON) to this file")

@@ -1,5 +1,6 @@
 """The CPU engine choice (conversion.cpu_engine) on the tiny random RefineDet: made once into the cache
-and reused, verified before it is returned, and falling back with the reason recorded."""
+and reused, verified before it is returned, and falling back with the reason recorded; an OpenVINO
+candidate that crashes, hangs or fails in its child process costs only itself."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from conversion import cpu_engine
 from conversion.calibration_table import build_table, table_path_for
-from conversion.cpu_engine import ENGINES, CpuArtifact, _Candidate, _rank, prepare_cpu_artifact
+from conversion.cpu_candidate import FAULT_ENV, CandidateError, check_in_child
+from conversion.cpu_engine import ENGINES, CpuArtifact, _rank, prepare_cpu_artifact, wanted_engines
 from conversion.quantize import QuantizeOptions
 from conversion.verify import TOLERANCES, Tolerance, image_files
 from model.artifacts import read_manifest
@@ -29,6 +31,20 @@ def checkpoint_with_table(tmp_path_factory, tiny_checkpoint, image_dir) -> Path:
     return checkpoint
 
 
+@pytest.fixture
+def seeded_cache(tmp_path, tiny_checkpoint, tiny_onnx) -> Path:
+    """A cache folder already holding the tiny checkpoint's FP32 export (as a first start leaves it), so
+    that a test does not export the network again."""
+    from model.artifacts import manifest_path
+    from model.checkpoint import file_sha256
+
+    folder = tmp_path / "cpu" / file_sha256(tiny_checkpoint)[:16]
+    folder.mkdir(parents=True)
+    shutil.copy(tiny_onnx, folder / "fp32.onnx")
+    shutil.copy(manifest_path(tiny_onnx), manifest_path(folder / "fp32.onnx"))
+    return tmp_path
+
+
 @pytest.mark.slow
 def test_auto_verifies_times_and_caches_the_choice(checkpoint_with_table, tmp_path, monkeypatch):
     choice = prepare_cpu_artifact(checkpoint_with_table, tmp_path, threads=1)
@@ -36,6 +52,7 @@ def test_auto_verifies_times_and_caches_the_choice(checkpoint_with_table, tmp_pa
     record = choice.record
     assert set(record["timings_ms"]) | set(record["skipped"]) == set(ENGINES)
     assert record["checks"]["onnxruntime-fp32"]["passed"]
+    assert record["precisions"]["onnxruntime-fp32"] == "fp32"
     # The tiny random model's INT8 version may miss the INT8 agreement limit on the smears: then it
     # must have been passed over for that reason, never served.
     if not record["checks"]["onnxruntime-int8"]["passed"]:
@@ -43,6 +60,7 @@ def test_auto_verifies_times_and_caches_the_choice(checkpoint_with_table, tmp_pa
     assert record["cpu"]["usable_cores"] >= 1 and record["threads"] == 1
     if choice.engine != "torch-fp32":
         assert read_manifest(choice.artifact).precision == choice.engine.rsplit("-", 1)[1]
+    assert choice.precision == record["precisions"][choice.engine]
     # A second start reads the decision: nothing is exported, checked or timed again.
     monkeypatch.setattr(cpu_engine, "_decide", lambda *a, **k: pytest.fail("decided twice"))
     assert prepare_cpu_artifact(checkpoint_with_table, tmp_path, threads=1) == choice
@@ -57,8 +75,8 @@ def test_an_int8_model_that_fails_its_check_is_passed_over(checkpoint_with_table
     assert "passed over onnxruntime-int8" in choice.reason
 
 
-def test_without_a_ranges_table_int8_is_skipped_with_the_reason(tiny_checkpoint, tmp_path):
-    choice = prepare_cpu_artifact(tiny_checkpoint, tmp_path, engine="int8", threads=1)
+def test_without_a_ranges_table_int8_is_skipped_with_the_reason(tiny_checkpoint, seeded_cache):
+    choice = prepare_cpu_artifact(tiny_checkpoint, seeded_cache, engine="int8", threads=1)
     assert choice.engine == "onnxruntime-fp32"
     assert "no INT8 ranges table" in choice.record["skipped"]["onnxruntime-int8"]
 
@@ -71,27 +89,78 @@ def test_asking_for_torch_serves_the_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_int8_is_chosen_only_where_this_cpu_gains_from_it():
-    def cands(*names: str) -> list[_Candidate]:
-        return [_Candidate(n, Path(n), lambda x: x) for n in names]
-
     skipped: dict[str, str] = {}
-    ranked = _rank(
-        cands(*ENGINES), {"onnxruntime-int8": 95.0, "onnxruntime-fp32": 100.0, "torch-fp32": 150.0}, skipped
-    )
-    assert [c.engine for c in ranked] == ["onnxruntime-fp32", "torch-fp32"]
-    assert "not faster on this CPU" in skipped["onnxruntime-int8"]
-    ranked = _rank(
-        cands(*ENGINES), {"onnxruntime-int8": 40.0, "onnxruntime-fp32": 100.0, "torch-fp32": 90.0}, {}
-    )
-    assert [c.engine for c in ranked] == ["onnxruntime-int8", "torch-fp32", "onnxruntime-fp32"]
+    timings = {"openvino-int8": 90.0, "onnxruntime-int8": 95.0, "openvino-fp32": 98.0,
+               "onnxruntime-fp32": 100.0, "torch-fp32": 150.0}  # fmt: skip
+    assert _rank(list(ENGINES), timings, skipped) == ["openvino-fp32", "onnxruntime-fp32", "torch-fp32"]
+    assert "not faster on this CPU (90.0 ms vs openvino-fp32 98.0 ms)" in skipped["openvino-int8"]
+    assert "onnxruntime-int8" in skipped
+    timings = {"onnxruntime-int8": 40.0, "onnxruntime-fp32": 100.0, "torch-fp32": 90.0}
+    ranked = _rank(["onnxruntime-int8", "onnxruntime-fp32", "torch-fp32"], timings, {})
+    assert ranked == ["onnxruntime-int8", "torch-fp32", "onnxruntime-fp32"]
 
 
-def test_the_answer_unpacks_and_names_its_backend(tmp_path):
+def test_a_requested_engine_falls_back_within_its_runtime_then_to_torch():
+    assert wanted_engines("auto") == list(ENGINES)
+    assert wanted_engines("openvino-int8") == ["openvino-int8", "openvino-fp32", "torch-fp32"]
+    assert wanted_engines("onnxruntime-int8") == ["onnxruntime-int8", "onnxruntime-fp32", "torch-fp32"]
+    assert wanted_engines("torch-fp32") == ["torch-fp32"]
+
+
+def test_the_answer_unpacks_and_names_its_backend_and_precision(tmp_path):
     choice = CpuArtifact(tmp_path / "m.onnx", "onnxruntime-int8", "why", {})
     artifact, engine, reason, _ = choice
-    assert (artifact, engine, reason, choice.backend) == (
+    assert (artifact, engine, reason, choice.backend, choice.precision) == (
         tmp_path / "m.onnx",
         "onnxruntime-int8",
         "why",
         "onnxruntime",
+        "int8",
     )
+    bf16 = CpuArtifact(tmp_path / "m.onnx", "openvino-fp32", "why", {"precisions": {"openvino-fp32": "bf16"}})
+    assert (bf16.backend, bf16.precision, bf16.to_dict()["precision"]) == ("openvino", "bf16", "bf16")
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("crash", "its process crashed (SIGSEGV)"), ("hang", "no answer within 2 s (hung)"),
+     ("fail", "its process failed (status 1): openvino-fp32: injected failure")],
+)  # fmt: skip
+def test_a_bad_child_is_reported_as_the_candidates_failure(tmp_path, monkeypatch, fault, reason):
+    monkeypatch.setenv(FAULT_ENV, f"openvino-fp32={fault}")
+    with pytest.raises(CandidateError) as caught:
+        check_in_child("openvino-fp32", tmp_path / "m.onnx", tmp_path / "ref.pt", 1, 0, 2.0, tmp_path)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize("fault", ["crash", pytest.param("hang", marks=pytest.mark.slow)])
+def test_a_crashing_or_hanging_openvino_candidate_costs_only_itself(
+    tiny_checkpoint, tmp_path, monkeypatch, fault
+):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv(FAULT_ENV, f"openvino-fp32={fault}")
+    choice = prepare_cpu_artifact(tiny_checkpoint, tmp_path, threads=1, child_timeout_s=4.0)
+    record = choice.record
+    expected = "its process crashed (SIGSEGV)" if fault == "crash" else "no answer within 4 s (hung)"
+    assert expected in record["skipped"]["openvino-fp32"] and "openvino-fp32" not in record["timings_ms"]
+    assert "no INT8 ranges table" in record["skipped"]["openvino-int8"]
+    assert {"onnxruntime-fp32", "torch-fp32"} <= set(record["timings_ms"])  # the others were still timed
+    assert choice.engine in ("onnxruntime-fp32", "torch-fp32") and expected in choice.reason
+
+
+@pytest.mark.slow
+def test_a_healthy_openvino_candidate_is_checked_in_its_child(tiny_checkpoint, seeded_cache):
+    pytest.importorskip("openvino")
+    choice = prepare_cpu_artifact(tiny_checkpoint, seeded_cache, engine="openvino-fp32", threads=1)
+    record = choice.record
+    check = record["checks"]["openvino-fp32"]
+    assert check["images"] == 8 and check["precision"] in ("bf16", "fp32")
+    if check["passed"]:  # the tiny random model may miss the BF16 limits: then torch, with the reason
+        assert (choice.engine, choice.backend, choice.precision) == (
+            "openvino-fp32",
+            "openvino",
+            check["precision"],
+        )
+        assert read_manifest(choice.artifact).precision == "fp32" and record["openvino"]
+    else:
+        assert choice.engine == "torch-fp32" and "failed its check" in record["skipped"]["openvino-fp32"]
