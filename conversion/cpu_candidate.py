@@ -5,14 +5,17 @@ Runtime, torch) or in a child process with a deadline (OpenVINO).
   every candidate is compared with them (``conversion.verify`` through ``RecordedModel``), so neither a
   candidate's check nor a child process runs or loads the checkpoint again.
 - ``time_runs``: median ms per batch-1 call of several candidates, interleaved.
-- ``check_in_child``: ``python -m conversion.cpu_candidate`` checks and times one OpenVINO candidate and
-  writes a JSON answer. OpenVINO does not officially support every CPU (AMD EPYC among them): a child
-  that crashes (a segfault in a plugin), hangs past the deadline or fails costs only that candidate,
-  returned as a ``CandidateError`` with the reason, never the decision.
+- ``check_in_child``: ``python -m conversion.cpu_candidate check`` checks one OpenVINO candidate in a
+  child process and writes a JSON answer. OpenVINO does not officially support every CPU (AMD EPYC among
+  them): a child that crashes (a segfault in a plugin), hangs past the deadline or fails costs only that
+  candidate, returned as a ``CandidateError`` with the reason, never the decision.
+- ``time_in_child``: ``python -m conversion.cpu_candidate time`` times every verified candidate (ONNX
+  Runtime, OpenVINO and torch alike) interleaved in one child process, so that the engines are compared
+  under the same load; if it fails, the caller times the in-process ones itself without OpenVINO.
 
-``REFINEDET_CPU_ENGINE_FAULT="openvino-int8=crash,openvino-fp32=hang"`` makes the child crash (SIGSEGV),
-hang, or fail for those engines before any work: how the tests show that a bad candidate costs only
-itself.
+``REFINEDET_CPU_ENGINE_FAULT="openvino-int8=crash,openvino-fp32=hang,timing=fail"`` makes the child
+crash (SIGSEGV), hang or fail for those engines (``timing``: the timing child) before any work: how the
+tests show that a bad candidate costs only itself.
 """
 
 from __future__ import annotations
@@ -127,30 +130,39 @@ def time_runs(
     return {name: round(statistics.median(ms), 1) for name, ms in samples.items() if ms}
 
 
-def check_in_child(engine: str, artifact: Path, reference_file: Path, threads: int, timing_runs: int,
-                   timeout_s: float, workdir: Path) -> dict[str, Any]:  # fmt: skip
-    """Check (and time, ``timing_runs`` > 0) the OpenVINO candidate ``engine`` on ``artifact`` in a child
-    process; its answer ({precision, inference_precision, openvino, check, timing_ms}), or a
-    ``CandidateError`` saying how the child failed."""
-    out = workdir / f"{engine}.json"
-    command = [sys.executable, "-m", "conversion.cpu_candidate", "--engine", engine, "--artifact", str(artifact),
-               "--reference", str(reference_file), "--threads", str(threads), "--timing-runs", str(timing_runs),
+def check_in_child(engine: str, artifact: Path, reference_file: Path, threads: int, timeout_s: float,
+                   workdir: Path) -> dict[str, Any]:  # fmt: skip
+    """Check the OpenVINO candidate ``engine`` on ``artifact`` against the recorded reference in a child
+    process: its answer ({precision, inference_precision, openvino, check}), or a ``CandidateError``
+    saying how the child failed."""
+    args = ["check", "--engine", engine, "--artifact", str(artifact), "--reference", str(reference_file)]
+    return _run_child(args, threads, timeout_s, workdir / f"{engine}.json")
+
+
+def time_in_child(candidates: dict[str, Path], threads: int, timeout_s: float, workdir: Path,
+                  runs: int = TIMING_RUNS) -> dict[str, float]:  # fmt: skip
+    """``time_runs`` of the verified ``candidates`` (engine -> .onnx, or a checkpoint for torch-fp32) in
+    one child process, interleaved; a ``CandidateError`` if it crashed, hung or failed."""
+    args = ["time", "--runs", str(runs), *(f"--candidate={n}={p}" for n, p in candidates.items())]
+    answer = _run_child(args, threads, timeout_s, workdir / "timing.json")
+    return {name: float(ms) for name, ms in answer["timings_ms"].items()}
+
+
+def _run_child(args: list[str], threads: int, timeout_s: float, out: Path) -> dict[str, Any]:
+    command = [sys.executable, "-m", "conversion.cpu_candidate", *args, "--threads", str(threads),
                "--json-out", str(out)]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "PYTHONPATH": path})  # fmt: skip
     except subprocess.TimeoutExpired:
         raise CandidateError(f"no answer within {timeout_s:g} s (hung); its process was killed") from None
     if done.returncode < 0:
         raise CandidateError(f"its process crashed ({signal.Signals(-done.returncode).name})")
     if done.returncode != 0 or not out.is_file():
         lines = [line for line in done.stderr.splitlines() if line.strip()]
-        raise CandidateError(
-            f"its process failed (status {done.returncode}): {lines[-1] if lines else 'no output'}"
-        )
+        last = lines[-1] if lines else "no output"
+        raise CandidateError(f"its process failed (status {done.returncode}): {last}")
     answer: dict[str, Any] = json.loads(out.read_text())
     return answer
 
@@ -168,22 +180,43 @@ def _inject_fault(engine: str) -> None:
         raise SystemExit(f"{engine}: injected failure")
 
 
-def _child(args: argparse.Namespace) -> dict[str, Any]:
+def _check_child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from model.runtime.openvino import OpenVinoRunner
 
-    torch.set_num_threads(args.threads)
     saved = torch.load(args.reference, weights_only=True)
     reference = Reference(saved["batches"], [tuple(o) for o in saved["outputs"]], saved["anchors"])
     runner = OpenVinoRunner(args.artifact, threads=args.threads)
     report = check(runner, reference, args.engine)
-    answer = {"precision": runner.precision, "inference_precision": runner.inference_precision,
-              "openvino": runner.version, "check": report.to_dict(), "timing_ms": None}  # fmt: skip
-    if report.passed and args.timing_runs > 0:
+    return {"precision": runner.precision, "inference_precision": runner.inference_precision,
+            "openvino": runner.version, "check": report.to_dict()}  # fmt: skip
+
+
+def _time_child(args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[str, Callable[[Any], Any]] = {}
+    size = 0
+    for item in args.candidate:
+        name, _, path = item.partition("=")
+        runs[name] = runner = make_runner(name, Path(path), args.threads)
         size = runner.config.input_size
-        answer["timing_ms"] = time_runs({args.engine: runner}, size, args.timing_runs)[args.engine]
-    return answer
+    return {"timings_ms": time_runs(runs, size, args.runs)}
+
+
+def make_runner(engine: str, path: Path, threads: int) -> Any:
+    """The call that serves ``engine`` from ``path`` (an .onnx file, or the checkpoint for torch-fp32)."""
+    runtime = engine.rsplit("-", 1)[0]
+    if runtime == "torch":
+        from model.checkpoint import load_model
+
+        return load_model(path, map_location="cpu")[0].eval().requires_grad_(False)
+    if runtime == "openvino":
+        from model.runtime.openvino import OpenVinoRunner
+
+        return OpenVinoRunner(path, threads=threads)
+    from model.runtime.onnxruntime import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(path, intra_op_threads=threads)
 
 
 def save_reference(reference: Reference, path: Path) -> Path:
@@ -198,20 +231,29 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m conversion.cpu_candidate", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--engine", required=True, help="openvino-int8 | openvino-fp32")
-    p.add_argument("--artifact", required=True, type=Path, help="the .onnx file (with its manifest)")
-    p.add_argument("--reference", required=True, type=Path, help="the checkpoint's outputs (save_reference)")
-    p.add_argument("--threads", required=True, type=int, help="threads per inference")
-    p.add_argument("--timing-runs", type=int, default=TIMING_RUNS, help="0: check only")
-    p.add_argument("--json-out", required=True, type=Path)
+    modes = p.add_subparsers(dest="mode", required=True)
+    c = modes.add_parser("check", help="check one OpenVINO candidate against the recorded reference")
+    c.add_argument("--engine", required=True, help="openvino-int8 | openvino-fp32")
+    c.add_argument("--artifact", required=True, type=Path, help="the .onnx file (with its manifest)")
+    c.add_argument("--reference", required=True, type=Path, help="the checkpoint's outputs (save_reference)")
+    t = modes.add_parser("time", help="time verified candidates, interleaved")
+    t.add_argument("--candidate", action="append", required=True, help="ENGINE=PATH (repeat)")
+    t.add_argument("--runs", type=int, default=TIMING_RUNS)
+    for q in (c, t):
+        q.add_argument("--threads", required=True, type=int, help="threads per inference")
+        q.add_argument("--json-out", required=True, type=Path)
     args = p.parse_args(argv)
-    _inject_fault(args.engine)
+    _inject_fault(args.engine if args.mode == "check" else "timing")
     import logging
+
+    import torch
 
     from model.artifacts import atomic_write_bytes
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    atomic_write_bytes(args.json_out, json.dumps(_child(args)).encode())
+    torch.set_num_threads(args.threads)
+    answer = _check_child(args) if args.mode == "check" else _time_child(args)
+    atomic_write_bytes(args.json_out, json.dumps(answer).encode())
     return 0
 
 

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from conversion.cpu_candidate import ALIASES, ENGINES, TIMING_RUNS, CandidateError, Reference
+from conversion.cpu_candidate import ALIASES, ENGINES, CandidateError, Reference
 from conversion.engine_cache import build_once, exclusive_lock
 from model.artifacts import atomic_write_bytes
 from model.errors import UserError
@@ -216,47 +216,40 @@ class _Decision:
         model, _ = load_model(self.checkpoint, map_location="cpu")
         model = model.eval().requires_grad_(False)
         reference = reference_outputs(model, check_images)
-        timed = engine == "auto"
         wanted = wanted_engines(engine)
+        self.runs["torch-fp32"], self.precisions["torch-fp32"] = model, "fp32"
         with tempfile.TemporaryDirectory(prefix="refinedet-cpu-engine-") as tmp:
             reference_file = save_reference(reference, Path(tmp) / "reference.pt")
             for name in wanted[:-1]:  # the last is torch-fp32: the checkpoint, always there
-                self._candidate(name, reference, reference_file, Path(tmp), timed)
-        self.runs["torch-fp32"] = model
-        self.precisions["torch-fp32"] = "fp32"
-        if timed:
-            from conversion.cpu_candidate import time_runs
-
-            self.timings.update(time_runs(self.runs, model.config.input_size))
+                self._candidate(name, reference, reference_file, Path(tmp))
+            if engine == "auto":
+                self._time(model, Path(tmp))
         verified = [n for n in wanted if n in self.precisions]
-        ranked = _rank(verified, self.timings, self.skipped) if timed else verified
+        ranked = _rank(verified, self.timings, self.skipped) if engine == "auto" else verified
         chosen = ranked[0]
         record = {"timings_ms": self.timings, "skipped": self.skipped, "checks": self.checks,
                   "precisions": self.precisions, "openvino": _openvino_version()}  # fmt: skip
         reason = _reason(chosen, self.timings, self.skipped, engine)
         return CpuArtifact(self.artifacts[chosen], chosen, reason, record)
 
-    def _candidate(
-        self, name: str, reference: Reference, reference_file: Path, tmp: Path, timed: bool
-    ) -> None:
-        """Check ``name``; a verified one lands in ``runs`` (in-process) or ``timings`` (child) and
-        ``precisions``, any other in ``skipped`` with the reason."""
+    def _candidate(self, name: str, reference: Reference, reference_file: Path, tmp: Path) -> None:
+        """Check ``name``; a verified one lands in ``precisions`` and ``artifacts`` (and ``runs`` when it
+        ran in this process), any other in ``skipped`` with the reason."""
         from conversion.cpu_candidate import check, check_in_child
 
         runtime, precision = name.rsplit("-", 1)
         try:
             path = self._artifact(precision)
             if runtime == "openvino":
-                runs = TIMING_RUNS if timed else 0
-                answer = check_in_child(
-                    name, path, reference_file, self.threads, runs, self.child_timeout_s, tmp
-                )
+                answer = check_in_child(name, path, reference_file, self.threads, self.child_timeout_s, tmp)
                 report, actual = answer["check"], answer["precision"]
+                log.info("%s (%s, OpenVINO %s) checked in its child process: %s", name, actual,
+                         answer["openvino"], "PASS" if report["passed"] else "FAIL")  # fmt: skip
             else:
                 from model.runtime.onnxruntime import OnnxRuntimeRunner
 
                 runner = OnnxRuntimeRunner(path, intra_op_threads=self.threads)
-                report, actual, answer = check(runner, reference, path.name).to_dict(), runner.precision, {}
+                report, actual = check(runner, reference, path.name).to_dict(), runner.precision
         except Exception as exc:  # any failure only costs this candidate
             known = isinstance(exc, (UserError, CandidateError))
             self.skipped[name] = str(exc) if known else f"{type(exc).__name__}: {exc}"
@@ -269,11 +262,32 @@ class _Decision:
             log.warning("CPU engine %s: %s", name, self.skipped[name])
             return
         self.precisions[name], self.artifacts[name] = actual, path
-        if runtime == "openvino":
-            if answer.get("timing_ms") is not None:
-                self.timings[name] = float(answer["timing_ms"])
-        else:
+        if runtime != "openvino":
             self.runs[name] = runner
+
+    def _time(self, model: Any, tmp: Path) -> None:
+        """Time the verified candidates interleaved: all of them in one child process when OpenVINO is
+        among them (it runs OpenVINO), else here. A failed timing child costs the OpenVINO candidates only:
+        the others are then timed here."""
+        from conversion.cpu_candidate import time_in_child, time_runs
+
+        openvino = [n for n in self.precisions if n.startswith("openvino-")]
+        if openvino:
+            checkpoint = self.checkpoint
+            if checkpoint.suffix == ".xz":  # the child loads an uncompressed copy (seconds, not ten)
+                from model.checkpoint import save_checkpoint
+
+                checkpoint = save_checkpoint(tmp / "checkpoint.pth", model)
+            candidates = {n: checkpoint if n == "torch-fp32" else self.artifacts[n] for n in self.precisions}
+            try:
+                self.timings.update(time_in_child(candidates, self.threads, self.child_timeout_s, tmp))
+                return
+            except CandidateError as exc:
+                for name in openvino:
+                    self.skipped[name] = f"timing process: {exc}"
+                    del self.precisions[name]
+                    log.warning("CPU engine %s: %s", name, self.skipped[name])
+        self.timings.update(time_runs(self.runs, model.config.input_size))
 
     def _artifact(self, precision: str) -> Path:
         fp32 = _fp32_onnx(self.checkpoint, self.folder, self.lock_timeout_s)

@@ -26,7 +26,7 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
         "--backend",
         {
-            "choices": ["auto", "tensorrt", "onnxruntime", "torch"],
+            "choices": ["auto", "tensorrt", "onnxruntime", "openvino", "torch"],
             "help": "default auto: a TensorRT engine on a GPU, ONNX Runtime on a CPU (the checkpoint is "
             "exported once into the cache); torch: serve a checkpoint eagerly",
         },

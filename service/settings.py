@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "openvino", "torch"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 EngineDecode = Literal["auto", "on", "off"]
 EnginePrecision = Literal["fp16", "fp32"]

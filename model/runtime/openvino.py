@@ -82,9 +82,13 @@ class OpenVinoRunner(ArtifactRunner):
         ov = import_openvino()
         super().__init__(manifest, device)
         core = ov.Core()
+        self.warnings: list[str] = []
         if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(cache_dir)})
+            try:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+                core.set_property({"CACHE_DIR": str(cache_dir)})
+            except OSError as exc:  # a read-only cache: compile every start, say so
+                self.warnings.append(f"OpenVINO model cache off ({cache_dir}: {exc.strerror or exc})")
         config = self._config(threads, streams, inference_precision)
         self.compiled = core.compile_model(str(path), "CPU", config)
         self.streams = streams

@@ -57,7 +57,7 @@ def resolve_backend(settings: Settings) -> BackendChoice:
         )
     kind = BACKEND_FOR_KIND[file_kind(path)] if path is not None else "torch"
     backend = kind if settings.backend == "auto" else settings.backend
-    if backend != kind:
+    if backend != kind and not (backend == "openvino" and kind == "onnxruntime"):  # OpenVINO runs ONNX too
         raise UserError(
             f"--backend {backend} cannot serve {path} (a {kind} artifact); use --backend auto or {kind}"
         )
@@ -69,6 +69,12 @@ def resolve_backend(settings: Settings) -> BackendChoice:
                 "TensorRT engines run on a CUDA GPU only and none is usable here; serve the .onnx model instead"
             )
         return BackendChoice(backend, path, "cuda")
+    if backend == "openvino":
+        if settings.device == "cuda":
+            raise UserError(
+                "--backend openvino runs on the CPU only; use --device cpu or --backend onnxruntime"
+            )
+        return BackendChoice(backend, path, "cpu")
     if backend == "onnxruntime":
         use_cuda = settings.device == "cuda" or (
             settings.device == "auto" and cuda_available() and ort_has_cuda()
@@ -93,10 +99,13 @@ def create_backend(settings: Settings, choice: BackendChoice | None = None) -> B
             choice.artifact, device, settings.batch_limit(choice.device), settings.fp16, settings.channels_last,
             settings.cuda_graphs, settings.model_name, settings.fuse_postprocess,
         )  # fmt: skip
-    from service.backends.artifact import OnnxRuntimeBackend, TensorRTBackend
+    from service.backends.artifact import OnnxRuntimeBackend, OpenVinoBackend, TensorRTBackend
 
     assert choice.artifact is not None
     limit = settings.batch_limit(choice.device)
+    if choice.backend == "openvino":
+        cache = settings.cache_dir / "openvino"
+        return OpenVinoBackend(choice.artifact, device, limit, settings.model_name, threads, cache)
     if choice.backend == "onnxruntime":
         return OnnxRuntimeBackend(choice.artifact, device, limit, settings.model_name, threads)
     return TensorRTBackend(choice.artifact, device, limit, settings.model_name)

@@ -129,7 +129,7 @@ def test_the_answer_unpacks_and_names_its_backend_and_precision(tmp_path):
 def test_a_bad_child_is_reported_as_the_candidates_failure(tmp_path, monkeypatch, fault, reason):
     monkeypatch.setenv(FAULT_ENV, f"openvino-fp32={fault}")
     with pytest.raises(CandidateError) as caught:
-        check_in_child("openvino-fp32", tmp_path / "m.onnx", tmp_path / "ref.pt", 1, 0, 2.0, tmp_path)
+        check_in_child("openvino-fp32", tmp_path / "m.onnx", tmp_path / "ref.pt", 1, 2.0, tmp_path)
     assert reason in str(caught.value)
 
 
@@ -164,3 +164,27 @@ def test_a_healthy_openvino_candidate_is_checked_in_its_child(tiny_checkpoint, s
         assert read_manifest(choice.artifact).precision == "fp32" and record["openvino"]
     else:
         assert choice.engine == "torch-fp32" and "failed its check" in record["skipped"]["openvino-fp32"]
+
+
+@pytest.mark.slow
+def test_a_failed_timing_process_costs_only_the_openvino_candidates(
+    tiny_checkpoint, seeded_cache, monkeypatch
+):
+    pytest.importorskip("openvino")
+    monkeypatch.setitem(TOLERANCES, "bf16", Tolerance(1e9, 1e9, 1e9, 0.0))  # the tiny model passes as BF16
+    monkeypatch.setenv(FAULT_ENV, "timing=crash")
+    choice = prepare_cpu_artifact(tiny_checkpoint, seeded_cache, threads=1)
+    record = choice.record
+    assert record["checks"]["openvino-fp32"]["passed"]
+    assert "timing process: its process crashed (SIGSEGV)" in record["skipped"]["openvino-fp32"]
+    assert set(record["timings_ms"]) == {"onnxruntime-fp32", "torch-fp32"}  # timed here instead
+    assert choice.engine in ("onnxruntime-fp32", "torch-fp32")
+
+
+@pytest.mark.slow
+def test_openvino_is_timed_with_the_others_in_one_child(tiny_checkpoint, seeded_cache, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setitem(TOLERANCES, "bf16", Tolerance(1e9, 1e9, 1e9, 0.0))
+    choice = prepare_cpu_artifact(tiny_checkpoint, seeded_cache, threads=1)
+    assert set(choice.record["timings_ms"]) == {"openvino-fp32", "onnxruntime-fp32", "torch-fp32"}
+    assert choice.engine == min(choice.record["timings_ms"], key=choice.record["timings_ms"].get)
