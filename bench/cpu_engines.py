@@ -8,8 +8,8 @@ it compiled (bf16 for the FP32 file on a CPU with BF16).
 
 - **batch-1 ms**: median of network-only calls on one normalised 320x320 input with ``--threads``
   threads, the engines interleaved call by call (load from other processes falls on all alike);
-- **2-stream img/s**: ``--streams`` Python threads calling at once for ``--stream-seconds``, each with a
-  one-thread engine (ONNX Runtime: a one-thread session per stream; OpenVINO: one compiled model with a
+- **2-stream img/s**: ``--streams`` Python threads calling at once for ``--stream-seconds`` (in 4
+  windows per engine, the engines in turn), each with a one-thread engine (ONNX Runtime: a one-thread session per stream; OpenVINO: one compiled model with a
   one-thread stream per caller; torch: one intra-op thread per calling thread), what the service does
   under load (``service.detector.CpuShare``);
 - **mAP**: ``model.evaluation.evaluate_voc`` (the code behind ``refinedet eval``) of the engine on
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+THROUGHPUT_SLICES = 4  # windows per engine and run, taken in turn
 ENGINES = ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8")
 
 
@@ -48,14 +49,17 @@ class EngineOptions:
     engines: tuple[str, ...] = ENGINES
 
 
-def artifacts(checkpoint: Path, cache_dir: Path) -> dict[str, Path]:
-    """{"fp32": .onnx, "int8": .onnx} of ``checkpoint``, made like the engine choice makes them."""
+def artifacts(checkpoint: Path, cache_dir: Path, precisions: set[str]) -> dict[str, Path]:
+    """{"fp32": .onnx, "int8": .onnx} of ``checkpoint`` for the wanted ``precisions``, made like the
+    engine choice makes them (the INT8 one from the ranges table beside the checkpoint)."""
     from conversion.cpu_engine import _fp32_onnx, _int8_onnx, _ranges_table
     from model.checkpoint import file_sha256
 
     folder = cache_dir / "cpu" / file_sha256(checkpoint)[:16]
-    fp32 = _fp32_onnx(checkpoint, folder, 1800.0)
-    return {"fp32": fp32, "int8": _int8_onnx(fp32, folder, _ranges_table(checkpoint), 1800.0)}
+    files = {"fp32": _fp32_onnx(checkpoint, folder, 1800.0)}
+    if "int8" in precisions:
+        files["int8"] = _int8_onnx(files["fp32"], folder, _ranges_table(checkpoint), 1800.0)
+    return files
 
 
 def make_engine(name: str, model: Any, files: dict[str, Path], threads: int, streams: int = 1) -> Any:
@@ -88,15 +92,12 @@ def latency_ms(engines: dict[str, Callable[[Any], Any]], size: int, runs: int) -
     return {n: round(statistics.median(v), 1) for n, v in samples.items()}
 
 
-def throughput(
-    make_stream: Callable[[], Callable[[Any], Any]], size: int, streams: int, seconds: float
-) -> float:
-    """Images/s of ``streams`` threads each calling its own ``make_stream()`` engine (batch 1) for
+def throughput(calls: list[Callable[[Any], Any]], size: int, seconds: float) -> tuple[int, float]:
+    """(images, seconds) of one thread per engine in ``calls`` calling it at once (batch 1) for
     ``seconds`` (after one warm-up call each)."""
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)) * 60
-    calls = [make_stream() for _ in range(streams)]
-    counts = [0] * streams
-    ready = threading.Barrier(streams + 1)
+    counts = [0] * len(calls)
+    ready = threading.Barrier(len(calls) + 1)
     stop = threading.Event()
 
     def work(i: int) -> None:
@@ -108,7 +109,7 @@ def throughput(
                 calls[i](x)
                 counts[i] += 1
 
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(streams)]
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
     for w in workers:
         w.start()
     ready.wait()
@@ -117,7 +118,20 @@ def throughput(
     stop.set()
     for w in workers:
         w.join()
-    return round(sum(counts) / (time.perf_counter() - start), 2)
+    return sum(counts), time.perf_counter() - start
+
+
+def interleaved_throughput(streams: dict[str, list[Callable[[Any], Any]]], size: int, seconds: float,
+                           slices: int = THROUGHPUT_SLICES) -> dict[str, float]:  # fmt: skip
+    """Images/s of each engine's streams, measured in ``slices`` windows per engine taken in turn (so
+    that load from other processes falls on all alike), ``seconds`` in all per engine."""
+    done = {name: [0, 0.0] for name in streams}
+    for _ in range(slices):
+        for name, calls in streams.items():
+            images, elapsed = throughput(calls, size, seconds / slices)
+            done[name][0] += images
+            done[name][1] += elapsed
+    return {name: round(images / elapsed, 2) for name, (images, elapsed) in done.items()}
 
 
 def voc_map(engine: Any, model: Any, data: Path, split: str) -> float:
@@ -141,22 +155,23 @@ def measure(opts: EngineOptions, log: Callable[[str], None] = print) -> dict[str
     model, _ = load_model(opts.checkpoint, map_location="cpu")
     model = model.eval().requires_grad_(False)
     size = model.config.input_size
-    files = artifacts(opts.checkpoint, opts.cache_dir)
+    files = artifacts(opts.checkpoint, opts.cache_dir, {n.rsplit("-", 1)[1] for n in opts.engines})
     engines = {n: make_engine(n, model, files, opts.threads) for n in opts.engines}
     rows: dict[str, dict[str, Any]] = {n: {"engine": n, "precision": getattr(e, "precision", "fp32"), "latency_ms": [], "streams_img_s": []}
             for n, e in engines.items()}  # fmt: skip
-    one_thread = {n: make_engine(n, model, files, 1, opts.streams) for n in opts.engines if "openvino" in n}
+    # what concurrent calls run: one one-thread engine per stream (OpenVINO: one model, a stream per caller)
+    streams: dict[str, list[Any]] = {}
+    for name in opts.engines:
+        if name.startswith("openvino"):
+            streams[name] = [make_engine(name, model, files, 1, opts.streams)] * opts.streams
+        else:
+            streams[name] = [make_engine(name, model, files, 1) for _ in range(opts.streams)]
     for run in range(opts.repeats):
         torch.set_num_threads(opts.threads)
         for name, ms in latency_ms(engines, size, opts.latency_runs).items():
             rows[name]["latency_ms"].append(ms)
-        for name in opts.engines:
-            shared = one_thread.get(name)  # OpenVINO: one compiled model, a stream per caller
-
-            def make(name: str = name, shared: Any = shared) -> Callable[[Any], Any]:
-                return shared if shared is not None else make_engine(name, model, files, 1)
-
-            rows[name]["streams_img_s"].append(throughput(make, size, opts.streams, opts.stream_seconds))
+        for name, rate in interleaved_throughput(streams, size, opts.stream_seconds).items():
+            rows[name]["streams_img_s"].append(rate)
         log(f"run {run + 1}: " + ", ".join(f"{n} {r['latency_ms'][-1]} ms / {r['streams_img_s'][-1]} img/s"
                                            for n, r in rows.items()))  # fmt: skip
     torch.set_num_threads(opts.threads)
@@ -214,6 +229,8 @@ def options(args: Any) -> EngineOptions:
         )
     bccd = bccd_jpeg_dir()
     data = None if args.data == "none" else Path(args.data) if args.data else (bccd.parent if bccd else None)
+    if data is None:
+        print("bench: no VOC data set found (give --data VOC_ROOT): no mAP column", flush=True)
     cache = args.cache_dir or Settings().cache_dir
     return EngineOptions(checkpoint, cache, args.threads or usable_cores(), args.streams, max(args.latency_runs, 3),
                          args.stream_seconds, args.repeats, data, args.split, engines)  # fmt: skip

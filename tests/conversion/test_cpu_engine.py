@@ -4,6 +4,7 @@ candidate that crashes, hangs or fails in its child process costs only itself.""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -188,3 +189,17 @@ def test_openvino_is_timed_with_the_others_in_one_child(tiny_checkpoint, seeded_
     choice = prepare_cpu_artifact(tiny_checkpoint, seeded_cache, threads=1)
     assert set(choice.record["timings_ms"]) == {"openvino-fp32", "onnxruntime-fp32", "torch-fp32"}
     assert choice.engine == min(choice.record["timings_ms"], key=choice.record["timings_ms"].get)
+
+
+def test_export_cpu_prints_the_engine_backend_and_precision(tiny_checkpoint, tmp_path, capsys):
+    from model.cli import main
+
+    out = tmp_path / "decision.json"
+    argv = ["export", "cpu", "--checkpoint", str(tiny_checkpoint), "--cache-dir", str(tmp_path)]
+    assert main([*argv, "--engine", "torch", "--threads", "1", "--json-out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert (printed["engine"], printed["backend"], printed["precision"]) == ("torch-fp32", "torch", "fp32")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--engine", "openvino-fp16"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
