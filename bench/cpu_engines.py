@@ -186,7 +186,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     from bench.common import format_table
 
     flat = [{**r, "latency": " / ".join(map(str, r["latency_ms"])),
-             "img_s": " / ".join(map(str, r["streams_img_s"]))} for r in rows]  # fmt: skip
+             "img_s": " / ".join(map(str, r["streams_img_s"])),
+             "map": None if r.get("map") is None else f"{r['map']:.2f}"} for r in rows]  # fmt: skip
     columns = [("engine", "engine"), ("precision", "precision"), ("latency", "batch-1 ms (per run)"),
                ("img_s", "2-stream img/s (per run)"), ("map", "VOC07 mAP")]  # fmt: skip
     return format_table(flat, columns)
