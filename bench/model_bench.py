@@ -3,6 +3,7 @@ post-processing, with the bare VGG-16 trunk as the floor and PyTorch eager FP32 
 
     python -m bench.model_bench --json out/model_bench.json             # all defaults for this machine
     python -m bench.model_bench --device cpu --threads 2 --sizes 320 --batch-sizes 1
+    python -m bench.model_bench --cpu-engines --threads 2 --json bench/results/cpu_engines.json
 
 Rows: ``net`` times ``backend.infer`` on random inputs; ``net+post`` times infer + the shared
 post-processing (``BatchDetector.postprocess``) + the copy of the detections to the host, on real photos
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench import model_report, roofline
+from bench import cpu_engines, model_report, roofline
 from bench.common import environment, find_jpegs, parse_list, resolve_checkpoint, write_json
 from bench.model_setup import (
     BACKENDS,
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime (default: all)")
     p.add_argument("--images", action="append", default=[], help="JPEG file or folder (default: BCCD)")
     p.add_argument("--json", type=Path, help="write the results here (atomically, after every row group)")
+    cpu_engines.add_arguments(p)
     return p
 
 
@@ -254,7 +256,10 @@ def measure_all(opts: Options) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        opts = options_from(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        if args.cpu_engines:
+            return cpu_engines.main(args)
+        opts = options_from(args)
         result = measure_all(opts)
     except UserError as exc:
         print(f"model_bench: error: {exc}", file=sys.stderr)

@@ -45,8 +45,14 @@ class Tolerance:
 # INT8 (`refinedet export onnx --int8`) of the shipped BCCD model, on 32 BCCD test and 32 val images:
 # worst raw max abs diff 0.69, mean 0.029, matched score diff 0.09, agreement 0.96 at IoU 0.9 (INT8
 # moves boxes by about a pixel: at IoU 0.99 only 594 of 1916 detections matched). The limits leave
-# 1.45-1.75x of margin; TensorRT INT8 engines have not been measured against them.
+# 1.45-1.75x of margin; TensorRT INT8 engines have not been measured against them. bf16 is OpenVINO
+# running the FP32 ONNX in BF16 (its default on a CPU with BF16): on the shipped BCCD model, 8 synthetic
+# smears and 24 BCCD test images, worst raw max abs diff 0.15, mean 0.012, matched score diff 0.011, every
+# non-borderline detection matched at IoU 0.9 (BF16 keeps 8 bits of mantissa: boxes move by a fraction
+# of a pixel). OpenVINO on the INT8 QDQ model reports int8 and stays within the int8 limits (worst max
+# 0.99, mean 0.042, like ONNX Runtime's 0.98 / 0.043).
 TOLERANCES = {
+    "bf16": Tolerance(raw_max_abs=0.3, raw_mean_abs=3e-2, score_abs=5e-2, min_agreement=0.95, match_iou=0.9),
     "fp32": Tolerance(raw_max_abs=1e-4, raw_mean_abs=1e-5, score_abs=1e-4, min_agreement=1.0),
     "fp16": Tolerance(raw_max_abs=5e-2, raw_mean_abs=5e-3, score_abs=2e-2, min_agreement=0.95),
     "int8": Tolerance(raw_max_abs=1.0, raw_mean_abs=5e-2, score_abs=0.15, min_agreement=0.9, match_iou=0.9),

@@ -154,12 +154,11 @@ def announce(plan: Any, default: bool) -> None:
 
 
 def configure_logging(level: str, json_logs: bool) -> None:
-    """The service's log format (``service.logs``) for the preparation step too: one format from start to end."""
-    import logging.config
+    """The service's log format (``model.logs``) for the preparation step and its subprocesses too: one
+    format from start to end."""
+    from model.logs import configure
 
-    from service.logs import log_config
-
-    logging.config.dictConfig(log_config(level, json_logs=json_logs))
+    configure(level, json_logs)
 
 
 def _prepared(args: argparse.Namespace, json_logs: bool = False, check: Any = None):

@@ -75,6 +75,17 @@ prune() {
         "$site/torch/lib/libtorchbind_test.so" "$site/torch/lib/libaoti_custom_ops.so"
     find "$site/torch/bin" -mindepth 1 ! -name torch_shm_manager -exec rm -rf {} +
     rm -rf "$site/onnx/backend/test"
+    # OpenVINO (a CPU engine, conversion/cpu_engine.py) ships 180 MB: keep the core, the CPU plugin and
+    # the ONNX and IR frontends; drop the Intel GPU and NPU plugins, the GPU kernel tuning cache, the
+    # frontends for other model formats (paddle, tensorflow, tflite, pytorch, jax, gguf) and the C++
+    # headers (104 MB left). OpenVINO lists only the plugins it can load (Core().available_devices ==
+    # ['CPU']) and reads ONNX without the others; check_install.py compiles and runs a model to prove it.
+    ov="$site/openvino"
+    rm -rf "$ov/include" "$ov/libs/cache.json" \
+        "$ov/libs/libopenvino_intel_gpu_plugin.so" "$ov/libs/libopenvino_intel_npu_plugin.so"
+    for frontend in paddle tensorflow tensorflow_lite pytorch jax gguf; do
+        rm -f "$ov/libs/libopenvino_${frontend}_frontend.so"*
+    done
     find "$VENV" -depth -name __pycache__ -exec rm -rf {} +
 }
 

@@ -1,5 +1,6 @@
 """Image build check, run by docker/build.sh in both images: the serving stack imports, and the venv holds
-what the image promises (CPU: a CPU-only torch; GPU: TensorRT 10 and onnxruntime's CUDA provider).
+what the image promises (CPU: a CPU-only torch; GPU: TensorRT 10 and onnxruntime's CUDA provider; both:
+OpenVINO's CPU plugin, which compiles and runs an ONNX model after build.sh pruned the rest of OpenVINO).
 One line of versions on success; an AssertionError naming the problem fails the build."""
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
         f"onnxruntime {onnxruntime.__version__}",
         f"uvicorn {uvicorn.__version__}",
         f"httptools {httptools.__version__}",
+        check_openvino(),
     ]
 
     providers = onnxruntime.get_available_providers()
@@ -55,6 +57,32 @@ def main() -> None:
         assert "CUDAExecutionProvider" in providers, "onnxruntime-gpu is not in place"
         versions.append(f"TensorRT {tensorrt.__version__}")
     print(" | ".join([*versions, f"providers {','.join(providers)}"]))
+
+
+def check_openvino() -> str:
+    """OpenVINO's CPU plugin reads an ONNX model, compiles and runs it (what the OpenVINO CPU engine does)."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import onnx
+    import openvino
+    from onnx import TensorProto, helper
+
+    core = openvino.Core()
+    assert "CPU" in core.available_devices, f"OpenVINO has no CPU device: {core.available_devices}"
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "check",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "relu.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        compiled = core.compile_model(str(path), "CPU")
+        y = compiled.create_infer_request().infer({0: np.array([[-1.0, 0.0, 1.0, 2.0]], np.float32)})[0]
+    assert np.array_equal(y, [[0.0, 0.0, 1.0, 2.0]]), f"OpenVINO computed {y}"
+    return f"openvino {openvino.__version__} ({', '.join(core.available_devices)})"
 
 
 if __name__ == "__main__":

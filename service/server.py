@@ -42,7 +42,7 @@ DRAIN_MARGIN_S = 3.0
 
 def uvicorn_options(settings: Settings, json_logs: bool = True) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` (without the app and workers)."""
-    from service.logs import log_config
+    from model.logs import log_config
 
     return {
         "host": settings.host,

@@ -32,9 +32,14 @@ def create_backend(plan: EnginePlan, settings: Settings) -> Backend:
             plan.artifact, device, plan.max_batch, settings.fp16, settings.channels_last,
             settings.cuda_graphs, settings.model_name, settings.fuse_postprocess,
         )  # fmt: skip
-    from service.backends.artifact import OnnxRuntimeBackend, TensorRTBackend
+    from service.backends.artifact import OnnxRuntimeBackend, OpenVinoBackend, TensorRTBackend
 
     assert plan.artifact is not None, "only the torch backend builds an untrained network"
+    if plan.backend == "openvino":
+        cache = settings.cache_dir / "openvino"  # OpenVINO's compiled-model cache: later starts load faster
+        return OpenVinoBackend(
+            plan.artifact, device, plan.max_batch, settings.model_name, plan.threads, cache
+        )
     if plan.backend == "onnxruntime":
         return OnnxRuntimeBackend(plan.artifact, device, plan.max_batch, settings.model_name, plan.threads)
     if plan.backend == "tensorrt":

@@ -1,6 +1,7 @@
 """Backends over exported artifacts: they wrap a ``model.runtime`` runner built from the file and its
 manifest (``model.onnx`` + ``model.onnx.json``), adding what the service reports (the runner pads
-batches itself)."""
+batches itself). An ONNX model runs with ONNX Runtime (CPU or CUDA) or OpenVINO (CPU), a TensorRT
+engine with TensorRT."""
 
 from __future__ import annotations
 
@@ -58,10 +59,11 @@ class RunnerBackend(Backend):
         for warning in getattr(runner, "warnings", []):
             log.warning("%s", warning)
         log.info(
-            "serving %s %s (%s, sha256 %s)",
+            "serving %s %s with %s (%s, sha256 %s)",
             manifest.kind,
             self.artifact,
-            manifest.precision,
+            self.name,
+            runner.precision,
             manifest.artifact_sha256[:12],
         )
 
@@ -86,6 +88,43 @@ class OnnxRuntimeBackend(RunnerBackend):
         if self.device.type != "cpu" or self.cpu_threads == 1:
             return self.infer
         runner = self.make_runner(threads=1)
+        return runner.__call__
+
+
+class OpenVinoBackend(RunnerBackend):
+    """An ONNX model (FP32 or INT8 QDQ) run by OpenVINO on the CPU, in the precision OpenVINO compiles
+    (``precision``: e.g. bf16 for the FP32 model on a CPU with BF16). ``cache_dir``: OpenVINO's model
+    cache (a later start loads the compiled model instead of compiling it); None: no cache."""
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        artifact: Path,
+        device: torch.device,
+        max_batch: int,
+        model_name: str | None = None,
+        cpu_threads: int | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        super().__init__(artifact, device, max_batch, model_name, cpu_threads)
+        self.cache_dir = cache_dir
+
+    def make_runner(self, threads: int | None = None, streams: int = 1) -> ArtifactRunner:
+        from model.runtime.openvino import OpenVinoRunner
+
+        threads = threads or self.cpu_threads
+        return OpenVinoRunner(self.artifact, self.device, threads, streams=streams, cache_dir=self.cache_dir)
+
+    def single_thread_infer(self) -> Callable[[Tensor], RunnerOutput]:
+        """With more than one thread: a second compiled model of the same file whose streams run one
+        thread each, one stream per engine thread (the most one-thread calls ``CpuShare`` lets run at
+        once), each calling thread with its own infer request."""
+        if self.cpu_threads == 1:
+            return self.infer
+        from model.cpu import usable_cores
+
+        runner = self.make_runner(threads=1, streams=self.cpu_threads or usable_cores())
         return runner.__call__
 
 

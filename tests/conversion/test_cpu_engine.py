@@ -1,8 +1,10 @@
 """The CPU engine choice (conversion.cpu_engine) on the tiny random RefineDet: made once into the cache
-and reused, verified before it is returned, and falling back with the reason recorded."""
+and reused, verified before it is returned, and falling back with the reason recorded; an OpenVINO
+candidate that crashes, hangs or fails in its child process costs only itself."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 
 from conversion import cpu_engine
 from conversion.calibration_table import build_table, table_path_for
-from conversion.cpu_engine import ENGINES, CpuArtifact, _Candidate, _rank, prepare_cpu_artifact
+from conversion.cpu_candidate import FAULT_ENV, CandidateError, check_in_child
+from conversion.cpu_engine import ENGINES, CpuArtifact, _rank, prepare_cpu_artifact, wanted_engines
 from conversion.quantize import QuantizeOptions
 from conversion.verify import TOLERANCES, Tolerance, image_files
 from model.artifacts import read_manifest
@@ -29,6 +32,19 @@ def checkpoint_with_table(tmp_path_factory, tiny_checkpoint, image_dir) -> Path:
     return checkpoint
 
 
+@pytest.fixture
+def seeded_cache(tmp_path, tiny_checkpoint, tiny_onnx) -> Path:
+    """A cache folder already holding the tiny checkpoint's FP32 export, decoding in the graph (as a first
+    start leaves it), so that a test does not export the network again."""
+    from conversion.onnx_export import export_checkpoint
+    from model.checkpoint import file_sha256
+
+    folder = tmp_path / "cpu" / file_sha256(tiny_checkpoint)[:16]
+    folder.mkdir(parents=True)
+    export_checkpoint(tiny_checkpoint, folder / "fp32-decoded.onnx", outputs="decoded")
+    return tmp_path
+
+
 @pytest.mark.slow
 def test_auto_verifies_times_and_caches_the_choice(checkpoint_with_table, tmp_path, monkeypatch):
     choice = prepare_cpu_artifact(checkpoint_with_table, tmp_path, threads=1)
@@ -36,15 +52,18 @@ def test_auto_verifies_times_and_caches_the_choice(checkpoint_with_table, tmp_pa
     record = choice.record
     assert set(record["timings_ms"]) | set(record["skipped"]) == set(ENGINES)
     assert record["checks"]["onnxruntime-fp32"]["passed"]
-    # The tiny random model's INT8 version may miss the INT8 agreement limit on the smears: then it
-    # must have been passed over for that reason, never served.
-    if not record["checks"]["onnxruntime-int8"]["passed"]:
-        assert "failed its check" in record["skipped"]["onnxruntime-int8"] and choice.engine != ENGINES[0]
+    assert record["precisions"]["onnxruntime-fp32"] == "fp32"
+    # The tiny random model's INT8 (or BF16) versions may miss their agreement limits on the smears:
+    # such an engine must have been passed over for that reason, never served.
+    for name, check in record["checks"].items():
+        if not check["passed"]:
+            assert "failed its check" in record["skipped"][name] and choice.engine != name
     assert record["cpu"]["usable_cores"] >= 1 and record["threads"] == 1
     if choice.engine != "torch-fp32":
         assert read_manifest(choice.artifact).precision == choice.engine.rsplit("-", 1)[1]
+    assert choice.precision == record["precisions"][choice.engine]
     # A second start reads the decision: nothing is exported, checked or timed again.
-    monkeypatch.setattr(cpu_engine, "_decide", lambda *a, **k: pytest.fail("decided twice"))
+    monkeypatch.setattr(cpu_engine._Decision, "run", lambda *a, **k: pytest.fail("decided twice"))
     assert prepare_cpu_artifact(checkpoint_with_table, tmp_path, threads=1) == choice
 
 
@@ -52,13 +71,13 @@ def test_auto_verifies_times_and_caches_the_choice(checkpoint_with_table, tmp_pa
 def test_an_int8_model_that_fails_its_check_is_passed_over(checkpoint_with_table, tmp_path, monkeypatch):
     monkeypatch.setitem(TOLERANCES, "int8", Tolerance(0.0, 0.0, 0.0, 1.0))
     choice = prepare_cpu_artifact(checkpoint_with_table, tmp_path, engine="int8", threads=1)
-    assert choice.engine == "onnxruntime-fp32" and choice.artifact.name == "fp32.onnx"
+    assert choice.engine == "onnxruntime-fp32" and choice.artifact.name == "fp32-decoded.onnx"
     assert "failed its check against the checkpoint" in choice.record["skipped"]["onnxruntime-int8"]
     assert "passed over onnxruntime-int8" in choice.reason
 
 
-def test_without_a_ranges_table_int8_is_skipped_with_the_reason(tiny_checkpoint, tmp_path):
-    choice = prepare_cpu_artifact(tiny_checkpoint, tmp_path, engine="int8", threads=1)
+def test_without_a_ranges_table_int8_is_skipped_with_the_reason(tiny_checkpoint, seeded_cache):
+    choice = prepare_cpu_artifact(tiny_checkpoint, seeded_cache, engine="int8", threads=1)
     assert choice.engine == "onnxruntime-fp32"
     assert "no INT8 ranges table" in choice.record["skipped"]["onnxruntime-int8"]
 
@@ -71,27 +90,120 @@ def test_asking_for_torch_serves_the_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_int8_is_chosen_only_where_this_cpu_gains_from_it():
-    def cands(*names: str) -> list[_Candidate]:
-        return [_Candidate(n, Path(n), lambda x: x) for n in names]
-
     skipped: dict[str, str] = {}
-    ranked = _rank(
-        cands(*ENGINES), {"onnxruntime-int8": 95.0, "onnxruntime-fp32": 100.0, "torch-fp32": 150.0}, skipped
-    )
-    assert [c.engine for c in ranked] == ["onnxruntime-fp32", "torch-fp32"]
-    assert "not faster on this CPU" in skipped["onnxruntime-int8"]
-    ranked = _rank(
-        cands(*ENGINES), {"onnxruntime-int8": 40.0, "onnxruntime-fp32": 100.0, "torch-fp32": 90.0}, {}
-    )
-    assert [c.engine for c in ranked] == ["onnxruntime-int8", "torch-fp32", "onnxruntime-fp32"]
+    timings = {"openvino-int8": 90.0, "onnxruntime-int8": 95.0, "openvino-fp32": 98.0,
+               "onnxruntime-fp32": 100.0, "torch-fp32": 150.0}  # fmt: skip
+    assert _rank(list(ENGINES), timings, skipped) == ["openvino-fp32", "onnxruntime-fp32", "torch-fp32"]
+    assert "not faster on this CPU (90.0 ms vs openvino-fp32 98.0 ms)" in skipped["openvino-int8"]
+    assert "onnxruntime-int8" in skipped
+    timings = {"onnxruntime-int8": 40.0, "onnxruntime-fp32": 100.0, "torch-fp32": 90.0}
+    ranked = _rank(["onnxruntime-int8", "onnxruntime-fp32", "torch-fp32"], timings, {})
+    assert ranked == ["onnxruntime-int8", "torch-fp32", "onnxruntime-fp32"]
 
 
-def test_the_answer_unpacks_and_names_its_backend(tmp_path):
+def test_a_requested_engine_falls_back_within_its_runtime_then_to_torch():
+    assert wanted_engines("auto") == list(ENGINES)
+    assert wanted_engines("openvino-int8") == ["openvino-int8", "openvino-fp32", "torch-fp32"]
+    assert wanted_engines("onnxruntime-int8") == ["onnxruntime-int8", "onnxruntime-fp32", "torch-fp32"]
+    assert wanted_engines("torch-fp32") == ["torch-fp32"]
+
+
+def test_the_answer_unpacks_and_names_its_backend_and_precision(tmp_path):
     choice = CpuArtifact(tmp_path / "m.onnx", "onnxruntime-int8", "why", {})
     artifact, engine, reason, _ = choice
-    assert (artifact, engine, reason, choice.backend) == (
+    assert (artifact, engine, reason, choice.backend, choice.precision) == (
         tmp_path / "m.onnx",
         "onnxruntime-int8",
         "why",
         "onnxruntime",
+        "int8",
     )
+    bf16 = CpuArtifact(tmp_path / "m.onnx", "openvino-fp32", "why", {"precisions": {"openvino-fp32": "bf16"}})
+    assert (bf16.backend, bf16.precision, bf16.to_dict()["precision"]) == ("openvino", "bf16", "bf16")
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("crash", "its process crashed (SIGSEGV)"), ("hang", "no answer within 2 s (hung)"),
+     ("fail", "its process failed (status 1): openvino-fp32: injected failure")],
+)  # fmt: skip
+def test_a_bad_child_is_reported_as_the_candidates_failure(tmp_path, monkeypatch, fault, reason):
+    monkeypatch.setenv(FAULT_ENV, f"openvino-fp32={fault}")
+    with pytest.raises(CandidateError) as caught:
+        check_in_child("openvino-fp32", tmp_path / "m.onnx", tmp_path / "ref.pt", 1, 2.0, tmp_path)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize("fault", ["crash", pytest.param("hang", marks=pytest.mark.slow)])
+def test_a_crashing_or_hanging_openvino_candidate_costs_only_itself(
+    tiny_checkpoint, tmp_path, monkeypatch, fault
+):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv(FAULT_ENV, f"openvino-fp32={fault}")
+    choice = prepare_cpu_artifact(tiny_checkpoint, tmp_path, threads=1, child_timeout_s=4.0)
+    record = choice.record
+    expected = "its process crashed (SIGSEGV)" if fault == "crash" else "no answer within 4 s (hung)"
+    assert expected in record["skipped"]["openvino-fp32"] and "openvino-fp32" not in record["timings_ms"]
+    assert "no INT8 ranges table" in record["skipped"]["openvino-int8"]
+    assert {"onnxruntime-fp32", "torch-fp32"} <= set(record["timings_ms"])  # the others were still timed
+    assert choice.engine in ("onnxruntime-fp32", "torch-fp32") and expected in choice.reason
+
+
+@pytest.mark.slow
+def test_a_healthy_openvino_candidate_is_checked_in_its_child(tiny_checkpoint, seeded_cache):
+    pytest.importorskip("openvino")
+    choice = prepare_cpu_artifact(tiny_checkpoint, seeded_cache, engine="openvino-fp32", threads=1)
+    record = choice.record
+    check = record["checks"]["openvino-fp32"]
+    assert check["images"] == 8 and check["precision"] in ("bf16", "fp32")
+    if check["passed"]:  # the tiny random model may miss the BF16 limits: then torch, with the reason
+        assert (choice.engine, choice.backend, choice.precision) == (
+            "openvino-fp32",
+            "openvino",
+            check["precision"],
+        )
+        assert read_manifest(choice.artifact).precision == "fp32" and record["openvino"]
+    else:
+        assert choice.engine == "torch-fp32" and "failed its check" in record["skipped"]["openvino-fp32"]
+
+
+@pytest.mark.slow
+def test_a_failed_timing_process_costs_only_the_openvino_candidates(
+    tiny_checkpoint, seeded_cache, monkeypatch
+):
+    pytest.importorskip("openvino")
+    monkeypatch.setitem(TOLERANCES, "bf16", Tolerance(1e9, 1e9, 1e9, 0.0))  # the tiny model passes as BF16
+    monkeypatch.setenv(FAULT_ENV, "timing=crash")
+    choice = prepare_cpu_artifact(tiny_checkpoint, seeded_cache, threads=1)
+    record = choice.record
+    assert record["checks"]["openvino-fp32"]["passed"]
+    assert "timing process: its process crashed (SIGSEGV)" in record["skipped"]["openvino-fp32"]
+    assert set(record["timings_ms"]) == {"onnxruntime-fp32", "torch-fp32"}  # timed here instead
+    assert choice.engine in ("onnxruntime-fp32", "torch-fp32")
+
+
+@pytest.mark.slow
+def test_openvino_is_timed_with_the_others_in_one_child(tiny_checkpoint, seeded_cache, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setitem(TOLERANCES, "bf16", Tolerance(1e9, 1e9, 1e9, 0.0))
+    choice = prepare_cpu_artifact(tiny_checkpoint, seeded_cache, threads=1)
+    assert set(choice.record["timings_ms"]) == {"openvino-fp32", "onnxruntime-fp32", "torch-fp32"}
+    assert choice.engine == min(choice.record["timings_ms"], key=choice.record["timings_ms"].get)
+
+
+def test_export_cpu_prints_the_engine_backend_and_precision(tiny_checkpoint, tmp_path, capsys):
+    from refinedet.cli import main
+
+    out = tmp_path / "decision.json"
+    argv = ["export", "cpu", "--checkpoint", str(tiny_checkpoint), "--cache-dir", str(tmp_path)]
+    assert main([*argv, "--engine", "torch", "--threads", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["engine"], printed["backend"], printed["precision"]) == ("torch-fp32", "torch", "fp32")
+    # With --json-out the decision goes to the file and one line to stdout (what `serve` shows at a first start).
+    assert main([*argv, "--engine", "torch", "--threads", "1", "--json-out", str(out)]) == 0
+    assert json.loads(out.read_text()) == printed
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and line.startswith("CPU engine: torch-fp32 (fp32) ") and str(out) in line
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--engine", "openvino-fp16"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -28,9 +28,9 @@ from service_testing import (
 )
 from test_server import metric_samples
 
+from model.logs import log_config
 from service.admission import PIXELS_KEY, Admission
 from service.app import create_app
-from service.logs import log_config
 
 IMAGE = encode(noise_image(64, 48, seed=11))
 JPEG = {"content": IMAGE, "headers": {"content-type": "image/jpeg"}}

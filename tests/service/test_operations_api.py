@@ -241,7 +241,7 @@ def test_access_log_is_structured_with_the_request_id(caplog):
     import json
     import logging
 
-    from service.logs import JsonFormatter
+    from model.logs import JsonFormatter
 
     with (
         running(create_app(settings(access_log=True), loader=standin_loader())) as c,

@@ -1,11 +1,15 @@
-"""Structured logging: one JSON object per line (``ts``, ``level``, ``logger``, ``message`` and, for access
-logs, the request's fields: request id, method, path, status, duration). Configured by the CLI through
-uvicorn's ``log_config`` so that every worker process uses it."""
+"""One log format for every process of a start: structured JSON lines (``ts``, ``level``, ``logger``,
+``message`` and, for access logs, the request's fields: request id, method, path, status, duration) or plain
+lines. ``refinedet serve`` configures it (uvicorn's ``log_config``, so every worker uses it) and exports
+``REFINEDET_LOG_FORMAT`` so that the commands it runs as subprocesses (``refinedet export cpu`` at a first
+start) write the same format (``configure_from_env``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.config
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,3 +53,17 @@ def log_config(level: str = "info", json_logs: bool = True) -> dict[str, Any]:
         # Everything else (python-multipart, asyncio, libraries) in the same format, never bare lines.
         "root": {"handlers": ["default"], "level": "WARNING"},
     }
+
+
+LOG_FORMAT_ENV = "REFINEDET_LOG_FORMAT"  # json | plain
+
+
+def configure(level: str = "info", json_logs: bool = True) -> None:
+    """This process's logging in the service's format; also exported for the subprocesses it starts."""
+    logging.config.dictConfig(log_config(level, json_logs=json_logs))
+    os.environ[LOG_FORMAT_ENV] = "json" if json_logs else "plain"
+
+
+def configure_from_env(level: str = "info") -> None:
+    """A subprocess's logging in the format of the command that started it (plain when run by hand)."""
+    logging.config.dictConfig(log_config(level, json_logs=os.environ.get(LOG_FORMAT_ENV) == "json"))
