@@ -202,7 +202,7 @@ def cmd_export_cpu(args: argparse.Namespace) -> int:
     from model.artifacts import atomic_write_bytes
 
     atomic_write_bytes(args.json_out, text.encode())  # the whole decision there; one line here
-    print(f"CPU engine: {choice.engine} ({choice.precision}) {choice.artifact}; decision in {args.json_out}")
+    print(f"CPU engine: {choice.engine} ({choice.precision}) {choice.artifact}")
     return 0
 
 
