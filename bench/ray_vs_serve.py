@@ -1,0 +1,153 @@
+"""One Ray Serve replica against ``refinedet serve`` on the same cores: the same engine plan (each makes
+``deploy.prepare``'s decision from the same cache), the same photos, the same closed-loop load.
+
+A one-node Ray cluster is started in a network namespace that has only loopback (``unshare``, root), with
+Serve's proxy on 127.0.0.1; the script re-runs itself there. Then, one after the other: the Ray Serve app
+(``scaleout.serve.build_app``, 1 replica, proxy -> ingress -> replica) and ``refinedet serve``, each at every
+``--concurrency`` for ``--duration`` s after ``--warmup`` s. Prints a table (req/s, p50, the ratio) and
+the engine each one reported (/v1/model), and writes JSON::
+
+    REFINEDET_CACHE_DIR=~/.cache/refinedet python -m bench.ray_vs_serve --concurrency 1,4 --duration 15 \\
+        --json bench/results/ray_vs_serve_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RAY_PORT, PROXY_PORT = 6391, 18391
+INSIDE = "REFINEDET_RAY_BENCH_INSIDE"
+
+
+def ray_level_rows(url: str, bodies: list[bytes], levels: list[int], duration: float, warmup: float) -> dict:
+    import httpx
+
+    from bench.load_gen import run_level
+
+    info = httpx.get(f"{url}/v1/model", timeout=30).json()
+    rows = {c: run_level(url + "/detect", bodies, c, duration, warmup) for c in levels}
+    return {"model": {k: info.get(k) for k in ("backend", "precision", "device")}, "levels": rows}
+
+
+def wait_ready(url: str, timeout_s: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready in {timeout_s:.0f} s")
+
+
+def measure_ray(bodies: list[bytes], levels: list[int], duration: float, warmup: float) -> dict:
+    import ray
+    from ray import serve
+
+    from scaleout.serve import APP_NAME, build_app
+    from service.settings import Settings
+
+    ray.init(address=f"127.0.0.1:{RAY_PORT}", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT, "location": "HeadOnly"})
+    serve.run(build_app(Settings(access_log=False), 1, 0.0), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{PROXY_PORT}"
+    try:
+        wait_ready(url)
+        return ray_level_rows(url, bodies, levels, duration, warmup)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def measure_serve(bodies: list[bytes], levels: list[int], duration: float, warmup: float, logs: Path) -> dict:
+    from bench import servers
+
+    command = [*servers.refinedet_command(), "serve", "--port", "{port}", "--host", servers.HOST]
+    env = servers.server_env({"REFINEDET_ACCESS_LOG": "false"})
+    with servers.running(command, env, logs / "serve.log") as url:
+        return ray_level_rows(url, bodies, levels, duration, warmup)
+
+
+def inside(args: argparse.Namespace) -> dict[str, Any]:
+    """In the namespace: start Ray, measure both, stop Ray."""
+    from bench.common import find_jpegs, read_jpegs
+
+    bodies = read_jpegs(find_jpegs(None, limit=16))
+    levels = [int(c) for c in args.concurrency.split(",")]
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}",
+                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+    try:
+        ray_rows = measure_ray(bodies, levels, args.duration, args.warmup)
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+    serve_rows = measure_serve(bodies, levels, args.duration, args.warmup, Path(args.log_dir))
+    return {"ray_serve_1_replica": ray_rows, "refinedet_serve": serve_rows}
+
+
+def table(result: dict[str, Any]) -> str:
+    ray_rows, serve_rows = result["ray_serve_1_replica"], result["refinedet_serve"]
+    lines = [
+        f"engines: ray replica {ray_rows['model']}, refinedet serve {serve_rows['model']}",
+        "| clients | Ray Serve, 1 replica req/s (p50 ms) | refinedet serve req/s (p50 ms) | replica / serve |",
+        "|---|---|---|---|",
+    ]
+    for c, r in ray_rows["levels"].items():
+        s = serve_rows["levels"][c]
+        ratio = r["requests_per_s"] / s["requests_per_s"] if s["requests_per_s"] else float("nan")
+        lines.append(
+            f"| {c} | {r['requests_per_s']:.2f} ({r['latency_ms']['p50']:.0f}) | "
+            f"{s['requests_per_s']:.2f} ({s['latency_ms']['p50']:.0f}) | {ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", default="1,4")
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--log-dir", default="/tmp/refinedet-ray-bench")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(args.log_dir) / "result.json"
+    if os.environ.get(INSIDE) != "1":
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            print("needs root and unshare (a loopback-only network namespace for Ray)", file=sys.stderr)
+            return 2
+        argv_inside = [
+            sys.executable,
+            "-m",
+            "bench.ray_vs_serve",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+        done = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", *argv_inside],
+                              env={**os.environ, INSIDE: "1"}, check=False)  # fmt: skip
+        if done.returncode != 0 or not out.is_file():
+            return done.returncode or 1
+        result = json.loads(out.read_text())
+        print(table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+    out.write_text(json.dumps(inside(args), indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
