@@ -158,7 +158,7 @@ def _register_cpu(targets: argparse._SubParsersAction) -> None:
         "--json-out",
         type=Path,
         default=None,
-        help="write the decision (JSON) to this file and print one line (without it: the JSON on stdout)",
+        help="write the decision (JSON) to this file instead of stdout (the log names the engine chosen)",
     )
     p.set_defaults(handler=cmd_export_cpu)
 
@@ -201,8 +201,7 @@ def cmd_export_cpu(args: argparse.Namespace) -> int:
         return 0
     from model.artifacts import atomic_write_bytes
 
-    atomic_write_bytes(args.json_out, text.encode())  # the whole decision there; one line here
-    print(f"CPU engine: {choice.engine} ({choice.precision}) {choice.artifact}")
+    atomic_write_bytes(args.json_out, text.encode())  # the whole decision there; the log said which one
     return 0
 
 
