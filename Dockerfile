@@ -51,6 +51,8 @@ COPY model ./model
 COPY conversion ./conversion
 COPY service ./service
 COPY deploy ./deploy
+COPY scaleout ./scaleout
+COPY refinedet ./refinedet
 RUN sh docker/build.sh project
 
 # --- runtime -------------------------------------------------------------------------------------

@@ -324,10 +324,24 @@ def test_dockerignore_keeps_data_engines_and_caches_out():
         "cache/engines/k.plan", "timing.cache", "models/custom.pth", ".pytest_cache/v", "tests/test_x.py",
     ]  # fmt: skip
     kept = ["pyproject.toml", "README.md", "model/config.py", "deploy/prepare.py", "service/app.py",
+            "scaleout/cli.py", "refinedet/cli.py",
             "model/checkpoints/refinedet320_vgg16_bccd.pth.xz", "Dockerfile", "docker/Dockerfile.cpu",
             "docker/build.sh", "docker/check_install.py", "docker/wheels/torch-2.13.0+cpu-cp311-cp311-linux.whl"]  # fmt: skip
     assert [p for p in out if not dockerignored(p, patterns)] == []
     assert [p for p in kept if dockerignored(p, patterns)] == []
+
+
+def test_both_images_copy_every_package_the_project_installs():
+    """The `refinedet` command imports every package's CLI module: an image without one of them cannot start."""
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
+        "include"
+    ]
+    packages = sorted(p.rstrip("*") for p in include)
+    for dockerfile in (REPO / "Dockerfile", REPO / "docker" / "Dockerfile.cpu"):
+        copied = re.findall(r"^COPY (\w+) \./\1$", dockerfile.read_text(), re.M)
+        assert sorted(set(copied) & set(packages)) == packages, (dockerfile.name, copied)
 
 
 # --- docker compose config, where a compose binary exists --------------------------------------------
