@@ -244,7 +244,7 @@ if [ -z "$photo" ] || [ ! -f "$BCCD/JPEGImages/$photo.jpg" ]; then
     fail detect 0 "no BCCD test photo under $BCCD (set BCCD=/path/to/BCCD)"
 fi
 PHOTO=$BCCD/JPEGImages/$photo.jpg
-note=$(probe detect "$URL" "$PHOTO" "$BCCD/Annotations/$photo.xml" onnxruntime) || fail detect "$(since "$t")" "$note"
+note=$(probe detect "$URL" "$PHOTO" "$BCCD/Annotations/$photo.xml" "openvino|onnxruntime") || fail detect "$(since "$t")" "$note"
 record detect "$(since "$t")" ok "$note"
 
 t=$(now)

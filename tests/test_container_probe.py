@@ -92,12 +92,14 @@ def test_detect_check(server: str, photo: tuple[str, str], status: int, labels: 
 
 
 def test_detect_check_wants_the_cpu_engine(server: str, photo: tuple[str, str]):
-    """The default CPU start must serve ONNX Runtime: a silent fallback to torch fails the check."""
+    """The default CPU start must serve the CPU engine (OpenVINO or ONNX Runtime): a silent fallback to torch
+    fails the check."""
     StandIn.answer = (200, reply(["RBC"] * 9 + ["WBC"], backend="torch"))
-    done = probe("detect", server, *photo, "onnxruntime")
-    assert done.returncode != 0 and "served by torch, expected onnxruntime" in done.stdout
-    StandIn.answer = (200, reply(["RBC"] * 9 + ["WBC"]))
-    assert probe("detect", server, *photo, "onnxruntime").returncode == 0
+    done = probe("detect", server, *photo, "openvino|onnxruntime")
+    assert done.returncode != 0 and "served by torch, expected openvino|onnxruntime" in done.stdout
+    for backend in ("onnxruntime", "openvino"):
+        StandIn.answer = (200, reply(["RBC"] * 9 + ["WBC"], backend=backend))
+        assert probe("detect", server, *photo, "openvino|onnxruntime").returncode == 0
 
 
 def test_ready_and_in_flight(server: str):
