@@ -13,7 +13,7 @@ Sources:
 Every source comes with a provenance dict whose ``normalization`` holds ``model.config.Normalization``
 fields, so a weights file says which input contract it was trained for. ``register`` adds the
 ``refinedet weights`` subcommands; this module imports only the standard library at import time
-(torch, h5py and torchvision load inside the functions), as ``model.cli`` requires.
+(torch, h5py and torchvision load inside the functions), as ``refinedet.cli`` requires.
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def add_weights_parser(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(handler=_cmd_inspect)
 
 
-register = add_weights_parser  # the name model.cli looks for
+register = add_weights_parser  # the name refinedet.cli calls
 
 
 def _cmd_convert_hed(args: argparse.Namespace) -> int:
