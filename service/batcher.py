@@ -97,6 +97,7 @@ class DynamicBatcher(Generic[T, R]):
         )  # bounded by hand: the stop marker always fits
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="refinedet-engine")
         self._slots = asyncio.Semaphore(concurrency)  # engine calls that may run at once
+        self._exclusive = asyncio.Lock()  # one exclusive user (``exclusive``) at a time
         self._task: asyncio.Task | None = None
         self._calls: set[asyncio.Task] = set()  # engine calls in flight
         self._waiting: _Pending[T] | None = None  # taken from the queue, waiting for a free slot
@@ -120,16 +121,19 @@ class DynamicBatcher(Generic[T, R]):
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[ThreadPoolExecutor]:
         """Every engine slot, once the calls in flight have finished: other engine work (the benchmark)
-        runs on the yielded executor with the engine to itself."""
-        taken = 0
-        try:
-            for _ in range(self.concurrency):
-                await self._slots.acquire()
-                taken += 1
-            yield self._executor
-        finally:
-            for _ in range(taken):
-                self._slots.release()
+        runs on the yielded executor with the engine to itself. Exclusive users take the engine one after
+        another (``_exclusive``): two taking slots at once could each hold some and wait for the others'
+        forever, and every request with them."""
+        async with self._exclusive:
+            taken = 0
+            try:
+                for _ in range(self.concurrency):
+                    await self._slots.acquire()
+                    taken += 1
+                yield self._executor
+            finally:
+                for _ in range(taken):
+                    self._slots.release()
 
     def start(self) -> None:
         if self._task is None:

@@ -349,3 +349,29 @@ def test_expected_wait_counts_the_slots():
         DynamicBatcher(
             lambda items: items, max_batch_size=1, max_delay_s=0.0, max_queue_size=1, concurrency=0
         )
+
+
+def test_concurrent_exclusive_users_take_the_engine_in_turn_without_deadlock():
+    """Issue #25: three benchmarks at once each took one of the engine slots and waited for the others
+    forever, and every request after them waited too. They must take the engine one after another."""
+
+    async def main():
+        b = DynamicBatcher(lambda items: list(items), max_batch_size=1, max_delay_s=0.0, max_queue_size=16,
+                           concurrency=2)  # fmt: skip
+        b.start()
+        order: list[int] = []
+
+        async def benchmark(k: int) -> None:
+            async with b.exclusive():
+                order.append(k)
+                await asyncio.sleep(0.01)
+                order.append(k)
+
+        await asyncio.wait_for(asyncio.gather(*(benchmark(k) for k in range(3))), 10)
+        assert sorted(order) == [0, 0, 1, 1, 2, 2]
+        assert all(order[i] == order[i + 1] for i in range(0, 6, 2)), order  # never interleaved
+        result, _ = await asyncio.wait_for(b.submit(7), 10)  # the engine is free again afterwards
+        assert result == 7
+        await b.stop()
+
+    asyncio.run(main())

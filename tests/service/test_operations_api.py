@@ -268,3 +268,22 @@ def test_shipped_default_model_is_served_and_trained():
     assert info["trained"] is True and info["artifact"] == str(default_checkpoint())
     assert sorted(info["classes"]) == ["Platelets", "RBC", "WBC"] and info["input_size"] == 320
     assert info["artifact_sha256"] == file_sha256(default_checkpoint())
+
+
+def test_concurrent_benchmarks_finish_and_detect_still_answers():
+    """Issue #25: three concurrent POST /v1/benchmark with two engine slots deadlocked the engine (two never
+    answered, every /detect then waited for its timeout). They now run one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from service_testing import serving
+
+    app = create_app(
+        settings(enable_benchmark=True, cpu_streams=2, request_timeout_s=20), loader=standin_loader()
+    )
+    with serving(app) as (url, _), ThreadPoolExecutor(3) as pool:
+        params = {"iterations": 3, "warmup": 0}
+        calls = [pool.submit(httpx.post, f"{url}/v1/benchmark", params=params, timeout=30) for _ in range(3)]
+        assert [c.result().status_code for c in calls] == [200, 200, 200]
+        r = httpx.post(f"{url}/detect", content=IMAGE, headers={"content-type": "image/jpeg"}, timeout=30)
+        assert r.status_code == 200, r.text
