@@ -119,12 +119,21 @@ class Admission:
         if DEADLINE_KEY in scope_state:
             return None
         deadline = scope_state[DEADLINE_KEY] = time.monotonic() + self.settings.request_timeout_s
-        if not is_inference(scope):
-            return None
+        if not is_inference(scope) or not self._key_ok(scope):
+            return None  # not counted: a request without the API key is answered 401 by the route, at once
         refusal = self.admit_by(deadline)
         if refusal is None:
             scope_state[ADMITTED_KEY] = True
         return refusal
+
+    def _key_ok(self, scope: Scope) -> bool:
+        """Whether the request carries the API key (always, without one): strangers are not counted against
+        the key holders' admission."""
+        if self.settings.api_key is None:
+            return True
+        name = self.settings.api_key_header.lower().encode("latin-1")
+        presented = next((v for k, v in scope.get("headers", ()) if k.lower() == name), None)
+        return self.settings.api_key_ok(presented)
 
     def admit_by(self, deadline: float) -> ServiceError | None:
         """Admit one inference request due by ``deadline`` (monotonic), or the 503 to answer it with now:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -274,6 +275,14 @@ class Settings(BaseSettings):
             threads=threads,
             decode="handler" if self.engine_decode == "off" else ("pil" if cpu else "nvjpeg"),
         )
+
+    def api_key_ok(self, presented: bytes | None) -> bool:
+        """Whether ``presented`` (the ``api_key_header`` value) is the API key, compared in constant time; True
+        when no key is set. The one check: the routes' dependency and admission both ask it."""
+        if self.api_key is None:
+            return True
+        expected = self.api_key.get_secret_value().encode()
+        return presented is not None and secrets.compare_digest(presented, expected)
 
     @property
     def benchmark_allowed(self) -> bool:

@@ -237,8 +237,8 @@ class Drops:
         self.reasons.append(reason)
 
 
-def inference_scope() -> dict:
-    return {"type": "http", "method": "POST", "path": "/detect", "headers": []}
+def inference_scope(headers: list[tuple[bytes, bytes]] | None = None) -> dict:
+    return {"type": "http", "method": "POST", "path": "/detect", "headers": headers or []}
 
 
 def test_admission_counts_what_it_admits_and_refuses_what_cannot_wait():
@@ -280,3 +280,18 @@ def test_admission_while_draining_and_while_not_serving():
         assert refused is not None and refused.code == "shutting_down" and admission.admitted == 1
 
     asyncio.run(scenario())
+
+
+def test_requests_without_the_api_key_are_not_counted_against_key_holders():
+    """Issue #25: with an API key set, anonymous requests (answered 401 by the route) were admitted first, so
+    64 strangers filled the admission count and key holders got 503. They are not counted now."""
+    drops = Drops()
+    admission = Admission(
+        settings(request_timeout_s=10.0, admission_headroom=0.5, max_queue_size=100, api_key="k3y"), drops
+    )
+    admission.batcher = WaitEstimate(batch_s=1.6)  # type: ignore[assignment]
+    strangers = [inference_scope([(b"x-api-key", b"wrong")]) for _ in range(8)] + [inference_scope()]
+    assert [admission.admit(s) for s in strangers] == [None] * 9 and admission.admitted == 0
+    holders = [inference_scope([(b"x-api-key", b"k3y")]) for _ in range(3)]
+    assert [admission.admit(s) for s in holders] == [None] * 3 and admission.admitted == 3
+    assert drops.reasons == []
