@@ -3,9 +3,12 @@
 
 A one-node Ray cluster is started in a network namespace that has only loopback (``unshare``, root), with
 Serve's proxy on 127.0.0.1; the script re-runs itself there. Then, one after the other: the Ray Serve app
-(``scaleout.serve.build_app``, 1 replica, proxy -> ingress -> replica) and ``refinedet serve``, each at every
-``--concurrency`` for ``--duration`` s after ``--warmup`` s. Prints a table (req/s, p50, the ratio) and
-the engine each one reported (/v1/model), and writes JSON::
+(``scaleout.serve.build_app``, 1 replica) in both shapes, proxy -> ingress -> replica (``retry``, the
+default) and proxy -> replica (``direct``), then ``refinedet serve`` (Ray stopped), each at every
+``--concurrency`` for ``--duration`` s after ``--warmup`` s, all of it ``--rounds`` times. Prints a table
+(req/s, p50, the ratio, and the CPU milliseconds every process but the load generator spent per answered
+request: the cost of Ray's processes is in it) and the engine each one reported (/v1/model), and writes
+JSON::
 
     REFINEDET_CACHE_DIR=~/.cache/refinedet python -m bench.ray_vs_serve --concurrency 1,4 --duration 15 \\
         --json bench/results/ray_vs_serve_cpu.json
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -27,13 +31,35 @@ RAY_PORT, PROXY_PORT = 6391, 18391
 INSIDE = "REFINEDET_RAY_BENCH_INSIDE"
 
 
+def namespace_cpu_s() -> float:
+    """CPU seconds (user + system) of every process in this PID namespace but this one (the load generator):
+    the server side's whole cost, Ray's raylet, GCS, proxy and replicas included."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        if stat.parent.name == str(os.getpid()):
+            continue
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def ray_level_rows(url: str, bodies: list[bytes], levels: list[int], duration: float, warmup: float) -> dict:
     import httpx
 
     from bench.load_gen import run_level
 
     info = httpx.get(f"{url}/v1/model", timeout=30).json()
-    rows = {c: run_level(url + "/detect", bodies, c, duration, warmup) for c in levels}
+    rows = {}
+    for c in levels:
+        before = namespace_cpu_s()
+        row = run_level(url + "/detect", bodies, c, duration, warmup)
+        spent = (namespace_cpu_s() - before) * duration / (duration + warmup)  # the measured window's share
+        row["server_cpu_ms_per_request"] = round(1000 * spent / row["ok"], 1) if row["ok"] else None
+        rows[c] = row
     return {"model": {k: info.get(k) for k in ("backend", "precision", "device")}, "levels": rows}
 
 
@@ -51,7 +77,8 @@ def wait_ready(url: str, timeout_s: float = 600) -> None:
     raise TimeoutError(f"{url} not ready in {timeout_s:.0f} s")
 
 
-def measure_ray(bodies: list[bytes], levels: list[int], duration: float, warmup: float) -> dict:
+def measure_ray(bodies: list[bytes], levels: list[int], duration: float, warmup: float) -> dict[str, dict]:
+    """Both shapes of ``scaleout.serve.build_app`` with 1 replica, one after the other on one Ray node."""
     import ray
     from ray import serve
 
@@ -60,11 +87,16 @@ def measure_ray(bodies: list[bytes], levels: list[int], duration: float, warmup:
 
     ray.init(address=f"127.0.0.1:{RAY_PORT}", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT, "location": "HeadOnly"})
-    serve.run(build_app(Settings(access_log=False), 1, 0.0), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{PROXY_PORT}"
+    rows = {}
     try:
-        wait_ready(url)
-        return ray_level_rows(url, bodies, levels, duration, warmup)
+        for shape, retry in (("retry", True), ("direct", False)):
+            app = build_app(Settings(access_log=False), 1, 0.0, retry=retry)
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+            wait_ready(url)
+            rows[shape] = ray_level_rows(url, bodies, levels, duration, warmup)
+            serve.delete(APP_NAME)
+        return rows
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -80,39 +112,60 @@ def measure_serve(bodies: list[bytes], levels: list[int], duration: float, warmu
 
 
 def inside(args: argparse.Namespace) -> dict[str, Any]:
-    """In the namespace: start Ray, measure both, stop Ray."""
+    """In the namespace, ``--rounds`` times: start Ray, measure both shapes, stop Ray, measure serve."""
     from bench.common import find_jpegs, read_jpegs
+    from bench.load_gen import combine_rounds
 
     bodies = read_jpegs(find_jpegs(None, limit=16))
     levels = [int(c) for c in args.concurrency.split(",")]
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}",
-                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)  # fmt: skip
-    try:
-        ray_rows = measure_ray(bodies, levels, args.duration, args.warmup)
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
-    serve_rows = measure_serve(bodies, levels, args.duration, args.warmup, Path(args.log_dir))
-    return {"ray_serve_1_replica": ray_rows, "refinedet_serve": serve_rows}
+    rounds: list[dict[str, dict]] = []
+    for _ in range(args.rounds):
+        subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}",
+                        "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True)  # fmt: skip
+        try:
+            measured = measure_ray(bodies, levels, args.duration, args.warmup)
+        finally:
+            subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        measured["serve"] = measure_serve(bodies, levels, args.duration, args.warmup, Path(args.log_dir))
+        rounds.append(measured)
+    result: dict[str, Any] = {"rounds": args.rounds}
+    for name in ("retry", "direct", "serve"):
+        levels_by_round = {c: [r[name]["levels"][c] for r in rounds] for c in levels}
+        combined = {}
+        for c, rows in levels_by_round.items():
+            combined[c] = combine_rounds(rows)
+            cpu = [row["server_cpu_ms_per_request"] for row in rows if row["server_cpu_ms_per_request"]]
+            combined[c]["server_cpu_ms_per_request"] = round(statistics.mean(cpu), 1) if cpu else None
+            combined[c]["requests_per_s_by_round"] = [row["requests_per_s"] for row in rows]
+        result[name] = {"model": rounds[0][name]["model"], "levels": combined}
+    return result
+
+
+SHAPES = {"retry": "Ray Serve, retrying ingress (default)", "direct": "Ray Serve, `--direct`"}
 
 
 def table(result: dict[str, Any]) -> str:
-    ray_rows, serve_rows = result["ray_serve_1_replica"], result["refinedet_serve"]
+    serve_rows = result["serve"]
     lines = [
-        f"engines: ray replica {ray_rows['model']}, refinedet serve {serve_rows['model']}",
-        "| clients | Ray Serve, 1 replica req/s (p50 ms) | refinedet serve req/s (p50 ms) | replica / serve |",
-        "|---|---|---|---|",
+        "engines: " + ", ".join(f"{name} {result[name]['model']}" for name in ("retry", "direct", "serve")),
+        "| clients | shape (1 replica) | req/s (p50 ms) | refinedet serve req/s (p50 ms) | replica / serve "
+        "| server CPU ms/request: Ray / serve |",
+        "|---|---|---|---|---|---|",
     ]
-    for c, r in ray_rows["levels"].items():
+    for c in serve_rows["levels"]:
         s = serve_rows["levels"][c]
-        ratio = r["requests_per_s"] / s["requests_per_s"] if s["requests_per_s"] else float("nan")
-        lines.append(
-            f"| {c} | {r['requests_per_s']:.2f} ({r['latency_ms']['p50']:.0f}) | "
-            f"{s['requests_per_s']:.2f} ({s['latency_ms']['p50']:.0f}) | {ratio:.2f} |"
-        )
+        for name, label in SHAPES.items():
+            r = result[name]["levels"][c]
+            ratio = r["requests_per_s"] / s["requests_per_s"] if s["requests_per_s"] else float("nan")
+            lines.append(
+                f"| {c} | {label} | {r['requests_per_s']:.2f} ({r['latency_ms']['p50']:.0f}) | "
+                f"{s['requests_per_s']:.2f} ({s['latency_ms']['p50']:.0f}) | {ratio:.2f} | "
+                f"{r.get('server_cpu_ms_per_request')} / {s.get('server_cpu_ms_per_request')} |"
+            )
     return "\n".join(lines)
 
 
@@ -121,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4")
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=1, help="Ray (both shapes) then serve, this many times")
     p.add_argument("--log-dir", default="/tmp/refinedet-ray-bench")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

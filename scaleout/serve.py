@@ -1,18 +1,23 @@
 """The detection service on Ray Serve: the same HTTP API, on replicas spread over a Ray cluster.
 
-Two deployments::
+Two shapes (``build_app(..., retry=...)``; ``refinedet ray-serve`` retries unless ``--direct``)::
 
-    Serve's HTTP proxy (every node) -> Ingress (CPU, light) --handle--> Detector replicas (GPU when present)
+    retry (default): Serve's HTTP proxy (every node) -> Ingress (CPU, light) --handle--> Detector replicas
+    direct:          Serve's HTTP proxy (every node) -> HttpDetector replicas (Serve's HTTP ingress)
 
-``Detector`` runs the service's whole app (``service.app.create_app``) in each replica, serving the engine
+Each replica (``Replica``) runs the service's whole app (``service.app.create_app``), serving the engine
 plan ``deploy.prepare`` decides on that replica's node (the same decision ``refinedet serve`` makes there,
 from the node's cache: the fastest verified CPU engine, or a TensorRT engine on a GPU): the same routes,
 upload checks, errors, metrics and the project's dynamic batcher (not ``@serve.batch``: one batching
 implementation everywhere, with its deadline, queue bound, per-request failures and the engine-side JPEG
-decode that ``@serve.batch`` knows nothing of). ``Ingress`` forwards each HTTP request to a replica through
-a deployment handle and, when that replica dies before answering, sends it to another one (detection is
-idempotent); when none answers it says so as the service does: a JSON 503 with ``Retry-After``. Serve's
-proxy alone would answer a plain-text 500 for a request whose replica died.
+decode that ``@serve.batch`` knows nothing of).
+
+``Ingress`` forwards each HTTP request to a ``Detector`` replica through a deployment handle and, when that
+replica dies before answering, sends it to another one (detection is idempotent); when none answers it says
+so as the service does: a JSON 503 with ``Retry-After``. Serve's proxy alone answers a plain-text 500 for a
+request whose replica died: that is the price of ``direct``, which saves the ingress hop (one deployment
+call, about 6 ms of CPU per request on the 2-core machine of docs/scaling.md) and so serves as fast per
+replica as ``refinedet serve``.
 
 Every answer carries ``X-Served-By: <node id[:12]>/<replica id>``, and ``X-Attempts: n`` when it took more
 than one replica.
@@ -53,8 +58,9 @@ class Answer:
     body: bytes
 
 
-class Detector:
-    """One replica: the service app with its model loaded, driven over ASGI without a socket."""
+class Replica:
+    """One replica: the service app (``service_app``; ``app`` is Serve's name for an ingress's ASGI app) with its
+    model loaded. ``Detector`` and ``HttpDetector`` are its two faces."""
 
     async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]  # Serve awaits it
         from deploy.prepare import prepare
@@ -65,18 +71,15 @@ class Detector:
         plan = await asyncio.to_thread(prepare, settings)  # on this node, for its hardware (its cache)
         log.info("replica engine: %s", plan.summary())
         backend = await asyncio.to_thread(load_backend, plan, settings)  # loaded and warmed up
-        self.app = create_app(settings, loader=lambda _: backend, plan=plan)
-        self._lifespan = self.app.router.lifespan_context(self.app)
+        self.service_app = create_app(settings, loader=lambda _: backend, plan=plan)
+        self._lifespan = self.service_app.router.lifespan_context(self.service_app)
         await self._lifespan.__aenter__()
-        state = self.app.state.service
+        state = self.service_app.state.service
         while state.status == ServiceStatus.LOADING:
             await asyncio.sleep(0.01)
         if state.status != ServiceStatus.READY:
             raise RuntimeError(f"the model did not load: {state.error}")
         self.served_by = f"{_node_id()[:12]}/{_replica_id()}".encode()
-
-    async def __call__(self, request: Forwarded) -> Answer:
-        return await call_asgi(self.app, request, self.served_by)
 
     def where(self) -> dict[str, Any]:
         """Node, replica and process of this replica (for operators and the cluster test)."""
@@ -86,12 +89,50 @@ class Detector:
         """Serve restarts a replica whose model failed or that stopped serving."""
         from service.state import ServiceStatus
 
-        state = self.app.state.service
+        state = self.service_app.state.service
         if state.status in (ServiceStatus.FAILED, ServiceStatus.SHUTTING_DOWN):
             raise RuntimeError(f"replica not serving: {state.status} ({state.error})")
 
     async def __del__(self) -> None:
         await self._lifespan.__aexit__(None, None, None)
+
+
+class Detector(Replica):
+    """A replica behind ``Ingress``: a ``Forwarded`` request in, an ``Answer`` out, over ASGI without a socket."""
+
+    async def __call__(self, request: Forwarded) -> Answer:
+        return await call_asgi(self.service_app, request, self.served_by)
+
+
+class HttpDetector(Replica):
+    """A replica that is Serve's HTTP ingress (``direct``): the proxy hands it each request's ASGI messages."""
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return ServedApp(self.service_app, self.served_by)
+
+
+class ServedApp:
+    """The ASGI app Serve drives in an ``HttpDetector``: the service app, its answers tagged with the replica.
+    The replica already runs the app's lifespan (``Replica``), so Serve's lifespan events are acknowledged."""
+
+    def __init__(self, app: Any, served_by: bytes) -> None:
+        self.app = app
+        self.served_by = served_by
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+        async def tagged(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"x-served-by", self.served_by)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
 
 
 async def call_asgi(app: Any, request: Forwarded, served_by: bytes) -> Answer:
@@ -192,14 +233,19 @@ def gpus_per_replica(requested: float | None) -> float:
 
 
 def build_app(
-    settings: Settings, replicas: int, num_gpus: float, actor_options: dict[str, Any] | None = None
+    settings: Settings,
+    replicas: int,
+    num_gpus: float,
+    actor_options: dict[str, Any] | None = None,
+    retry: bool = True,
 ) -> Any:
-    """The Serve application: ``Ingress`` (one per replica, CPU) in front of ``Detector`` replicas, each
-    with ``num_gpus`` GPUs, one CPU and ``actor_options`` (Ray actor options, e.g. ``resources``)."""
+    """The Serve application: ``Detector`` replicas behind ``Ingress`` (one per replica, CPU) with ``retry``,
+    else ``HttpDetector`` replicas as Serve's HTTP ingress; each replica with ``num_gpus`` GPUs, one CPU and
+    ``actor_options`` (Ray actor options, e.g. ``resources``). Both deployments are named ``Detector``."""
     from ray import serve
 
     detector = serve.deployment(  # type: ignore[attr-defined]
-        Detector,
+        Detector if retry else serve.ingress()(HttpDetector),
         name="Detector",
         num_replicas=replicas,
         max_ongoing_requests=max(2 * settings.max_queue_size, 8),
@@ -207,6 +253,8 @@ def build_app(
         health_check_period_s=5,
         graceful_shutdown_timeout_s=settings.graceful_timeout_s,
     ).bind(settings)
+    if not retry:
+        return detector
 
     @serve.deployment(name="Ingress", num_replicas=replicas, ray_actor_options={"num_cpus": 0})
     class IngressDeployment:
@@ -243,18 +291,21 @@ def run(
     gpus: float | None,
     blocking: bool,
     proxy_location: str = "EveryNode",
+    retry: bool = True,
 ) -> None:
     """Connect to the Ray cluster at ``address``, start Serve's HTTP proxy on ``host:port`` (on every node by
-    default) and deploy; with ``blocking`` keep running until interrupted."""
+    default) and deploy (``build_app``); with ``blocking`` keep running until interrupted."""
     import ray
     from ray import serve
 
     ray.init(address=address, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port, "location": proxy_location})
     num_gpus = gpus_per_replica(gpus)
-    serve.run(build_app(settings, replicas, num_gpus), name=APP_NAME, route_prefix="/", blocking=False)
+    app = build_app(settings, replicas, num_gpus, retry=retry)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    shape = "behind the retrying ingress" if retry else "as Serve's HTTP ingress (direct)"
     print(
-        f"refinedet on Ray Serve: {replicas} replica(s), {num_gpus:g} GPU each, http://{host}:{port}",
+        f"refinedet on Ray Serve: {replicas} replica(s) {shape}, {num_gpus:g} GPU each, http://{host}:{port}",
         flush=True,
     )
     if blocking:

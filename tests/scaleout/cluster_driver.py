@@ -117,6 +117,21 @@ def serve_checks(work: Path, head_node: str) -> dict:
         r for r in under_kill if not (r["status"] == 200 or (r["status"] == 503 and r["json_error"]))
     ][:5]
     out["replicas_after"] = wait_replicas(serve, 2, timeout_s=60)
+
+    # The `--direct` shape (replicas are Serve's HTTP ingress): the same engine and answers, both nodes serve.
+    serve.delete(APP_NAME)
+    serve.run(build_app(settings, 2, 0.0, {"resources": {"slot": 1}}, retry=False), name=APP_NAME,
+              route_prefix="/", blocking=False)  # fmt: skip
+    wait_ready(client)
+    out["direct_shape_replicas"] = wait_replicas(serve, 2, timeout_s=120)
+    with (
+        serving(create_app(settings, plan=plan)) as (direct_url, _),
+        httpx.Client(base_url=direct_url, timeout=30) as direct,
+    ):
+        out["direct_shape"] = {"model": client.get("/v1/model").json(), "same": compare(client, direct)}
+    served = concurrent_load(client, threads=4, seconds=4.0)
+    out["direct_shape"]["nodes_serving"] = sorted({r["node"] for r in served if r["node"]})
+    out["direct_shape"]["load"] = summary(served)
     serve.shutdown()
     return out
 

@@ -27,6 +27,9 @@ SCRIPT = r"""
 set -eu
 ip link set lo up
 export RAY_USAGE_STATS_ENABLED=0 PYTHONPATH="$ROOT" OMP_NUM_THREADS=1 REFINEDET_CACHE_DIR="$WORK/cache"
+# One proxy for both nodes (they share loopback): without this it sends `--direct` traffic to its own node's
+# replica only (Ray's default, right where every node has a proxy behind a load balancer).
+export RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0
 RAY="$PYBIN/ray"
 "$RAY" start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=2 --resources='{"slot": 1}' \
   --include-dashboard=false --temp-dir="$WORK/ray" --disable-usage-stats >"$WORK/head.log" 2>&1
@@ -90,6 +93,18 @@ def test_a_killed_replica_loses_no_request(cluster):
     }
     # The requests the dead replica held were sent to another one (or, failing that, got a JSON 503).
     assert serve["retried"] >= 1 or during["by_status"].get("503", 0) >= 1, (serve["retried"], during)
+
+
+def test_the_direct_shape_serves_the_same_answers_on_both_nodes(cluster):
+    """`refinedet ray-serve --direct`: the replicas are Serve's HTTP ingress (no ingress hop)."""
+    serve = cluster.get("serve") or pytest.fail(cluster.get("serve_error"))
+    direct = serve["direct_shape"]
+    assert direct["same"]["detections"] > 0
+    assert {k: v for k, v in direct["same"].items() if v is False} == {}, direct["same"]
+    assert len(direct["nodes_serving"]) == 2, direct["nodes_serving"]
+    model = direct["model"]
+    assert (model["backend"], model["precision"]) == (serve["plan"]["backend"], serve["plan"]["precision"])
+    assert direct["load"]["by_status"] == {"200": direct["load"]["requests"]}, direct["load"]
 
 
 def test_ray_data_job_equals_predict_and_resumes(cluster):

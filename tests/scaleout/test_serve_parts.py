@@ -1,4 +1,5 @@
-"""The Ray Serve parts that need no Ray: the ingress's retry rules and a replica's in-process ASGI call."""
+"""The Ray Serve parts that need no Ray: the ingress's retry rules, a replica's in-process ASGI call and the
+ASGI app a `--direct` replica hands Serve."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scaleout.serve import Answer, Forwarded, Ingress, call_asgi
+from scaleout.serve import Answer, Forwarded, Ingress, ServedApp, call_asgi
 from service.errors import overloaded
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
@@ -92,3 +93,65 @@ def test_a_replica_answers_as_the_service_does():
             else:
                 assert got_body == want_body
             assert (b"x-served-by", b"node/replica") in got.headers
+
+
+def test_a_direct_replica_is_the_service_app_tagged_with_the_replica():
+    """``ServedApp`` (what Serve drives in a ``--direct`` replica): the app's own answers, plus ``X-Served-By``;
+    Serve's lifespan events are acknowledged without starting the app a second time."""
+    from service.app import create_app
+
+    image = encode(noise_image(64, 48, seed=3))
+    app = create_app(settings(), loader=standin_loader())
+    served = ServedApp(app, b"node/replica")
+    with running(app) as client:
+        for data, ctype in ((image, "image/jpeg"), (b"GIF89a", "image/gif")):
+            want = client.post("/detect?score_threshold=0.5", content=data, headers={"content-type": ctype})
+            request = Forwarded(
+                "POST", "/detect", b"score_threshold=0.5", [(b"content-type", ctype.encode())], data
+            )
+            got = client.portal.call(drive, served, request)
+            assert got.status == want.status_code
+            assert (b"x-served-by", b"node/replica") in got.headers
+            got_body, want_body = json.loads(got.body), want.json()
+            if want.status_code == 200:
+                assert got_body["detections"] == want_body["detections"]
+            else:
+                assert got_body == want_body
+        lifespan_sent = client.portal.call(run_lifespan, served)
+        assert lifespan_sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+        assert app.state.service.status == "ready"  # Serve's lifespan did not touch the replica's app
+
+
+async def drive(app, request: Forwarded) -> Answer:
+    """``request`` through the ASGI app ``app`` as Serve's proxy drives an ingress replica."""
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": request.body, "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
+             "scheme": "http", "path": request.path, "raw_path": request.path.encode(),
+             "query_string": request.query_string, "root_path": "", "headers": request.headers,
+             "client": ("127.0.0.1", 1), "server": ("replica", 0)}  # fmt: skip
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return Answer(start["status"], list(start.get("headers", [])), body)
+
+
+async def run_lifespan(app) -> list[str]:
+    events = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[str] = []
+
+    async def receive() -> dict:
+        return events.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message["type"])
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    return sent
