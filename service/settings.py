@@ -215,6 +215,14 @@ class Settings(BaseSettings):
     )
     benchmark_max_iterations: int = Field(default=500, ge=1, le=100_000)
 
+    # Readiness.
+    engine_stall_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="/readyz answers 503 (status stalled) while the engine has had work for this long without "
+        "finishing any, or one engine call has run this long",
+    )
+
     @field_validator("engine_decode", mode="before")
     @classmethod
     def _engine_decode_words(cls, value: object) -> object:
