@@ -272,7 +272,8 @@ def test_shipped_default_model_is_served_and_trained():
 
 def test_concurrent_benchmarks_finish_and_detect_still_answers():
     """Issue #25: three concurrent POST /v1/benchmark with two engine slots deadlocked the engine (two never
-    answered, every /detect then waited for its timeout). They now run one after another."""
+    answered, every /detect then waited for its timeout). Each is now answered: one runs, and those that
+    arrive while it runs are refused at once (429)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -284,7 +285,8 @@ def test_concurrent_benchmarks_finish_and_detect_still_answers():
     with serving(app) as (url, _), ThreadPoolExecutor(3) as pool:
         params = {"iterations": 3, "warmup": 0}
         calls = [pool.submit(httpx.post, f"{url}/v1/benchmark", params=params, timeout=30) for _ in range(3)]
-        assert [c.result().status_code for c in calls] == [200, 200, 200]
+        statuses = [c.result().status_code for c in calls]
+        assert set(statuses) <= {200, 429} and 200 in statuses, statuses
         r = httpx.post(f"{url}/detect", content=IMAGE, headers={"content-type": "image/jpeg"}, timeout=30)
         assert r.status_code == 200, r.text
 
