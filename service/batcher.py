@@ -15,7 +15,8 @@ the event loop, and every submitted future is resolved exactly once: with its ow
 matched to requests by position; an ``Exception`` instance in the results fails that request alone),
 with the batch's exception, or with ``ClientGone`` / ``ShuttingDown`` / ``TooLate``. It also keeps the
 recent batch time (``batch_seconds``, a moving average), from which admission control estimates a new
-request's wait (``expected_wait_s``).
+request's wait (``expected_wait_s``), and a watchdog for readiness (``stalled_s``): how long the engine has
+had work without finishing any, or the oldest call in flight has run.
 """
 
 from __future__ import annotations
@@ -99,11 +100,12 @@ class DynamicBatcher(Generic[T, R]):
         self._slots = asyncio.Semaphore(concurrency)  # engine calls that may run at once
         self._exclusive = asyncio.Lock()  # one exclusive user (``exclusive``) at a time
         self._task: asyncio.Task | None = None
-        self._calls: set[asyncio.Task] = set()  # engine calls in flight
+        self._calls: dict[asyncio.Task, float] = {}  # engine calls in flight: when each started
         self._waiting: _Pending[T] | None = None  # taken from the queue, waiting for a free slot
         self._closing = False
         self.batch_seconds: float | None = None  # moving average of recent engine calls (wall time)
         self._running: set[asyncio.Future] = set()
+        self._progress_at = time.monotonic()  # last work finished, or when work came to an idle engine
 
     def expected_wait_s(self, ahead: int) -> float:
         """Expected seconds until a request with ``ahead`` images before it is answered: its batch and
@@ -118,12 +120,35 @@ class DynamicBatcher(Generic[T, R]):
         """Requests waiting for a batch."""
         return self._queue.qsize() + (self._waiting is not None)
 
+    @property
+    def busy(self) -> bool:
+        """Whether the engine has work: calls in flight, requests queued, or an exclusive user."""
+        return bool(self._calls) or self.depth > 0 or self._exclusive.locked()
+
+    def progress(self) -> None:
+        """Note that the engine finished some work (each engine call does; an exclusive user calls it after
+        each unit of its own). Safe from any thread."""
+        self._progress_at = time.monotonic()
+
+    def stalled_s(self) -> float:
+        """The watchdog (readiness): seconds the engine has had work without finishing any (since the last
+        ``progress``, or since work came to an idle engine), or the oldest call in flight has run, whichever
+        is longer; 0 while idle."""
+        now = time.monotonic()
+        waiting = now - self._progress_at if self.busy else 0.0
+        return max(waiting, now - min(self._calls.values(), default=now))
+
+    def _work_arrives(self) -> None:
+        if not self.busy:  # an idle engine is not a stalled one: its clock starts now
+            self.progress()
+
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[ThreadPoolExecutor]:
         """Every engine slot, once the calls in flight have finished: other engine work (the benchmark)
-        runs on the yielded executor with the engine to itself. Exclusive users take the engine one after
-        another (``_exclusive``): two taking slots at once could each hold some and wait for the others'
-        forever, and every request with them."""
+        runs on the yielded executor with the engine to itself, calling ``progress`` as it goes. Exclusive
+        users take the engine one after another (``_exclusive``): two taking slots at once could each hold
+        some and wait for the others' forever, and every request with them."""
+        self._work_arrives()
         async with self._exclusive:
             taken = 0
             try:
@@ -154,6 +179,7 @@ class DynamicBatcher(Generic[T, R]):
             self.observer.on_drop("queue_full")
             raise QueueFull(f"{self.max_queue_size} requests are already queued")
         future = asyncio.get_running_loop().create_future()
+        self._work_arrives()
         self._queue.put_nowait(_Pending(item, future, is_disconnected=is_disconnected, deadline=deadline))
         return future
 
@@ -191,7 +217,7 @@ class DynamicBatcher(Generic[T, R]):
                     self._slots.release()
                     continue
                 call = asyncio.get_running_loop().create_task(self._execute(live))
-                self._calls.add(call)
+                self._calls[call] = time.monotonic()
                 call.add_done_callback(self._call_done)
             if self._calls:
                 await asyncio.wait(set(self._calls))
@@ -202,7 +228,8 @@ class DynamicBatcher(Generic[T, R]):
             raise
 
     def _call_done(self, call: asyncio.Task) -> None:
-        self._calls.discard(call)
+        self._calls.pop(call, None)
+        self.progress()
         self._slots.release()
 
     async def _collect(self, first: _Pending[T]) -> tuple[list[_Pending[T]], bool]:

@@ -50,6 +50,12 @@ class Metrics(BatchObserver):
         self.in_flight = Gauge("refinedet_http_requests_in_flight", "HTTP requests being handled", registry=r)
         self.queue_depth = Gauge("refinedet_queue_depth", "Images waiting for a batch", registry=r)
         self.ready = Gauge("refinedet_ready", "1 when the model is loaded and warmed up", registry=r)
+        self.without_progress = Gauge(
+            "refinedet_engine_seconds_without_progress",
+            "Seconds the engine has had work without finishing any, or its oldest call has run (0 when idle); "
+            "/readyz says stalled beyond ENGINE_STALL_S",
+            registry=r,
+        )
         self.model_info = Gauge(
             "refinedet_model_info",
             "The served model (value 1)",
@@ -73,6 +79,9 @@ class Metrics(BatchObserver):
 
     def track_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
+
+    def track_progress(self, stalled_s: Callable[[], float]) -> None:
+        self.without_progress.set_function(stalled_s)
 
     def on_batch(self, size: int) -> None:
         self.batch_size.observe(size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -105,7 +107,12 @@ class Percentiles(BaseModel):
 
 
 class BenchmarkResponse(BaseModel):
-    iterations: int
+    iterations: int = Field(description="timed iterations run: fewer than requested when stopped")
+    iterations_requested: int
+    stopped: Literal["time_limit"] | None = Field(
+        default=None, description="time_limit: the run reached BENCHMARK_MAX_S (or the request's deadline)"
+    )
+    seconds: float = Field(description="how long the iterations took, warm-up included")
     batch_size: int
     image: ImageSize
     synthetic_image: bool

@@ -214,6 +214,27 @@ class Settings(BaseSettings):
         description="allow POST /v1/benchmark (also allowed, key-protected, when api_key is set)",
     )
     benchmark_max_iterations: int = Field(default=500, ge=1, le=100_000)
+    benchmark_max_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="a benchmark stops iterating when it has run this long (warm-up included) and reports the "
+        "iterations it ran: it holds the engine at most this long plus the iteration under way",
+    )
+    benchmark_max_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64,
+        description="decoded pixels of one benchmark iteration (batch_size x width x height), reserved from "
+        "MAX_PIXELS_IN_FLIGHT while it runs; a larger one is answered 422 (synthetic) or 413 (posted image)",
+    )
+
+    # Readiness.
+    engine_stall_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="/readyz answers 503 (status stalled) while the engine has had work for this long without "
+        "finishing any, or one engine call has run this long",
+    )
 
     @field_validator("engine_decode", mode="before")
     @classmethod

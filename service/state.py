@@ -5,7 +5,8 @@ says 503 until the model is loaded and warmed up. When the server starts shuttin
 marks the app not ready and starts the drain (``service.admission.Admission``: every request in flight
 gets ``graceful_timeout_s`` to be answered); once the connections are closed, ``shutdown`` stops the
 batcher. Its ``admission`` decides which requests are served; the state hands it the batcher while it
-serves. A load failure's details go to the log only; responses say that it failed, nothing more.
+serves. A load failure's details go to the log only; responses say that it failed, nothing more. While
+it serves, ``stalled_for`` is the batcher's watchdog held to ``engine_stall_s`` (readiness).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class ServiceState:
         self.status = ServiceStatus.LOADING
         self.error: str | None = None  # for the log only
         self._load_task: asyncio.Task | None = None
+        self._stall_logged = False
         self.admission = Admission(settings, metrics)
 
     @property
@@ -127,6 +129,7 @@ class ServiceState:
         self.backend, self.detector, self.batcher = backend, detector, batcher
         self.decoding = decoding
         self.metrics.track_queue(lambda: batcher.depth)
+        self.metrics.track_progress(batcher.stalled_s)
         self.metrics.model_info.labels(**self.summary()).set(1)
         self.metrics.ready.set(1)
         settle_after_load()  # (service.process: the startup objects out of the collector's reach)
@@ -164,6 +167,20 @@ class ServiceState:
         if self.batcher is not None:
             await self.batcher.stop(self.settings.graceful_timeout_s)
         log.info("shut down (was %s)", was)
+
+    def stalled_for(self) -> float | None:
+        """While serving: the seconds the engine has gone without progress, if over ``engine_stall_s``
+        (``DynamicBatcher.stalled_s``: it had work and finished none, or one call ran that long); else None.
+        The first answer of a stall, and the recovery, are logged."""
+        stalled = self.batcher.stalled_s() if self.batcher is not None and self.serving else 0.0
+        over = stalled > self.settings.engine_stall_s
+        if over != self._stall_logged:
+            self._stall_logged = over
+            if over:
+                log.error("the engine has made no progress for %.1f s with work waiting: not ready", stalled)
+            else:
+                log.warning("the engine is making progress again: ready")
+        return stalled if over else None
 
     def require_ready(self) -> tuple[BatchDetector, DynamicBatcher]:
         """The detector and batcher, or 503 while loading / after a failed load / during shutdown."""

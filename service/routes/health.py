@@ -24,6 +24,7 @@ from service.state import ServiceState, ServiceStatus
 PLATFORMS = {"torch": "pytorch_eager", "onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 _DIRECTORIES = re.compile(r"[^\s]*[\\/]")  # a token up to its last slash
 LOAD_FAILED = "the model failed to load; the reason is in the service log"
+STALLED = "stalled"  # /readyz's status while the engine makes no progress
 NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "model not loaded yet"}
 }
@@ -44,11 +45,11 @@ def router(settings: Settings) -> APIRouter:
 
     @open_routes.get("/readyz", response_model=Status, responses={503: {"model": Status}})
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: 200 once the model is loaded and warmed up; 503 before, after a failure, while stopping."""
-        state = get_state(request)
-        detail = LOAD_FAILED if state.status == ServiceStatus.FAILED else None
+        """Readiness: 200 once the model is loaded and warmed up; 503 before, after a failure, while stopping,
+        and while the engine is stalled (work waiting and none finished for ENGINE_STALL_S)."""
+        status, detail = readiness(get_state(request))
         return JSONResponse(
-            {"status": state.status, "detail": detail}, status_code=200 if state.ready else 503
+            {"status": status, "detail": detail}, status_code=200 if status == ServiceStatus.READY else 503
         )
 
     @open_routes.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
@@ -62,7 +63,7 @@ def router(settings: Settings) -> APIRouter:
 
     @open_routes.get("/v2/health/ready", tags=["kserve-v2"], responses={503: {"description": "not ready"}})
     async def v2_ready(request: Request) -> JSONResponse:
-        ready = get_state(request).ready
+        ready = readiness(get_state(request))[0] == ServiceStatus.READY
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @open_routes.get("/v2", tags=["kserve-v2"])
@@ -99,6 +100,16 @@ def router(settings: Settings) -> APIRouter:
     api.include_router(open_routes)
     api.include_router(keyed)
     return api
+
+
+def readiness(state: ServiceState) -> tuple[str, str | None]:
+    """(status, detail) for /readyz: the app's status, or ``stalled`` while the engine makes no progress."""
+    if state.status == ServiceStatus.FAILED:
+        return state.status, LOAD_FAILED
+    stalled = state.stalled_for() if state.ready else None
+    if stalled is not None:
+        return STALLED, f"the engine has made no progress for {stalled:.0f} s with work waiting"
+    return state.status, None
 
 
 def describe_model(state: ServiceState, name: str | None = None) -> dict[str, Any]:

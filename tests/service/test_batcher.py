@@ -375,3 +375,59 @@ def test_concurrent_exclusive_users_take_the_engine_in_turn_without_deadlock():
         await b.stop()
 
     asyncio.run(main())
+
+
+def test_the_stall_clock_runs_only_while_the_engine_has_work():
+    """The readiness watchdog: an engine idle for long is not stalled when work arrives; one that has work
+    and finishes none is, for as long as that lasts."""
+
+    async def main():
+        release = threading.Event()
+        b = DynamicBatcher(lambda items: [release.wait(30) and x for x in items], max_batch_size=1,
+                           max_delay_s=0.0, max_queue_size=16)  # fmt: skip
+        b.start()
+        b._progress_at -= 100  # the last work finished long ago
+        idle = b.stalled_s()
+        future = b.submit(1)
+        arrived = b.stalled_s()
+        while b.stalled_s() < 0.2:  # the call runs and finishes nothing
+            await asyncio.sleep(0.01)
+        release.set()
+        assert (await future)[0] == 1
+        for _ in range(500):  # the call's slot is given back just after its future resolves
+            if not b.busy:
+                break
+            await asyncio.sleep(0.01)
+        done = b.stalled_s()
+        await b.stop()
+        return idle, arrived, done
+
+    idle, arrived, done = run(main())
+    assert idle == 0.0 and arrived < 5 and done == 0.0
+
+
+def test_a_hung_call_is_a_stall_though_other_slots_progress():
+    async def main():
+        hang = threading.Event()
+
+        def process(items):
+            if items == ["hang"]:
+                assert hang.wait(30)
+            return list(items)
+
+        b = DynamicBatcher(process, max_batch_size=1, max_delay_s=0.0, max_queue_size=16, concurrency=2)
+        b.start()
+        hung = b.submit("hang")
+        start = time.monotonic()
+        while time.monotonic() - start < 0.3:  # the other slot keeps finishing work meanwhile
+            assert (await b.submit("ok"))[0] == "ok"
+        stalled = b.stalled_s()
+        b.progress()  # an exclusive user's progress does not hide the hung call either
+        still = b.stalled_s()
+        hang.set()
+        await hung
+        await b.stop()
+        return stalled, still
+
+    stalled, still = run(main())
+    assert stalled >= 0.25 and still >= 0.25  # the call started just after the clock above
