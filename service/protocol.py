@@ -136,6 +136,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.limits: HttpLimits = self.app_state.get(LIMITS_KEY) or HttpLimits()
         self._header_bytes = 0  # bytes of the current request's line and headers so far
         self._in_headers = False  # between a request's first byte and its complete headers
+        self._in_message = False  # between a request's first byte and the end of its body
         self._timer: asyncio.TimerHandle | None = None  # header, idle or dropped-body timeout
         self._refused = False  # answered here: discard whatever else arrives
         self._idle_strike = False  # the idle timer fired once with nothing read
@@ -160,10 +161,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        # Header bytes: a chunk in headers, or one after a request was read and answered (the next request's,
+        # maybe with body bytes: counted too). Not the body of a request answered before it was read (the
+        # app's 401, 413...): that is dropped. The chunk ending such a body is not counted; the next are,
+        # and on_headers_complete checks the exact size.
         if self._in_headers or (
-            self._dropping is None and (self.cycle is None or self.cycle.response_complete)
+            not self._in_message and (self.cycle is None or self.cycle.response_complete)
         ):
-            self._header_bytes += len(data)  # (a chunk may hold body bytes too: never fewer)
+            self._header_bytes += len(data)
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -189,7 +194,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_headers = True
+        self._in_headers = self._in_message = True
         self._idle_strike = False
         self._arm_header_timer()  # the headers must be complete this long after their first byte
 
@@ -277,6 +282,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_timer(self.limits.body_timeout_s, self._body_stalled)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._dropping is None:
             super().on_message_complete()
         else:

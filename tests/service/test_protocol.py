@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -248,3 +249,21 @@ def test_an_upgrade_is_answered_as_plain_http_in_the_json_format():
         finally:
             logging.getLogger("uvicorn.error").removeHandler(catcher)
     assert not warnings, [r.getMessage() for r in warnings]
+
+
+def test_a_body_dropped_after_an_early_answer_is_not_counted_as_the_next_headers():
+    """The app may answer before it reads a body (401, 404, an OIP flood's 413): uvicorn drops the rest,
+    and the next request on the connection is served, even when its headers come in several packets
+    (the dropped bytes were counted as its header bytes: 431)."""
+    with serving(create_app(settings(**LIMITS), loader=standin_loader())) as (url, _):
+        sock = connect(url)
+        body = b"x" * 100_000
+        sock.sendall(
+            f"POST /v2/models/nothere/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert read_response(sock)[0] == 404
+        sock.sendall(body)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.2)  # not to wait for anything: so that the server reads the first line alone
+        sock.sendall(b"Host: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
