@@ -7,7 +7,7 @@ than 4,300 digits in ``ValueError``, and ``NaN``/``Infinity`` are taken. ``loads
 - ``max_values``, before parsing: the values counted on the raw bytes, as commas plus ``[`` and ``{``
   (every value after the first adds one), and the strings as pairs of ``"`` (inside strings they count
   too, so the counts can only overstate), in 64 KiB steps that stop at the limit: a flood is refused after
-  its first few KiB;
+  its first few KiB (``ValueCount`` counts a body as it arrives, so it can be refused before the rest);
 - ``max_depth``, before parsing: the nesting of arrays and objects, brackets inside strings left out;
   walked only when the body has more opening brackets than that, and then over the quotes and brackets
   the first check bounded (the text between them is skipped with ``bytes.find``);
@@ -48,8 +48,9 @@ def loads(text: bytes, limits: JsonLimits) -> Any:
     """``text`` (UTF-8 JSON, as RFC 8259 has it between systems) -> the Python value, or ``JsonRejected``."""
     if json.detect_encoding(text) not in ("utf-8", "utf-8-sig"):
         raise JsonRejected("not valid JSON (not UTF-8)")
-    opening = _count_values(text, limits.max_values)
-    if opening > limits.max_depth and nesting(text) > limits.max_depth:
+    count = ValueCount(limits.max_values)
+    count.feed(text)
+    if count.opening > limits.max_depth and nesting(text) > limits.max_depth:
         raise JsonRejected(f"arrays and objects nested deeper than {limits.max_depth} levels")
     try:
         return json.loads(
@@ -62,18 +63,26 @@ def loads(text: bytes, limits: JsonLimits) -> Any:
         raise JsonRejected(f"not valid JSON ({exc})") from None
 
 
-def _count_values(text: bytes, limit: int) -> int:
-    """The number of ``[`` and ``{`` in ``text``; ``JsonRejected`` as soon as the values counted pass
-    ``limit``."""
-    separators = opening = quotes = 0
-    for start in range(0, len(text), STEP):
-        end = start + STEP
-        opening += text.count(b"[", start, end) + text.count(b"{", start, end)
-        separators += text.count(b",", start, end)
-        quotes += text.count(b'"', start, end)
-        if max(opening + separators, (quotes + 1) // 2) > limit:
-            raise JsonRejected(f"more than {limit} values", too_large=True)
-    return opening
+class ValueCount:
+    """``loads``' count of values, fed the text as it arrives (a body in chunks): ``JsonRejected`` (too
+    large) as soon as it passes ``limit``. Only the first ``length`` bytes are counted when given (what
+    follows them is not JSON)."""
+
+    def __init__(self, limit: int, length: int | None = None) -> None:
+        self.limit = limit
+        self.left = length
+        self.opening = self.separators = self.quotes = 0  # [ and {, commas, double quotes
+
+    def feed(self, data: bytes) -> None:
+        if self.left is not None:
+            data, self.left = data[: self.left], max(self.left - len(data), 0)
+        for start in range(0, len(data), STEP):
+            end = start + STEP
+            self.opening += data.count(b"[", start, end) + data.count(b"{", start, end)
+            self.separators += data.count(b",", start, end)
+            self.quotes += data.count(b'"', start, end)
+            if max(self.opening + self.separators, (self.quotes + 1) // 2) > self.limit:
+                raise JsonRejected(f"more than {self.limit} values", too_large=True)
 
 
 def nesting(text: bytes) -> int:

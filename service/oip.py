@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from service import bounded_json
-from service.bounded_json import JsonLimits, JsonRejected
+from service.bounded_json import JsonLimits, JsonRejected, ValueCount
 from service.errors import ServiceError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -78,7 +78,7 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> In
     try:
         request = bounded_json.loads(body, JSON_LIMITS)
     except JsonRejected as exc:
-        raise bad(f"the inference request is not accepted: {exc}", 413 if exc.too_large else 400) from None
+        raise rejected(exc) from None
     if not isinstance(request, dict):
         raise bad("the inference request must be a JSON object")
     inputs = request.get("inputs")
@@ -91,14 +91,33 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> In
     )
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
-    """(JSON, binary data) by the length header (ASCII digits only: ``int`` takes others too)."""
+def json_count(header_length: str | None) -> ValueCount:
+    """What ``parse_request`` counts first (the JSON part's values), to count as the body arrives and
+    refuse a flood before the rest of it is read (``feed`` raises ``JsonRejected``: see ``rejected``)."""
+    return ValueCount(JSON_LIMITS.max_values, _json_length(header_length))
+
+
+def rejected(exc: JsonRejected) -> ServiceError:
+    return bad(f"the inference request is not accepted: {exc}", 413 if exc.too_large else 400)
+
+
+def _json_length(header_length: str | None) -> int | None:
+    """The length header's value (ASCII digits only: ``int`` takes others too)."""
     if header_length is None:
+        return None
+    if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= MAX_HEADER_DIGITS):
+        raise bad(f"{HEADER_LENGTH} must be the length of the JSON part in bytes, got {header_length[:40]!r}")
+    return int(header_length)
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON, binary data), by the length header."""
+    length = _json_length(header_length)
+    if length is None:
         return body, b""
-    digits = header_length.isascii() and header_length.isdigit() and len(header_length) <= MAX_HEADER_DIGITS
-    if not digits or int(header_length) > len(body):
-        raise bad(f"{HEADER_LENGTH} {header_length[:40]!r} does not fit a {len(body)}-byte body")
-    return body[: int(header_length)], body[int(header_length) :]
+    if length > len(body):
+        raise bad(f"{HEADER_LENGTH} {length} does not fit a {len(body)}-byte body")
+    return body[:length], body[length:]
 
 
 def request_id(value: Any) -> str | None:

@@ -24,6 +24,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import oip
+from service.bounded_json import JsonRejected, ValueCount
 from service.errors import ServiceError
 from service.http_errors import bug, http_error
 from service.routes.deps import api_key_dependencies, get_state
@@ -166,16 +167,28 @@ def router(settings: Settings) -> APIRouter:
 async def read_request(request: Request, max_images: int) -> oip.InferRequest:
     """The request's body, parsed by the codec in a worker thread (not on the event loop); whatever the
     codec raises other than its 4xx is a check it lacks, so the body's fault: 400 (and logged)."""
-    body = await request.body()
+    header_length = request.headers.get(oip.HEADER_LENGTH)
+    body = await read_counted(request, oip.json_count(header_length))
     try:
-        return await asyncio.to_thread(
-            oip.parse_request, body, request.headers.get(oip.HEADER_LENGTH), max_images
-        )
+        return await asyncio.to_thread(oip.parse_request, body, header_length, max_images)
     except ServiceError:
         raise
     except Exception as exc:
         log.error("the OIP codec failed on a request body (a check it lacks)", exc_info=exc)
         raise oip.bad("the inference request is malformed") from None
+
+
+async def read_counted(request: Request, count: ValueCount) -> bytes:
+    """The body, its JSON values counted as it arrives: a flood of values is answered 413 after its first
+    chunks, and the server drops the rest of it without the app."""
+    chunks = []
+    try:
+        async for chunk in request.stream():
+            count.feed(chunk)
+            chunks.append(chunk)
+    except JsonRejected as exc:
+        raise oip.rejected(exc) from None
+    return b"".join(chunks)
 
 
 def options(parameters: dict[str, Any], state: ServiceState) -> tuple[float, int, Any]:

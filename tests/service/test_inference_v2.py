@@ -250,10 +250,18 @@ def test_the_issues_bodies_get_a_4xx_in_the_oip_shape_on_a_kept_connection(
     assert says in assert_oip_error(answer, status, status) and then == 200
 
 
-def test_a_flood_of_empty_strings_gets_413_in_the_oip_shape(server):
+def test_a_flood_of_empty_strings_gets_413_before_it_is_all_sent(server):
+    """The issue's 16.5 MB of 3.3 M empty strings: 413 (the protocol's shape) once its first chunks are
+    counted, before the client has sent the rest; the server drops the rest and serves the next request."""
     url, _, name = server
-    answer, then = infer_then_healthz(url, name, flood_body())
-    assert "values" in assert_oip_error(answer, 413, 413) and then == 200
+    flood = flood_body()
+    head = f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: t\r\nContent-Length: {len(flood)}\r\n\r\n"
+    with connect(url) as sock:
+        sock.sendall(head.encode() + flood[:1_000_000])
+        answer = read_response(sock)
+        assert "more than 10000 values" in assert_oip_error(answer, 413, 413)
+        sock.sendall(flood[1_000_000:] + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(sock)[0] == 200
 
 
 def test_the_body_is_parsed_off_the_event_loop(server, monkeypatch):

@@ -73,8 +73,8 @@ ISSUE_BODIES = [
      None, 400, "must be an object"),
     ("output parameters a string", dumps({**valid(), "outputs": [{"name": "boxes", "parameters": "x"}]}),
      None, 400, "must be an object"),
-    ("length header a non-ASCII digit", dumps(valid()), "\u00b2", 400, "does not fit"),
-    ("length header 4302 digits", dumps(valid()), BIG, 400, "does not fit"),
+    ("length header a non-ASCII digit", dumps(valid()), "\u00b2", 400, "length of the JSON part"),
+    ("length header 4302 digits", dumps(valid()), BIG, 400, "length of the JSON part"),
 ]  # fmt: skip
 
 
