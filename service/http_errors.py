@@ -6,7 +6,7 @@ The compute path knows nothing of HTTP: an upload that cannot be served raises `
 with ``QueueFull``, ``ShuttingDown``, ``TooLate`` and ``ClientGone``. The routes let them out and
 ``http_error`` gives each its status and code (the Open Inference Protocol route too, in its own body
 shape). Framework errors (404, 405, validation) are reshaped into the same body. Only a genuine bug reaches
-the catch-all, which logs the traceback and answers 500 without details.
+the catch-all (``bug``), which logs the traceback and answers 500 without details.
 """
 
 from __future__ import annotations
@@ -73,6 +73,13 @@ def http_error(exc: BaseException) -> ServiceError | None:
     return None
 
 
+def bug(request: Request, exc: BaseException) -> ServiceError:
+    """The answer to an exception that is none of the service's failures (a bug): 500 without details; the
+    traceback goes to the log."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return ServiceError(500, "internal_error", "internal server error (logged with the request id)")
+
+
 def error_response(error: ServiceError) -> Response:
     return Response(
         error.body(), status_code=error.status, headers=error.headers, media_type="application/json"
@@ -109,7 +116,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(
-            ServiceError(500, "internal_error", "internal server error (logged with the request id)")
-        )
+        return error_response(bug(request, exc))

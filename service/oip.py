@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from service import bounded_json
+from service.bounded_json import JsonLimits, JsonRejected, ValueCount
 from service.errors import ServiceError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -43,6 +45,14 @@ TENSORS = {
     ],
 }
 NUMPY = {"FP32": np.dtype("<f4"), "INT32": np.dtype("<i4")}
+
+
+# The JSON part of a request: a valid one nests 5 deep ({"inputs": [{"data": [["<base64>"]]}]}) and holds
+# a few values per image; numbers are shapes, sizes and options. Text other than the images' base64 (the
+# id, names, parameter values) is at most MAX_TEXT characters.
+JSON_LIMITS = JsonLimits(max_depth=32, max_values=10_000, max_number_chars=32)
+MAX_TEXT = 1024
+MAX_HEADER_DIGITS = 12  # Inference-Header-Content-Length: more digits than any body can have
 
 
 def bad(message: str, status: int = 400) -> ServiceError:
@@ -61,83 +71,146 @@ class InferRequest:
 
 def parse_request(body: bytes, header_length: str | None, max_images: int) -> InferRequest:
     """The body of ``POST /v2/models/{name}/infer`` (JSON, or JSON + binary tensor data when
-    ``header_length`` is given) -> ``InferRequest``; ``ServiceError`` 400 for anything malformed."""
-    binary = b""
-    if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise bad(f"{HEADER_LENGTH} {header_length!r} does not fit a {len(body)}-byte body")
-        body, binary = body[: int(header_length)], body[int(header_length) :]
+    ``header_length`` is given) -> ``InferRequest``; ``ServiceError`` 400 for anything malformed, 413 for
+    more images (or JSON values) than the limits. Every field is checked for its type; the JSON is read
+    within ``JSON_LIMITS`` (``service.bounded_json``), and no image is decoded before the count is known."""
+    body, binary = _split(body, header_length)
     try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"the inference request is not valid JSON ({exc})") from None
+        request = bounded_json.loads(body, JSON_LIMITS)
+    except JsonRejected as exc:
+        raise rejected(exc) from None
     if not isinstance(request, dict):
         raise bad("the inference request must be a JSON object")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise bad(f"the request must have exactly one input, {INPUT!r} (BYTES: encoded images)")
-    images = _input_images(inputs[0], binary)
-    if not images:
-        raise bad(f"input {INPUT!r} holds no image")
-    if len(images) > max_images:
-        raise bad(f"{len(images)} images in one request; the limit is {max_images}", 413)
-    parameters = request.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise bad("'parameters' must be an object")
+    parameters = _parameters(request.get("parameters"), "'parameters'")
+    images = _input_images(inputs[0], binary, max_images)
     return InferRequest(
         request_id(request.get("id")), images, parameters, _wanted_outputs(request, parameters)
     )
 
 
+def json_count(header_length: str | None) -> ValueCount:
+    """What ``parse_request`` counts first (the JSON part's values), to count as the body arrives and
+    refuse a flood before the rest of it is read (``feed`` raises ``JsonRejected``: see ``rejected``)."""
+    return ValueCount(JSON_LIMITS.max_values, _json_length(header_length))
+
+
+def rejected(exc: JsonRejected) -> ServiceError:
+    return bad(f"the inference request is not accepted: {exc}", 413 if exc.too_large else 400)
+
+
+def _json_length(header_length: str | None) -> int | None:
+    """The length header's value (ASCII digits only: ``int`` takes others too)."""
+    if header_length is None:
+        return None
+    if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= MAX_HEADER_DIGITS):
+        raise bad(f"{HEADER_LENGTH} must be the length of the JSON part in bytes, got {header_length[:40]!r}")
+    return int(header_length)
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON, binary data), by the length header."""
+    length = _json_length(header_length)
+    if length is None:
+        return body, b""
+    if length > len(body):
+        raise bad(f"{HEADER_LENGTH} {length} does not fit a {len(body)}-byte body")
+    return body[:length], body[length:]
+
+
 def request_id(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    return None if value is None else _text(value, "'id'")
 
 
-def _input_images(tensor: dict[str, Any], binary: bytes) -> list[bytes]:
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise bad(f"{what} must be a string")
+    if len(value) > MAX_TEXT:
+        raise bad(f"{what} is longer than {MAX_TEXT} characters")
+    return value
+
+
+def _parameters(value: Any, what: str) -> dict[str, Any]:
+    """A ``parameters`` object (absent: empty): each value a string, number or boolean, as the protocol has it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad(f"{what} must be an object")
+    for key, item in value.items():
+        if isinstance(item, str):
+            _text(item, f"parameter {key[:40]!r}")
+        elif not isinstance(item, bool | int | float):
+            raise bad(f"parameter {key[:40]!r} must be a string, number or boolean")
+    return value
+
+
+def _input_images(tensor: dict[str, Any], binary: bytes, max_images: int) -> list[bytes]:
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if name != INPUT:
-        raise bad(f"unknown input {name!r}: this model takes one input, {INPUT!r} (BYTES: encoded images)")
+        raise bad(
+            f"unknown input {_short(name)}: this model takes one input, {INPUT!r} (BYTES: encoded images)"
+        )
     if datatype != "BYTES":
-        raise bad(f"input {INPUT!r} must be BYTES (encoded JPEG/PNG/WebP/BMP images), got {datatype!r}")
+        raise bad(f"input {INPUT!r} must be BYTES (encoded JPEG/PNG/WebP/BMP images), got {_short(datatype)}")
     if not (isinstance(shape, list) and 1 <= len(shape) <= 2 and all(_count(d) for d in shape)):
-        raise bad(f"input {INPUT!r} must have shape [N] or [N, 1], got {shape!r}")
+        raise bad(f"input {INPUT!r} must have shape [N] or [N, 1], got {_short(shape)}")
     if len(shape) == 2 and shape[1] != 1:
         raise bad(f"input {INPUT!r} must have shape [N] or [N, 1] (one image per row), got {shape}")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    count = math.prod(shape)
+    if count > max_images:
+        raise bad(f"{count} images in one request; the limit is {max_images}", 413)
+    if count == 0:
+        raise bad(f"input {INPUT!r} holds no image")
+    size = _parameters(tensor.get("parameters"), f"the 'parameters' of input {INPUT!r}").get(
+        "binary_data_size"
+    )
     if size is not None:
         if not _count(size) or size > len(binary):
             raise bad(f"binary_data_size {size!r} does not fit the {len(binary)} bytes of binary data")
-        elements = split_bytes(binary[:size])
+        elements: list[Any] = split_bytes(binary[:size], count)
     else:
-        elements = [_from_base64(e) for e in _flatten(tensor.get("data"))]
-    if len(elements) != math.prod(shape):
+        elements = _elements(tensor.get("data"))
+    if len(elements) != count:
         raise bad(f"input {INPUT!r} has shape {shape} but {len(elements)} element(s)")
-    return elements
+    return [e if isinstance(e, bytes) else _from_base64(e) for e in elements]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        raise bad(f"input {INPUT!r} needs 'data' (a list of base64 strings) or binary data")
-    return [x for item in data for x in _flatten(item)] if any(isinstance(d, list) for d in data) else data
+def _elements(data: Any) -> list[str]:
+    """``data`` flat (``["<base64>", ...]``) or in rows (``[["<base64>"], ...]``) -> the elements, not
+    decoded."""
+    if isinstance(data, list) and all(isinstance(row, list) for row in data):
+        data = [element for row in data for element in row]
+    if not (isinstance(data, list) and all(isinstance(element, str) for element in data)):
+        raise bad(f"input {INPUT!r} needs 'data' (a list of base64 strings, flat or in rows) or binary data")
+    return data
 
 
-def _from_base64(element: Any) -> bytes:
-    if not isinstance(element, str):
-        raise bad(f"each element of {INPUT!r} in JSON must be the image as a base64 string")
+def _from_base64(element: str) -> bytes:
     try:
         return base64.b64decode(element, validate=True)
     except (binascii.Error, ValueError):
         raise bad(f"an element of {INPUT!r} is not valid base64") from None
 
 
-def split_bytes(data: bytes) -> list[bytes]:
-    """Triton's BYTES serialisation (per element: uint32 little-endian length, then the bytes) -> elements."""
-    elements, at = [], 0
+def split_bytes(data: bytes, limit: int | None = None) -> list[bytes]:
+    """Triton's BYTES serialisation (per element: uint32 little-endian length, then the bytes) -> elements;
+    a 400 at element ``limit + 1`` (a shape's worth is all a request may have)."""
+    elements: list[bytes] = []
+    at = 0
     while at < len(data):
+        if limit is not None and len(elements) == limit:
+            raise bad(f"the binary data of {INPUT!r} holds more elements than its shape")
         if at + 4 > len(data):
             raise bad("the binary BYTES data ends inside an element's length")
         (length,) = struct.unpack_from("<I", data, at)
@@ -150,7 +223,7 @@ def split_bytes(data: bytes) -> list[bytes]:
 
 
 def _wanted_outputs(request: dict[str, Any], parameters: dict[str, Any]) -> dict[str, bool]:
-    default_binary = parameters.get("binary_data_output") is True
+    default_binary = _flag(parameters, "binary_data_output")
     asked = request.get("outputs")
     if asked is None:
         return dict.fromkeys(OUTPUTS, default_binary)
@@ -159,11 +232,20 @@ def _wanted_outputs(request: dict[str, Any], parameters: dict[str, Any]) -> dict
     wanted = {}
     for output in asked:
         name = output.get("name")
+        if not isinstance(name, str):
+            raise bad(f"each output name must be a string; this model's outputs are {list(OUTPUTS)}")
         if name not in OUTPUTS:
-            raise bad(f"unknown output {name!r}; this model's outputs are {list(OUTPUTS)}")
-        binary = (output.get("parameters") or {}).get("binary_data", default_binary)
-        wanted[name] = binary is True
+            raise bad(f"unknown output {_short(name)}; this model's outputs are {list(OUTPUTS)}")
+        own = _parameters(output.get("parameters"), f"the 'parameters' of output {name!r}")
+        wanted[name] = _flag(own, "binary_data", default_binary)
     return wanted
+
+
+def _flag(parameters: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise bad(f"parameter {name!r} must be true or false, got {_short(value)}")
+    return value
 
 
 def detection_tensors(per_image: list[list[dict[str, Any]]]) -> dict[str, np.ndarray]:

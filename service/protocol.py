@@ -8,6 +8,11 @@ app (uvicorn has none of them for httptools):
 - ``header_timeout_s``: a connection that sends nothing, or a request whose headers are not complete
   within this many seconds of its first byte (slowloris), is closed (408 when part of a request came).
 - A malformed request is answered 400 in the service's JSON error format (uvicorn's is plain text).
+- An ``Upgrade`` (WebSocket, h2c) is ignored, as RFC 9110 (7.8) lets a server: the service has no WebSocket
+  routes, so uvicorn runs without a WebSocket implementation (``ws="none"``, ``service.server``) and the
+  request is served as plain HTTP, without uvicorn's two warnings a request. One with a body is answered
+  400 instead: httptools takes whatever follows its headers for the new protocol's bytes, so its body would
+  never reach the app.
 
 Every answer here is ``{"error": {"code", "message"}}`` with ``Connection: close``; details go to the log.
 Body limits and timeouts are the app's (``service.middleware``).
@@ -55,7 +60,6 @@ UVICORN_PRIVATE = (
     "_start_asgi_task",
     "_unset_keepalive_if_required",
     "_should_upgrade",
-    "_unsupported_upgrade_warning",
 )
 
 log = logging.getLogger("refinedet.service")
@@ -107,6 +111,9 @@ HEADER_TIMEOUT = closing_response(
     ServiceError(408, "request_timeout", "the request headers did not arrive in time")
 )
 BAD_REQUEST = closing_response(ServiceError(400, "bad_request", "malformed HTTP request"))
+UPGRADE_WITH_BODY = closing_response(
+    ServiceError(400, "bad_request", "Upgrade is not supported here; send the request without it")
+)
 
 
 def _check_uvicorn() -> None:
@@ -129,6 +136,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.limits: HttpLimits = self.app_state.get(LIMITS_KEY) or HttpLimits()
         self._header_bytes = 0  # bytes of the current request's line and headers so far
         self._in_headers = False  # between a request's first byte and its complete headers
+        self._in_message = False  # between a request's first byte and the end of its body
         self._timer: asyncio.TimerHandle | None = None  # header, idle or dropped-body timeout
         self._refused = False  # answered here: discard whatever else arrives
         self._idle_strike = False  # the idle timer fired once with nothing read
@@ -153,10 +161,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        # Header bytes: a chunk in headers, or one after a request was read and answered (the next request's,
+        # maybe with body bytes: counted too). Not the body of a request answered before it was read (the
+        # app's 401, 413...): that is dropped. The chunk ending such a body is not counted; the next are,
+        # and on_headers_complete checks the exact size.
         if self._in_headers or (
-            self._dropping is None and (self.cycle is None or self.cycle.response_complete)
+            not self._in_message and (self.cycle is None or self.cycle.response_complete)
         ):
-            self._header_bytes += len(data)  # (a chunk may hold body bytes too: never fewer)
+            self._header_bytes += len(data)
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -176,14 +188,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(HEADERS_TOO_LARGE)
 
     def _upgrade(self) -> None:
-        if self._should_upgrade():
+        if self._should_upgrade():  # only when run with a WebSocket implementation (not the service's way)
             self.handle_websocket_upgrade()
-        else:
-            self._unsupported_upgrade_warning()
+        # else: the request was served as plain HTTP (the module docstring), and needs no warning
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_headers = True
+        self._in_headers = self._in_message = True
         self._idle_strike = False
         self._arm_header_timer()  # the headers must be complete this long after their first byte
 
@@ -193,7 +204,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
         if size > self.limits.max_header_bytes:
             raise _HeadersTooLarge()  # stops the parser; data_received answers 431
+        if self.parser.should_upgrade() and not self._should_upgrade() and self._declares_body():
+            self._refuse(UPGRADE_WITH_BODY)  # its body would be taken for the new protocol's bytes
+            raise _StopParsing()
         super().on_headers_complete()
+
+    def _declares_body(self) -> bool:
+        return any(
+            name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" 0"))
+            for name, value in self.headers
+        )
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """Where uvicorn starts a request's app (headers complete, nothing before it still unanswered on
@@ -262,6 +282,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_timer(self.limits.body_timeout_s, self._body_stalled)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._dropping is None:
             super().on_message_complete()
         else:

@@ -4,6 +4,8 @@
 - HTTP protocol: ``service.protocol.LimitedHttpToolsProtocol`` (httptools with a connection cap, a
   header-size limit (431) and a header timeout, and admission's refusals answered from the request's
   headers); its limits and the admission hook come from the app's lifespan state.
+- ``ws="none"``: the service has no WebSocket routes, so no WebSocket implementation runs; an ``Upgrade`` is
+  served as plain HTTP (``service.protocol``), its answer in the service's JSON like any other.
 - ``timeout_keep_alive``: ``keep_alive_timeout_s``.
 - Graceful shutdown: on SIGTERM/SIGINT uvicorn stops accepting, the app drains (``service.admission``):
   every request in flight is answered within ``graceful_timeout_s``, a result or 503 ``shutting_down``.
@@ -48,6 +50,7 @@ def uvicorn_options(settings: Settings, json_logs: bool = True) -> dict[str, Any
         "host": settings.host,
         "port": settings.port,
         "http": PROTOCOL,
+        "ws": "none",
         "log_config": log_config(settings.log_level, json_logs=json_logs),
         "access_log": False,  # the service writes its own, with request ids
         "proxy_headers": True,

@@ -3,24 +3,30 @@
 The images go through exactly what ``/detect/batch`` does: the same upload checks (``read_images``), the
 same batcher (``run_detection``) and the same selection and pixel mapping (``detection_dicts``); only
 the envelope differs (``service.oip``). Errors here are the protocol's ``{"error": "<message>"}`` with the
-same status codes as ``/detect``, the API key's 401 included, so Triton and KServe clients can read them.
+same status codes as ``/detect``, the API key's 401 included, so Triton and KServe clients can read them:
+anything the codec raises on a body is that body's fault (400), anything else a bug (500, logged), and
+neither closes the connection. The body is parsed in a worker thread, within the codec's limits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import oip
+from service.bounded_json import JsonRejected, ValueCount
 from service.errors import ServiceError
-from service.http_errors import http_error
+from service.http_errors import bug, http_error
 from service.routes.deps import api_key_dependencies, get_state
 from service.routes.detect import detection_dicts, parse_classes, record_stages, run_detection
 from service.routes.health import describe_model
@@ -28,29 +34,43 @@ from service.routes.uploads import Upload, read_images
 from service.settings import Settings
 from service.state import ServiceState
 
+PARAMETERS_SCHEMA = {  # the protocol's: each value a string, number or boolean
+    "type": "object",
+    "additionalProperties": {"type": ["string", "number", "boolean"], "maxLength": oip.MAX_TEXT},
+}
 TENSOR_SCHEMA = {
     "type": "object",
     "required": ["name", "datatype", "shape"],
     "properties": {
         "name": {"type": "string", "enum": [oip.INPUT]},
         "datatype": {"type": "string", "enum": ["BYTES"]},
-        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
         "data": {"type": "array", "items": {"type": "string", "format": "byte"}},
-        "parameters": {"type": "object"},
+        "parameters": {**PARAMETERS_SCHEMA, "properties": {"binary_data_size": {"type": "integer"}}},
     },
 }
 REQUEST_SCHEMA = {
     "type": "object",
     "required": ["inputs"],
     "properties": {
-        "id": {"type": "string"},
+        "id": {"type": "string", "maxLength": oip.MAX_TEXT},
         "inputs": {"type": "array", "items": TENSOR_SCHEMA, "minItems": 1, "maxItems": 1},
         "outputs": {
             "type": "array",
-            "items": {"type": "object", "properties": {"name": {"enum": list(oip.OUTPUTS)}}},
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "enum": list(oip.OUTPUTS)},
+                    "parameters": {
+                        **PARAMETERS_SCHEMA,
+                        "properties": {"binary_data": {"type": "boolean"}},
+                    },
+                },
+            },
         },
         "parameters": {
-            "type": "object",
+            **PARAMETERS_SCHEMA,
             "properties": {
                 "score_threshold": {"type": "number", "minimum": 0, "maximum": 1},
                 "max_detections": {"type": "integer", "minimum": 1},
@@ -62,8 +82,13 @@ REQUEST_SCHEMA = {
 }
 
 
-def oip_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+log = logging.getLogger("refinedet.service")
+
+
+def oip_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """The protocol's error body (ASCII JSON: any message can be written)."""
+    body = json.dumps({"error": message}, separators=(",", ":"))
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 class OipRoute(APIRoute):
@@ -81,9 +106,7 @@ class OipRoute(APIRoute):
             except StarletteHTTPException as exc:
                 return oip_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
             except Exception as exc:
-                error = http_error(exc)
-                if error is None:  # a bug: the app's catch-all logs it and answers 500
-                    raise
+                error = http_error(exc) or bug(request, exc)  # a bug: logged, 500
                 return oip_error(error.status, error.message, error.headers)
 
         return oip_handler
@@ -114,10 +137,7 @@ def router(settings: Settings) -> APIRouter:
         _, batcher = state.require_ready()  # before the body is read: not ready answers 503 at once
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise ServiceError(415, "unsupported_encoding", "compressed inference requests are not supported")
-        body = await request.body()
-        parsed = oip.parse_request(
-            body, request.headers.get(oip.HEADER_LENGTH), state.settings.max_images_per_request
-        )
+        parsed = await read_request(request, state.settings.max_images_per_request)
         threshold, max_detections, class_mask = options(parsed.parameters, state)
         uploads = [Upload(data, None) for data in parsed.images]
         decoded = await read_images(uploads, state.settings, state.decoding)
@@ -142,6 +162,33 @@ def router(settings: Settings) -> APIRouter:
         )
 
     return api
+
+
+async def read_request(request: Request, max_images: int) -> oip.InferRequest:
+    """The request's body, parsed by the codec in a worker thread (not on the event loop); whatever the
+    codec raises other than its 4xx is a check it lacks, so the body's fault: 400 (and logged)."""
+    header_length = request.headers.get(oip.HEADER_LENGTH)
+    body = await read_counted(request, oip.json_count(header_length))
+    try:
+        return await asyncio.to_thread(oip.parse_request, body, header_length, max_images)
+    except ServiceError:
+        raise
+    except Exception as exc:
+        log.error("the OIP codec failed on a request body (a check it lacks)", exc_info=exc)
+        raise oip.bad("the inference request is malformed") from None
+
+
+async def read_counted(request: Request, count: ValueCount) -> bytes:
+    """The body, its JSON values counted as it arrives: a flood of values is answered 413 after its first
+    chunks, and the server drops the rest of it without the app."""
+    chunks = []
+    try:
+        async for chunk in request.stream():
+            count.feed(chunk)
+            chunks.append(chunk)
+    except JsonRejected as exc:
+        raise oip.rejected(exc) from None
+    return b"".join(chunks)
 
 
 def options(parameters: dict[str, Any], state: ServiceState) -> tuple[float, int, Any]:

@@ -183,7 +183,7 @@ def serving(app: FastAPI) -> Iterator[tuple[str, object]]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     options = uvicorn_options(app.state.service.settings)  # the service's protocol, timeouts and drain
-    served = {k: options[k] for k in ("http", "timeout_keep_alive", "timeout_graceful_shutdown")}
+    served = {k: options[k] for k in ("http", "ws", "timeout_keep_alive", "timeout_graceful_shutdown")}
     config = uvicorn.Config(app, log_level="warning", access_log=False, **served)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

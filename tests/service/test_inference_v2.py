@@ -1,14 +1,20 @@
 """POST /v2/models/{name}/infer (Open Inference Protocol v2): driven by ``tritonclient.http`` against a real
-uvicorn, its detections equal /detect's for the same images; bad input gets a 4xx in the OIP error shape."""
+uvicorn, its detections equal /detect's for the same images; bad input gets a 4xx in the OIP error shape, on
+a connection that stays open, hostile bodies included (issue #25); the body is parsed off the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 
 import httpx
 import numpy as np
 import pytest
-from service_testing import app_for, encode, noise_image, serving, settings
+from service_testing import app_for, connect, encode, noise_image, read_response, serving, settings
+from test_oip import ISSUE_BODIES, flood_body
+
+from service import oip
 
 JPEG = encode(noise_image(96, 72, seed=1))
 PNG = encode(noise_image(70, 100, seed=2), "PNG")
@@ -203,3 +209,95 @@ def test_shipped_model_on_a_bccd_image_through_tritonclient():
         tensors = [result.as_numpy(n) for n in ("boxes", "scores", "labels", "count")]
     assert len(want) >= 5  # a smear has many cells
     assert_same(as_rows(*tensors, 0), want)
+
+
+def infer_then_healthz(url: str, name: str, body: bytes, headers: dict[str, str] | None = None):
+    """POST ``body`` to the infer route, then GET /healthz on the same connection: (status, headers and
+    JSON body of the first answer, status of the second)."""
+    head = {
+        "Host": "test",
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+        **(headers or {}),
+    }
+    request = f"POST /v2/models/{name}/infer HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items())
+    with connect(url) as sock:
+        sock.sendall(request.encode("latin-1") + b"\r\n" + body)
+        answer = read_response(sock)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        return answer, read_response(sock)[0]
+
+
+def assert_oip_error(answer, low: int = 400, high: int = 499) -> str:
+    status, headers, body = answer
+    assert low <= status <= high, (status, body)
+    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    assert headers.get("connection") != "close"
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "header_length", "status", "says"),
+    [case[1:] for case in ISSUE_BODIES],
+    ids=[case[0] for case in ISSUE_BODIES],
+)
+def test_the_issues_bodies_get_a_4xx_in_the_oip_shape_on_a_kept_connection(
+    server, body, header_length, status, says
+):
+    url, _, name = server
+    headers = {oip.HEADER_LENGTH: header_length} if header_length is not None else {}
+    answer, then = infer_then_healthz(url, name, body, headers)
+    assert says in assert_oip_error(answer, status, status) and then == 200
+
+
+def test_a_flood_of_empty_strings_gets_413_before_it_is_all_sent(server):
+    """The issue's 16.5 MB of 3.3 M empty strings: 413 (the protocol's shape) once its first chunks are
+    counted, before the client has sent the rest; the server drops the rest and serves the next request."""
+    url, _, name = server
+    flood = flood_body()
+    head = f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: t\r\nContent-Length: {len(flood)}\r\n\r\n"
+    with connect(url) as sock:
+        sock.sendall(head.encode() + flood[:1_000_000])
+        answer = read_response(sock)
+        assert "more than 10000 values" in assert_oip_error(answer, 413, 413)
+        sock.sendall(flood[1_000_000:] + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(sock)[0] == 200
+
+
+def test_the_body_is_parsed_off_the_event_loop(server, monkeypatch):
+    _, client, name = server
+    parse, on_loop = oip.parse_request, []
+
+    def recording(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop running in this thread: a worker thread
+            on_loop.append(False)
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(oip, "parse_request", recording)
+    assert infer_json(client, name, image_input(B64)).status_code == 200
+    assert on_loop == [False]
+
+
+def test_a_gap_in_the_codec_is_400_and_a_bug_is_500_both_in_the_oip_shape(server, monkeypatch):
+    """Whatever the codec raises on a body is the body's fault (400); a failure after it is a bug (500,
+    logged); both in the protocol's shape, and the connection stays open."""
+    url, _, name = server
+    body = json.dumps({"inputs": image_input(B64)}).encode()
+
+    def gap(*args, **kwargs):
+        raise TypeError("a check the codec lacks")
+
+    monkeypatch.setattr(oip, "parse_request", gap)
+    answer, then = infer_then_healthz(url, name, body)
+    assert "malformed" in assert_oip_error(answer, 400, 400) and then == 200
+    monkeypatch.undo()
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(oip, "detection_tensors", bug)
+    answer, then = infer_then_healthz(url, name, body)
+    assert "internal" in assert_oip_error(answer, 500, 500) and then == 200

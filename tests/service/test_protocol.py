@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -211,3 +212,58 @@ def test_a_refusal_is_counted_and_logged_like_any_answer(caplog):
     [line] = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("request_id") == "abc-1"]
     assert (line["event"], line["path"], line["status"]) == ("access", "/detect", 503)
     assert line["response_bytes"] == len(refused.content)
+
+
+WEBSOCKET = (
+    "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+
+
+def test_an_upgrade_is_answered_as_plain_http_in_the_json_format():
+    """The service has no WebSocket routes (issue #25, finding 6: an upgrade got uvicorn's 403 with an empty
+    text/plain body): the Upgrade header is ignored, as RFC 9110 (7.8) lets a server, and the request gets
+    the answer it would get without it, on a connection that stays open, with no warning logged for each.
+    An upgrade with a body is refused 400 (httptools takes what follows the headers for the new protocol)."""
+    warnings: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = warnings.append  # type: ignore[method-assign]
+    with serving(create_app(settings(**LIMITS), loader=standin_loader())) as (url, _):
+        logging.getLogger("uvicorn.error").addHandler(catcher)
+        try:
+            sock = connect(url)
+            sock.sendall(f"GET /ws HTTP/1.1\r\nHost: x\r\n{WEBSOCKET}\r\n".encode())
+            status, headers, body = read_response(sock)
+            assert (status, body["error"]["code"]) == (404, "not_found") and "connection" not in headers
+            sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: x\r\n{WEBSOCKET}\r\n".encode())
+            assert read_response(sock)[0] == 200
+            sock.sendall(HEALTHZ)
+            assert read_response(sock)[0] == 200
+            for upgrade in (WEBSOCKET, "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"):
+                bodied = connect(url)
+                bodied.sendall(f"{DETECT_HEAD}{upgrade}Content-Length: {len(IMAGE)}\r\n\r\n".encode())
+                bodied.sendall(IMAGE)
+                status, headers, body = read_response(bodied)
+                assert (status, body["error"]["code"], headers["connection"]) == (400, "bad_request", "close")
+                assert "Upgrade" in body["error"]["message"]
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(catcher)
+    assert not warnings, [r.getMessage() for r in warnings]
+
+
+def test_a_body_dropped_after_an_early_answer_is_not_counted_as_the_next_headers():
+    """The app may answer before it reads a body (401, 404, an OIP flood's 413): uvicorn drops the rest,
+    and the next request on the connection is served, even when its headers come in several packets
+    (the dropped bytes were counted as its header bytes: 431)."""
+    with serving(create_app(settings(**LIMITS), loader=standin_loader())) as (url, _):
+        sock = connect(url)
+        body = b"x" * 100_000
+        sock.sendall(
+            f"POST /v2/models/nothere/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert read_response(sock)[0] == 404
+        sock.sendall(body)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.2)  # not to wait for anything: so that the server reads the first line alone
+        sock.sendall(b"Host: x\r\n\r\n")
+        assert read_response(sock)[0] == 200

@@ -44,7 +44,6 @@ METHODS = {
     "_start_asgi_task": "(self, cycle, app)",
     "_unset_keepalive_if_required": "(self)",
     "_should_upgrade": "(self)",
-    "_unsupported_upgrade_warning": "(self)",
 }
 # HttpToolsProtocol's instance attributes that protocol.py reads.
 ATTRIBUTES = {

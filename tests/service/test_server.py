@@ -208,5 +208,6 @@ def test_uvicorn_runs_the_limited_protocol_and_outlasts_the_drain():
 
     options = uvicorn_options(settings(graceful_timeout_s=7.5, keep_alive_timeout_s=3))
     assert options["http"] == "service.protocol:LimitedHttpToolsProtocol"
+    assert options["ws"] == "none"  # no WebSocket routes: an upgrade is served as plain HTTP
     assert options["timeout_keep_alive"] == 3
     assert options["timeout_graceful_shutdown"] >= 7.5 + DRAIN_MARGIN_S
