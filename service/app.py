@@ -1,8 +1,9 @@
 """``create_app(settings)``: the FastAPI application, wired from its parts.
 
-Nothing is read at import time. ``create_app_from_env`` is the factory uvicorn workers call (``refinedet
-serve --workers N``): each worker process reads ``REFINEDET_*`` from its environment and loads its own
-copy of the model.
+Nothing is read at import time. ``create_app_from_env`` is the factory worker processes call (``refinedet
+serve --workers N``, ``service.workers``; or another ASGI server's workers): each reads ``REFINEDET_*`` from
+its environment and loads its own copy of the model, and its metrics are every worker's
+(``PROMETHEUS_MULTIPROC_DIR``, ``service.metrics``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -21,7 +23,7 @@ from model.version import package_version
 from service.admission import GuardMiddleware
 from service.docs_ui import DOCS_PATH, install_swagger_ui
 from service.http_errors import install_error_handlers
-from service.metrics import Metrics
+from service.metrics import Metrics, multiprocess_dir
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, RequestLog, early_refusals
 from service.protocol import DRAIN_KEY, EARLY_KEY, LIMITS_KEY, HttpLimits
 from service.routes import benchmark, detect, health, inference_v2
@@ -48,26 +50,38 @@ def plan_loader(plan: EnginePlan) -> Loader:
     return load
 
 
+class ModelNotLoaded(RuntimeError):
+    """A ``serve_when_ready`` app's model failed to load: its server must not start."""
+
+
 def create_app(
     settings: Settings | None = None,
     loader: Loader | None = None,
     plan: EnginePlan | None = None,
     on_failed: Callable[[str], None] | None = None,
+    *,
+    metrics_dir: Path | None = None,
+    serve_when_ready: bool = False,
 ) -> FastAPI:
     """The service app serving ``plan`` (``deploy.prepare``'s decision: the app builds it, it decides
     nothing); tests pass a ``loader(settings) -> Backend`` of their own instead (or with a plan).
-    ``on_failed(reason)`` is called if the model fails to load (``refinedet serve`` then stops)."""
+    ``on_failed(reason)`` is called if the model fails to load (``refinedet serve`` then stops).
+    ``metrics_dir``: every worker's metrics are there (``service.metrics``). ``serve_when_ready``: the
+    app's startup ends once the model is loaded and warmed up (the server takes no connection before;
+    a replacement worker, ``service.workers``), and fails if it cannot load."""
     settings = settings or Settings()
     if loader is None:
         if plan is None:
             raise ValueError("create_app needs the engine plan (deploy.prepare.prepare) or a loader")
         loader = plan_loader(plan)
-    metrics = Metrics()
+    metrics = Metrics(metrics_dir)
     state = ServiceState(settings, metrics, loader, plan, on_failed)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         state.start_loading()
+        if serve_when_ready and not await state.loaded():
+            raise ModelNotLoaded("the model failed to load; the reason is logged above")
         requests.prepare()  # the OpenAPI schema, once, before any request (not on the first refusal)
         # Shared with uvicorn's protocols (service.protocol): their limits, the drain's start, and
         # admission at the HTTP layer (refusals answered from the request's headers).
@@ -129,12 +143,21 @@ def http_limits(settings: Settings) -> HttpLimits:
     )
 
 
-def create_app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory``: settings from the REFINEDET_* environment."""
+def create_app_from_env(
+    on_failed: Callable[[str], None] | None = None, *, serve_when_ready: bool = False
+) -> FastAPI:
+    """Factory for worker processes (and ``uvicorn --factory``): settings from the REFINEDET_* environment,
+    metrics every worker's when ``PROMETHEUS_MULTIPROC_DIR`` is set; the rest as ``create_app``."""
     from service.process import prepare_process
 
     prepare_process()  # worker processes are spawned: set up each one as ``run`` does its own
     plan = os.environ.get(PLAN_ENV)
     if not plan:
         raise RuntimeError(f"{PLAN_ENV} is not set: start the service with `refinedet serve`")
-    return create_app(Settings(), plan=EnginePlan.from_json(plan))
+    return create_app(
+        Settings(),
+        plan=EnginePlan.from_json(plan),
+        on_failed=on_failed,
+        metrics_dir=multiprocess_dir(),
+        serve_when_ready=serve_when_ready,
+    )

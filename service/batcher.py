@@ -72,6 +72,9 @@ class BatchObserver:
 
     def on_drop(self, reason: str) -> None: ...
 
+    def on_queue(self, depth: int) -> None:
+        """The number of requests waiting for a batch (``DynamicBatcher.depth``) changed."""
+
 
 class DynamicBatcher(Generic[T, R]):
     def __init__(
@@ -181,6 +184,7 @@ class DynamicBatcher(Generic[T, R]):
         future = asyncio.get_running_loop().create_future()
         self._work_arrives()
         self._queue.put_nowait(_Pending(item, future, is_disconnected=is_disconnected, deadline=deadline))
+        self.observer.on_queue(self.depth)
         return future
 
     def started(self, future: asyncio.Future) -> bool:
@@ -211,7 +215,9 @@ class DynamicBatcher(Generic[T, R]):
                 self._waiting = first  # still queued, as far as anyone asks, until a slot is free
                 await self._slots.acquire()  # meanwhile the batch fills with what queues
                 self._waiting = None
+                self.observer.on_queue(self.depth)
                 batch, stopping = await self._collect(first)
+                self.observer.on_queue(self.depth)
                 live = await self._drop_abandoned(batch)
                 if not live:
                     self._slots.release()
@@ -308,6 +314,7 @@ class DynamicBatcher(Generic[T, R]):
         self._waiting = None
         while not self._queue.empty():
             queued.append(self._queue.get_nowait())
+        self.observer.on_queue(0)
         _fail([p.future for p in queued if p is not _STOP], exc)
 
 

@@ -26,6 +26,12 @@ which the connection serves its next request, or closes if the request asked to 
 answer, so the client sees its end at once). A client waiting for ``100 Continue``, or declaring a body
 over the limit, gets the answer with ``Connection: close``, and the connection closes after a linger.
 
+Shutdown: uvicorn closes every connection with no request under way at once. A connection that has not
+completed its first request yet was accepted just as the server began to stop, and its request is on its
+way (the client has nothing to retry on: it never got an answer): it is kept for its first request (up to
+``FIRST_REQUEST_WAIT_S``, then closed as an idle one), which is answered (served or refused, as the
+drain decides) with ``Connection: close``. So is a connection accepted after the shutdown began.
+
 uvicorn builds a protocol per connection from its config alone, and a class given to worker processes must
 be importable by name, so the limits come from the app: its lifespan state (``scope["state"]``, shared
 with the protocols) holds ``HttpLimits`` under ``LIMITS_KEY``. It also holds, under ``DRAIN_KEY``, the
@@ -65,11 +71,13 @@ UVICORN_PRIVATE = (
 log = logging.getLogger("refinedet.service")
 LINGER_S = 1.0  # after an answer that closes, how long unread request bytes are discarded before closing
 IDLE_RECHECK_S = 1.0  # a connection idle at its header timeout is closed if still idle this much later
+FIRST_REQUEST_WAIT_S = 1.0  # at shutdown, how long a connection's first request is waited for
 
 
 LIMITS_KEY = "refinedet.http_limits"
 DRAIN_KEY = "refinedet.begin_drain"
 EARLY_KEY = "refinedet.early_answer"
+STOPPING_KEY = "refinedet.server_stopping"  # set by the protocols once the server began shutting down
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.early: EarlyHook | None = self.app_state.get(EARLY_KEY)
         self._dropping: RequestResponseCycle | None = None  # answered early; its body is being dropped
         self._dropped = 0  # body bytes of ``_dropping`` so far
+        self._last = False  # the server is stopping: this connection's next request is its last
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -152,7 +161,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
             self._refuse(TOO_MANY_CONNECTIONS)
             return
-        self._arm_header_timer()
+        if self.app_state.get(STOPPING_KEY):  # accepted as the server began shutting down
+            self._await_last_request()
+        else:
+            self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
@@ -218,6 +230,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """Where uvicorn starts a request's app (headers complete, nothing before it still unanswered on
         this connection): the early hook answers it instead, or the app starts."""
+        if self._last:
+            cycle.keep_alive = False
         answer = self.early(cycle.scope) if self.early is not None and app is self.app else None
         if answer is None:
             super()._start_asgi_task(cycle, app)
@@ -292,7 +306,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         begin_drain = self.app_state.get(DRAIN_KEY)
         if begin_drain is not None:
             begin_drain()  # idempotent: called once per open connection
+        self.app_state[STOPPING_KEY] = True
+        if self.cycle is None and not self._refused and not self.transport.is_closing():
+            self._await_last_request()  # its first request is on its way: answer it (module docstring)
+            return
         super().shutdown()
+
+    def _await_last_request(self) -> None:
+        """The server is stopping and this connection has not completed its first request: answer that one
+        request, then close; close it if it has not come in ``FIRST_REQUEST_WAIT_S``."""
+        self._last = True
+        self._arm_timer(min(FIRST_REQUEST_WAIT_S, self.limits.header_timeout_s), self._header_timeout)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -11,8 +11,10 @@
   every request in flight is answered within ``graceful_timeout_s``, a result or 503 ``shutting_down``.
   uvicorn's own graceful timeout is ``DRAIN_MARGIN_S`` longer, so it never has to cancel a request itself
   (which would answer a bare 500).
-- One worker: the app object. Several: the ``create_app_from_env`` factory, each worker reading the
-  settings from ``REFINEDET_*`` variables and the plan from ``REFINEDET_ENGINE_PLAN`` exported here.
+- One worker: the app object, in this process. Several: ``service.workers.Supervisor`` runs them (one
+  listening socket, metrics summed over the workers, a dead worker replaced, a stop that resets no
+  connection); each builds the app with ``create_app_from_env``, reading the settings from ``REFINEDET_*``
+  variables and the plan from ``REFINEDET_ENGINE_PLAN`` exported here.
 - Each serving process is set up by ``service.process.prepare_process`` (allocator, warnings).
 - A port that cannot be bound (taken by another server, privileged, an address not on this host) is
   reported by ``check_port`` in one line before uvicorn starts (uvicorn logs it mid-start-up and exits 3).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import logging.config
 import math
 import os
 import socket
@@ -29,6 +32,7 @@ from typing import Any
 
 from model.errors import UserError
 from model.runtime.plan import PLAN_ENV, EnginePlan
+from service.listener import bind_listener
 from service.settings import Settings
 
 log = logging.getLogger("refinedet.service")
@@ -66,13 +70,15 @@ class PortError(UserError):
 def check_port(host: str, port: int) -> None:
     """Bind ``host:port`` as uvicorn will (``SO_REUSEADDR``) and let go; a ``PortError`` naming the cause
     when that fails. A check, not a reservation: uvicorn binds again right after."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise PortError(_bind_failure(host, port, exc)) from None
+    bind(host, port).close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """``host:port`` bound as uvicorn binds it (``service.listener.bind_listener``), or a ``PortError``."""
+    try:
+        return bind_listener(host, port)
+    except OSError as exc:
+        raise PortError(_bind_failure(host, port, exc)) from None
 
 
 def _bind_failure(host: str, port: int, exc: OSError) -> str:
@@ -113,6 +119,13 @@ def run(settings: Settings, plan: EnginePlan, json_logs: bool = True) -> None:
         if failures:
             raise ServeFailed(f"the model failed to load, so nothing was served: {failures[0]}")
     else:
+        from service.workers import Supervisor, WorkerFailed
+
+        logging.config.dictConfig(options["log_config"])
         os.environ.update(settings.to_env())
         os.environ[PLAN_ENV] = plan.to_json()
-        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **options)
+        grace_s = options["timeout_graceful_shutdown"]
+        try:
+            Supervisor(bind(settings.host, settings.port), options, settings.workers, grace_s).run()
+        except WorkerFailed as exc:
+            raise ServeFailed(f"{exc}, so nothing more is served; the reason is in the log") from None

@@ -83,6 +83,12 @@ class ServiceState:
     def start_loading(self) -> None:
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="refinedet-load")
 
+    async def loaded(self) -> bool:
+        """Once loading has ended: whether the model serves (False: it failed, or the app stopped)."""
+        if self._load_task is not None:
+            await asyncio.shield(self._load_task)
+        return self.ready
+
     async def _load(self) -> None:
         try:
             backend = await asyncio.to_thread(self.loader, self.settings)
@@ -128,7 +134,6 @@ class ServiceState:
         batcher.start()
         self.backend, self.detector, self.batcher = backend, detector, batcher
         self.decoding = decoding
-        self.metrics.track_queue(lambda: batcher.depth)
         self.metrics.track_progress(batcher.stalled_s)
         self.metrics.model_info.labels(**self.summary()).set(1)
         self.metrics.ready.set(1)

@@ -1,6 +1,6 @@
 """`refinedet serve` / `prepare` / `healthcheck`: options and REFINEDET_* variables become the one
 Settings, bad values and missing models are clear errors before anything starts, the model is prepared
-(ONNX export on a CPU), and uvicorn gets the app (or the factory for --workers N)."""
+(ONNX export on a CPU), and uvicorn gets the app (or, for --workers N, the supervisor of the worker processes)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import uvicorn
 
 import deploy.prepare
 import service.server
+import service.workers
 from deploy.cli import overrides_from, settings_from
 from refinedet.cli import build_parser, main
 from service.app import create_app_from_env
@@ -20,9 +21,14 @@ from service.settings import Settings
 
 @pytest.fixture
 def captured_run(monkeypatch):
-    """(app, options) of each uvicorn start: ``uvicorn.run`` (several workers) or ``Server.run`` (one)."""
+    """(app, options) of each start: ``Server.run`` (one worker), or ("workers", the supervisor's options
+    and count) for several."""
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    monkeypatch.setattr(
+        service.workers.Supervisor,
+        "run",
+        lambda self: calls.append(("workers", {**self.options, "count": self.count})),
+    )
     options = ("host", "port", "access_log")
     monkeypatch.setattr(
         uvicorn.Server,
@@ -30,6 +36,7 @@ def captured_run(monkeypatch):
         lambda self: calls.append((self.config.app, {k: getattr(self.config, k) for k in options})),
     )
     monkeypatch.setattr(service.server, "check_port", lambda host, port: None)  # port 8000 may be taken here
+    monkeypatch.setattr(service.server, "bind", lambda host, port: None)  # the workers' socket: likewise
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the CLI exports settings for workers
     return calls
 
@@ -148,7 +155,7 @@ def test_workers_use_the_factory_and_the_environment(captured_run, tiny_checkpoi
     ]
     assert main(args) == 0
     [(app, kwargs)] = captured_run
-    assert app == "service.app:create_app_from_env" and kwargs["factory"] and kwargs["workers"] == 2
+    assert app == "workers" and kwargs["count"] == 2 and kwargs["http"] == service.server.PROTOCOL
     assert os.environ["REFINEDET_MAX_DELAY_MS"] == "7.0"
     worker_app = create_app_from_env()
     assert worker_app.state.service.plan.artifact == tiny_checkpoint, "the plan travels to the workers"

@@ -75,6 +75,22 @@ def test_idle_and_slow_connections_are_closed():
         poll(lambda: all(closed_by_server(s) for s in idle), 10, "idle connections to be closed")
 
 
+def test_a_connection_accepted_as_the_server_stops_gets_its_first_request_answered():
+    """A connection whose first request had not come when the server began to stop (accepted just before
+    the signal: its request is on its way) is answered, with ``Connection: close``; before, uvicorn closed it
+    unanswered. One that sends nothing is closed soon after."""
+    app = create_app(settings(), loader=standin_loader())
+    with serving(app) as (url, server):
+        fresh, idle = connect(url), connect(url)
+        poll(lambda: len(server.server_state.connections) == 2, 10, "both connections accepted")
+        server.should_exit = True  # what SIGTERM does
+        poll(lambda: not app.state.service.ready, 10, "the drain to begin")
+        fresh.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, _ = read_response(fresh)
+        assert (status, headers["connection"]) == (200, "close")
+        poll(lambda: closed_by_server(idle), 10, "the idle connection to be closed")
+
+
 def test_a_stalled_body_gets_408():
     with serving(create_app(settings(**LIMITS), loader=standin_loader())) as (url, _):
         stalled = connect(url)
