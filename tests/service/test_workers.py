@@ -153,6 +153,8 @@ def test_metrics_count_every_workers_requests(two_workers: Served):
         assert samples["refinedet_ready", ()] == 2, "both workers ready"
         assert samples["refinedet_http_requests_in_flight", ()] == 1, "this scrape, on whichever worker"
         assert samples["refinedet_batch_size_count", ()] == 12
+        # Written by each worker every second (a gauge cannot compute its value in another process).
+        assert 0 <= samples["refinedet_engine_seconds_without_progress", ()] < 5, "idle engines: not stalled"
 
 
 def test_a_killed_worker_is_replaced_while_the_other_serves_every_connection(two_workers: Served):
