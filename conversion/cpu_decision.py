@@ -94,7 +94,7 @@ def artifact_damage(artifact: Path, record: dict[str, Any]) -> str | None:
     try:
         manifest = read_manifest(artifact)  # hashes the file, compares with its manifest
     except (OSError, UserError) as exc:
-        return f"{artifact.name}: {str(exc).splitlines()[0]}"
+        return str(exc).splitlines()[0]  # names the file
     expected = record.get("artifact_sha256")
     if expected and manifest.artifact_sha256 != expected:
         return f"{artifact.name} is not the file verified (sha256 {manifest.artifact_sha256[:12]}, not {expected[:12]})"
@@ -125,11 +125,11 @@ def serve_without_cache(checkpoint: Path, cached: Cached | None, fault: Fault) -
     if cached is not None and cached.damage is None:
         choice = cached.choice
         line = f"{fault.cause}: serving the cached {choice.engine} as it is; fix: {fault.fix}"
-        log.warning("CPU engine: %s", line)
+        log.info("CPU engine: %s", line)
         return choice._replace(reason=f"{line}; {choice.reason}", record={**choice.record, "fault": line})
     damage = f" and its {cached.choice.artifact.name} is damaged ({cached.damage})" if cached else ""
     line = f"{fault.cause}{damage}: serving torch-fp32 without a cache; fix: {fault.fix}"
-    log.warning("CPU engine: %s", line)
+    log.info("CPU engine: %s", line)
     return CpuArtifact(checkpoint, "torch-fp32", line, {"fault": line, "precisions": {"torch-fp32": "fp32"}})
 
 

@@ -139,9 +139,8 @@ def prepare_cpu_artifact(
                   "requested": engine, "decision_version": DECISION_VERSION}  # fmt: skip
         choice = choice._replace(record=record)
         save_decision(decision, choice, cache_dir)
+    # The reason starts with the fault, if any; `refinedet serve` says it again as its one WARNING line.
     log.info("CPU engine: %s (%s) %s; %s", choice.engine, choice.precision, choice.artifact, choice.reason)
-    if choice.fault:
-        log.warning("CPU engine: %s", choice.fault)
     return choice
 
 
@@ -166,8 +165,7 @@ def _repair(cached: Cached, artifacts: _Artifacts) -> CpuArtifact | None:
     verified (exporting and quantizing are deterministic); None when they differ or it cannot be rebuilt
     (then the caller decides again)."""
     choice = cached.choice
-    log.warning("CPU engine: the cached %s %s is damaged (%s): building it again", choice.engine,
-                choice.artifact.name, cached.damage)  # fmt: skip
+    log.info("CPU engine: repairing the decision for %s (%s)", choice.engine, cached.damage)
     try:
         path = artifacts.get(choice.engine.rsplit("-", 1)[1])
     except Exception as exc:  # the decision that follows meets the same failure, per candidate
