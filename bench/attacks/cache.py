@@ -97,7 +97,7 @@ class _Attack:
         lines = _engine_lines(log)
         served = re.search(r'"serving \w+ (\S+) (?:with|\()', log.read_text(errors="replace"))
         return {"engine": _engine(info), "artifact": served[1] if served else None, "ready_s": ready_s, "p50_ms": p50,
-                "rebuilt": any("building it again" in line for line in lines),
+                "rebuilt": any("building it again" in line or "the very file" in line for line in lines),
                 "decided": "against the checkpoint on" in log.read_text(errors="replace"),  # checked anew
                 "warnings": [line for line in lines if line.startswith("WARNING")]}  # fmt: skip
 
@@ -243,5 +243,8 @@ def _mount(args: list[str], target: Path) -> None:
 
 
 def _unmount(target: Path) -> None:
-    if target.is_dir() and os.path.ismount(target):
-        subprocess.run(["umount", str(target)], check=False, capture_output=True)
+    """Unmount ``target`` while something is mounted there (``os.path.ismount`` misses bind mounts)."""
+    where = str(target.absolute())
+    while any(line.split()[1] == where for line in Path("/proc/mounts").read_text().splitlines()):
+        if subprocess.run(["umount", where], check=False, capture_output=True).returncode != 0:
+            return

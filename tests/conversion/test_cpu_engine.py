@@ -359,3 +359,14 @@ def test_a_start_removes_what_a_killed_export_left(cache, checkpoint_with_table)
 def int8_file_name(folder: Path) -> str:
     (manifest,) = folder.glob("int8-decoded-*.onnx.json")
     return manifest.name.removesuffix(".json")
+
+
+def test_export_cpu_refuses_a_file_for_a_cache(tiny_checkpoint, tmp_path, capsys):
+    """An unwritable cache folder is not refused any more (what it holds is served, else torch, with the
+    fault); a file where the folder should be still is."""
+    from refinedet.cli import main
+
+    afile = tmp_path / "cache"
+    afile.write_bytes(b"")
+    assert main(["export", "cpu", "--checkpoint", str(tiny_checkpoint), "--cache-dir", str(afile)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
