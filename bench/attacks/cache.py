@@ -15,8 +15,8 @@
   rebuilds it (torch serves meanwhile): its ``.tmp`` is left; the next start removes it and serves the
   reference engine again.
 
-Starts that decide (``build`` from a version-3 cache, ``full_disk``) take 1-4 min each on 2 loaded cores:
-the phase takes 6-17 min; ``--quick`` leaves out ``full_disk``.
+Starts that decide (``build`` from a version-3 cache, ``full_disk``) take 0.5-4 min each on 2 cores:
+the phase took 3.5 min on a quiet machine, up to 17 min loaded; ``--quick`` leaves out ``full_disk``.
 
 Each start reports the engine, its first request's latency (``p50_ms`` of a few sequential ``/detect``) and
 its start time. ``python -m bench.attacks --phases cache --port 18400 --out /tmp/h-cache/attacks.json``
