@@ -182,10 +182,12 @@ def cmd_export_cpu(args: argparse.Namespace) -> int:
     from conversion.cpu_engine import prepare_cpu_artifact
     from model.errors import UserError
     from model.logs import configure_from_env
-    from model.paths import check_output_dir, check_output_file
+    from model.paths import check_output_file
     from model.zoo import default_checkpoint
 
-    check_output_dir(args.cache_dir, "--cache-dir")
+    # An unwritable cache is not refused: what it holds is served, else torch, the fault said in one line.
+    if args.cache_dir.exists() and not args.cache_dir.is_dir():
+        raise UserError(f"--cache-dir {args.cache_dir}: is a file, not a folder")
     if args.json_out is not None:
         check_output_file(args.json_out, "--json-out")
     configure_from_env()  # `refinedet serve`'s format when it runs this at a first start

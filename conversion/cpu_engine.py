@@ -21,13 +21,23 @@ each OpenVINO candidate is checked and timed in a child process with a deadline
 cannot be made, crashes, hangs, fails its check or is slower is passed over with the reason logged and
 recorded. The decision is cached per checkpoint hash, CPU (model name + instruction-set flags:
 ``model.cpu``), ONNX Runtime, OpenVINO and torch versions, ranges table and threads, so a later start (or
-another replica sharing the cache) only reads a JSON file::
+another replica sharing the cache) only reads a JSON file (``conversion.cpu_decision``: paths relative to
+the cache, the served file's sha256)::
 
     <cache_dir>/cpu/<checkpoint sha256[:16]>/fp32-decoded.onnx (+ .json)
     <cache_dir>/cpu/<checkpoint sha256[:16]>/int8-decoded-<ranges sha256[:12]>-ort<version>.onnx (+ .json)
     <cache_dir>/cpu/<checkpoint sha256[:16]>/decision-<cpu key>-<digest>.json
 
-Artifacts are built with ``conversion.engine_cache.build_once`` (flock, atomic publish, once).
+Artifacts are built with ``conversion.engine_cache.build_once`` (flock, atomic publish, once, rebuilt when
+they fail their manifest's sha256). The cache heals:
+
+- a served artifact found damaged or missing at a start is rebuilt; the same bytes as verified are served
+  again under the same decision, anything else is decided again;
+- a candidate the cache could not hold (full disk, read-only or unwritable folder, a build lock held too
+  long: ``engine_cache.describe_fault``) is not a candidate that lost: the choice made without it is
+  served for now with the fault recorded and logged in one line, and the next start decides again;
+- an unwritable cache is not fatal: a decision it holds is served, else torch, with the fault;
+- whatever a killed build left (``.*.tmp``) is removed under the decision lock.
 """
 
 from __future__ import annotations
@@ -37,48 +47,34 @@ import json
 import logging
 import tempfile
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from conversion.cpu_candidate import ALIASES, ENGINES, CandidateError, Reference
-from conversion.engine_cache import build_once, exclusive_lock
-from model.artifacts import atomic_write_bytes
+from conversion.cpu_decision import (
+    Cached,
+    CpuArtifact,
+    decision_stamp,
+    read_decision,
+    save_decision,
+    serve_without_cache,
+)
+from conversion.engine_cache import Fault, build_once, describe_fault, exclusive_lock, remove_leftovers
+from model.artifacts import read_manifest
 from model.errors import UserError
 
 log = logging.getLogger("refinedet.cpu_engine")
 
 ENGINE_CHOICES = ("auto", *ENGINES, *ALIASES)
-DECISION_VERSION = 3  # 3: the ONNX candidates decode inside the graph
+# 3: the ONNX candidates decode inside the graph; 4: relative paths, the artifact's sha256, faults recorded
+# (a version-3 decision may have been made under a fault it did not record: decided again)
+DECISION_VERSION = 4
 INT8_MIN_GAIN = 1.1  # an INT8 engine must be this much faster than the fastest other one to be chosen
 CHILD_TIMEOUT_S = 300.0  # an OpenVINO candidate's check and timing, in its child process
-
-
-class CpuArtifact(NamedTuple):
-    """What to serve on this CPU: ``artifact`` (an .onnx with its manifest, or the checkpoint),
-    ``engine`` (one of ``ENGINES``), ``reason`` (one line: why this one and not a faster one) and
-    ``record`` (the decision as cached: CPU, candidates, checks, timings, precisions)."""
-
-    artifact: Path
-    engine: str
-    reason: str
-    record: dict[str, Any]
-
-    @property
-    def backend(self) -> str:
-        """The service's ``--backend`` for it."""
-        return "torch" if self.engine == "torch-fp32" else self.engine.rsplit("-", 1)[0]
-
-    @property
-    def precision(self) -> str:
-        """The precision it computes in: the engine's, or what OpenVINO compiled (e.g. bf16 for FP32)."""
-        return str(self.record.get("precisions", {}).get(self.engine) or self.engine.rsplit("-", 1)[1])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"artifact": str(self.artifact), "engine": self.engine, "backend": self.backend,
-                "precision": self.precision, "reason": self.reason, "record": self.record}  # fmt: skip
 
 
 def prepare_cpu_artifact(
@@ -110,28 +106,77 @@ def prepare_cpu_artifact(
     cpu = cpu_info()
     threads = threads or cpu.usable_cores
     sha = file_sha256(checkpoint)
-    folder = Path(cache_dir) / "cpu" / sha[:16]
+    cache_dir = Path(cache_dir)
+    folder = cache_dir / "cpu" / sha[:16]
     table = _ranges_table(checkpoint)
     key = _decision_key(sha, cpu.key(), table, engine, threads, check_images is None)
     decision = folder / f"decision-{_short(cpu.key())}-{key[:16]}.json"
-    cached = _read_decision(decision)
-    if cached is not None:
-        log.info("CPU engine (cached decision %s): %s %s; %s", decision.name, cached.engine,
-                 cached.artifact, cached.reason)  # fmt: skip
-        return cached
-    folder.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(folder / "decision.lock", lock_timeout_s, "CPU engine decision"):
-        cached = _read_decision(decision)  # another replica decided while we waited
-        if cached is not None:
-            return cached
-        choice = _Decision(checkpoint, folder, threads, table, lock_timeout_s, child_timeout_s).run(
-            engine, check_images
-        )
+    seen = decision_stamp(decision)
+    cached = read_decision(decision, cache_dir, checkpoint)
+    if cached is not None and cached.final:
+        choice = cached.choice
+        log.info("CPU engine (cached decision %s): %s %s; %s", decision.name, choice.engine, choice.artifact,
+                 choice.reason)  # fmt: skip
+        return choice
+    artifacts = _Artifacts(checkpoint, folder, table, lock_timeout_s)
+    with ExitStack() as locked:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            locked.enter_context(
+                exclusive_lock(folder / "decision.lock", lock_timeout_s, "CPU engine decision")
+            )
+        except OSError as exc:  # a read-only or unwritable cache
+            fault = describe_fault(exc, cache_dir)
+            if fault is None:
+                raise
+            return serve_without_cache(checkpoint, cached, fault)
+        remove_leftovers(folder)  # no other decision runs: whatever a killed one was writing is left over
+        settled = _settled(decision, seen, cache_dir, checkpoint, artifacts)
+        if settled is not None:
+            return settled
+        choice = _Decision(artifacts, cache_dir, threads, child_timeout_s).run(engine, check_images)
         record = {**choice.record, "cpu": cpu.to_dict(), "threads": threads, "checkpoint_sha256": sha,
                   "requested": engine, "decision_version": DECISION_VERSION}  # fmt: skip
         choice = choice._replace(record=record)
-        atomic_write_bytes(decision, (json.dumps(choice.to_dict(), indent=1) + "\n").encode())
+        save_decision(decision, choice, cache_dir)
+    # The reason starts with the fault, if any; `refinedet serve` says it again as its one WARNING line.
     log.info("CPU engine: %s (%s) %s; %s", choice.engine, choice.precision, choice.artifact, choice.reason)
+    return choice
+
+
+def _settled(
+    decision: Path, seen: tuple[int, int] | None, cache_dir: Path, checkpoint: Path, artifacts: _Artifacts
+) -> CpuArtifact | None:
+    """Under the decision lock: the cached decision to serve without deciding again (final, made by another
+    process while this one waited, or repaired), or None."""
+    cached = read_decision(decision, cache_dir, checkpoint)
+    if cached is None:
+        return None
+    if cached.damage is None and (cached.final or decision_stamp(decision) != seen):
+        return cached.choice  # final, or decided (or repaired) by another process while we waited
+    if cached.choice.fault:
+        log.info("CPU engine: retrying the decision made under a fault (%s)", cached.choice.fault)
+        return None
+    return _repair(cached, artifacts)
+
+
+def _repair(cached: Cached, artifacts: _Artifacts) -> CpuArtifact | None:
+    """The decision ``cached`` again once its damaged artifact is rebuilt into the same bytes as were
+    verified (exporting and quantizing are deterministic); None when they differ or it cannot be rebuilt
+    (then the caller decides again)."""
+    choice = cached.choice
+    log.info("CPU engine: repairing the decision for %s (%s)", choice.engine, cached.damage)
+    try:
+        path = artifacts.get(choice.engine.rsplit("-", 1)[1])
+    except Exception as exc:  # the decision that follows meets the same failure, per candidate
+        log.warning("CPU engine: rebuilding %s failed (%s): deciding again", choice.artifact.name, exc)
+        return None
+    sha = read_manifest(path, verify_hash=False).artifact_sha256  # build_once checked the file against it
+    if path != choice.artifact or sha != choice.record.get("artifact_sha256"):
+        log.warning("CPU engine: the rebuilt %s is not the file verified before: deciding again", path.name)
+        return None
+    log.info("CPU engine: %s rebuilt, the very file verified before (sha256 %s): serving %s again",
+             path.name, sha[:12], choice.engine)  # fmt: skip
     return choice
 
 
@@ -159,22 +204,6 @@ def _decision_key(
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _read_decision(path: Path) -> CpuArtifact | None:
-    """A cached decision whose artifact still exists (and matches its manifest), else None."""
-    try:
-        data = json.loads(path.read_text())
-        artifact = Path(data["artifact"])
-        if not artifact.is_file():
-            return None
-        if artifact.suffix == ".onnx":
-            from model.artifacts import read_manifest
-
-            read_manifest(artifact)  # checks the file's sha256 against its manifest
-        return CpuArtifact(artifact, data["engine"], data["reason"], data["record"])
-    except (OSError, ValueError, KeyError, UserError):
-        return None
-
-
 def _ort_version() -> str | None:
     try:
         import onnxruntime
@@ -197,16 +226,16 @@ class _Decision:
     """One decision: makes each wanted candidate's artifact, checks it (in this process, or in a child for
     OpenVINO), times the verified ones and ranks them."""
 
-    def __init__(self, checkpoint: Path, folder: Path, threads: int, table: Path | None,
-                 lock_timeout_s: float, child_timeout_s: float) -> None:  # fmt: skip
-        self.checkpoint, self.folder, self.threads, self.table = checkpoint, folder, threads, table
-        self.lock_timeout_s, self.child_timeout_s = lock_timeout_s, child_timeout_s
+    def __init__(self, artifacts: _Artifacts, cache_dir: Path, threads: int, child_timeout_s: float) -> None:
+        self.made, self.cache_dir, self.checkpoint = artifacts, cache_dir, artifacts.checkpoint
+        self.threads, self.child_timeout_s = threads, child_timeout_s
         self.skipped: dict[str, str] = {}
+        self.faults: dict[str, Fault] = {}  # candidates the cache could not hold: not passed over on merit
         self.checks: dict[str, Any] = {}
         self.precisions: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self.runs: dict[str, Any] = {}  # verified in-process candidates: engine -> call
-        self.artifacts: dict[str, Path] = {"torch-fp32": checkpoint}
+        self.artifacts: dict[str, Path] = {"torch-fp32": self.checkpoint}
 
     def run(self, engine: str, check_images: Sequence[Tensor] | None) -> CpuArtifact:
         from conversion.cpu_candidate import reference_outputs, save_reference
@@ -227,10 +256,13 @@ class _Decision:
         verified = [n for n in wanted if n in self.precisions]
         ranked = _rank(verified, self.timings, self.skipped) if engine == "auto" else verified
         chosen = ranked[0]
+        fault = _fault_line(self.faults, chosen)
+        served = None if chosen == "torch-fp32" else read_manifest(self.artifacts[chosen], verify_hash=False)
         record = {"timings_ms": self.timings, "skipped": self.skipped, "checks": self.checks,
-                  "precisions": self.precisions, "openvino": _openvino_version()}  # fmt: skip
+                  "precisions": self.precisions, "openvino": _openvino_version(), "fault": fault,
+                  "artifact_sha256": served.artifact_sha256 if served else None}  # fmt: skip
         reason = _reason(chosen, self.timings, self.skipped, engine)
-        return CpuArtifact(self.artifacts[chosen], chosen, reason, record)
+        return CpuArtifact(self.artifacts[chosen], chosen, f"{fault}; {reason}" if fault else reason, record)
 
     def _candidate(self, name: str, reference: Reference, reference_file: Path, tmp: Path) -> None:
         """Check ``name``; a verified one lands in ``precisions`` and ``artifacts`` (and ``runs`` when it
@@ -239,7 +271,7 @@ class _Decision:
 
         runtime, precision = name.rsplit("-", 1)
         try:
-            path = self._artifact(precision)
+            path = self.made.get(precision)
             if runtime == "openvino":
                 answer = check_in_child(name, path, reference_file, self.threads, self.child_timeout_s, tmp)
                 report, actual = answer["check"], answer["precision"]
@@ -251,9 +283,13 @@ class _Decision:
                 runner = OnnxRuntimeRunner(path, intra_op_threads=self.threads)
                 report, actual = check(runner, reference, path.name).to_dict(), runner.precision
         except Exception as exc:  # any failure only costs this candidate
+            fault = describe_fault(exc, self.cache_dir)
+            if fault is not None:
+                self.faults[name] = fault
             known = isinstance(exc, (UserError, CandidateError))
-            self.skipped[name] = str(exc) if known else f"{type(exc).__name__}: {exc}"
-            log.warning("CPU engine %s unavailable: %s", name, self.skipped[name])
+            why = fault.cause if fault else str(exc) if known else f"{type(exc).__name__}: {exc}"
+            self.skipped[name] = why
+            log.warning("CPU engine %s unavailable: %s", name, why)
             return
         self.checks[name] = report
         if not report["passed"]:
@@ -289,9 +325,33 @@ class _Decision:
                     log.warning("CPU engine %s: %s", name, self.skipped[name])
         self.timings.update(time_runs(self.runs, model.config.input_size))
 
-    def _artifact(self, precision: str) -> Path:
-        fp32 = _fp32_onnx(self.checkpoint, self.folder, self.lock_timeout_s)
-        return fp32 if precision == "fp32" else _int8_onnx(fp32, self.folder, self.table, self.lock_timeout_s)
+
+def _fault_line(faults: dict[str, Fault], chosen: str) -> str:
+    """One line when candidates were lost to the cache rather than on their merits: the cause, what is
+    served meanwhile and the fix; empty otherwise."""
+    if not faults:
+        return ""
+    first = next(iter(faults.values()))
+    return (f"{first.cause}: {', '.join(faults)} could not be made, serving {chosen} until a start finds "
+            f"the cache healthy (each start retries); fix: {first.fix}")  # fmt: skip
+
+
+class _Artifacts:
+    """The ONNX candidates' files in the cache folder, each built (or rebuilt when damaged) once."""
+
+    def __init__(self, checkpoint: Path, folder: Path, table: Path | None, lock_timeout_s: float) -> None:
+        self.checkpoint, self.folder, self.table = checkpoint, folder, table
+        self.lock_timeout_s = lock_timeout_s
+        self.made: dict[str, Path] = {}
+
+    def get(self, precision: str) -> Path:
+        """The FP32 (``fp32``) or INT8 (``int8``) ONNX model, checked against its manifest."""
+        if precision not in self.made:
+            fp32 = self.made.get("fp32") or _fp32_onnx(self.checkpoint, self.folder, self.lock_timeout_s)
+            self.made["fp32"] = fp32
+            if precision == "int8":
+                self.made["int8"] = _int8_onnx(fp32, self.folder, self.table, self.lock_timeout_s)
+        return self.made[precision]
 
 
 def _openvino_version() -> str | None:
@@ -310,7 +370,7 @@ def _fp32_onnx(checkpoint: Path, folder: Path, lock_timeout_s: float) -> Path:
         log.info("exporting %s to FP32 ONNX, decoding in the graph (once per checkpoint)", checkpoint)
         export_checkpoint(checkpoint, out, outputs="decoded")
 
-    return build_once(folder / "fp32-decoded.onnx", build, lock_timeout_s, "FP32 ONNX model")
+    return build_once(folder / "fp32-decoded.onnx", build, lock_timeout_s, "FP32 ONNX model", read_manifest)
 
 
 def _int8_onnx(fp32: Path, folder: Path, table: Path | None, lock_timeout_s: float) -> Path:
@@ -327,7 +387,7 @@ def _int8_onnx(fp32: Path, folder: Path, table: Path | None, lock_timeout_s: flo
         quantize_with_table(fp32, out, table)
 
     name = f"int8-decoded-{file_sha256(table)[:12]}-ort{_ort_version()}.onnx"
-    return build_once(folder / name, build, lock_timeout_s, "INT8 ONNX model")
+    return build_once(folder / name, build, lock_timeout_s, "INT8 ONNX model", read_manifest)
 
 
 def _rank(verified: list[str], timings: dict[str, float], skipped: dict[str, str]) -> list[str]:

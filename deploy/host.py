@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -112,16 +114,38 @@ def default_checkpoint() -> Path | None:
 
 
 def _run_cli(args: Sequence[str]) -> None:
-    """Run ``refinedet ARGS`` with its output going to ours (the container log); raise on failure."""
-    cmd = [*REFINEDET_CLI, *args]
-    try:
-        done = subprocess.run(cmd, timeout=BUILD_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"`refinedet {' '.join(args[:2])}` ran longer than {BUILD_TIMEOUT_S}s") from None
-    if done.returncode == 2:  # the CLI's status for bad input (UserError): its reason is printed above
-        raise UserError(f"`refinedet {' '.join(args[:2])}` rejected its input (status 2, reason above)")
-    if done.returncode != 0:
-        raise RuntimeError(f"`refinedet {' '.join(args[:2])}` exited with status {done.returncode}")
+    """Run ``refinedet ARGS`` with its output going to ours (the container log); raise on failure, with the
+    last line the child wrote on stderr (its error, or a traceback's exception) in the message."""
+    what = f"`refinedet {' '.join(args[:2])}`"
+    with subprocess.Popen(
+        [*REFINEDET_CLI, *args], stderr=subprocess.PIPE, text=True, errors="replace"
+    ) as child:
+        last: list[str] = []
+        relay = threading.Thread(target=_relay, args=(child.stderr, last), daemon=True)
+        relay.start()
+        try:
+            status = child.wait(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            raise RuntimeError(f"{what} ran longer than {BUILD_TIMEOUT_S}s") from None
+        finally:
+            relay.join(timeout=5)
+    said = f": {last[0]}" if last else ""
+    if status == 2:  # the CLI's status for bad input (UserError)
+        raise UserError(f"{what} rejected its input (status 2){said}")
+    if status < 0:
+        raise RuntimeError(f"{what} was killed by {signal.Signals(-status).name}")
+    if status != 0:
+        raise RuntimeError(f"{what} exited with status {status}{said}")
+
+
+def _relay(stream: Any, last: list[str]) -> None:
+    """Copy a child's stderr to ours line by line, keeping its last non-blank line in ``last``."""
+    for line in stream:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        if line.strip():
+            last[:] = [line.strip()]
 
 
 def run_export_onnx(checkpoint: Path, onnx_out: Path) -> None:
@@ -143,6 +167,7 @@ class CpuChoice(NamedTuple):
     engine: str  # e.g. openvino-int8, onnxruntime-int8, onnxruntime-fp32, torch-fp32
     reason: str
     precision: str  # int8 | bf16 | fp32
+    fault: str = ""  # one line when the cache could not hold a faster engine (the next start retries)
 
 
 def run_prepare_cpu(checkpoint: Path, cache_dir: Path, threads: int) -> CpuChoice:
@@ -155,7 +180,8 @@ def run_prepare_cpu(checkpoint: Path, cache_dir: Path, threads: int) -> CpuChoic
                   "--threads", str(threads), "--json-out", str(out)])  # fmt: skip
         data = json.loads(out.read_text())
     precision = data.get("precision") or data["engine"].rpartition("-")[2]
-    return CpuChoice(Path(data["artifact"]), data["backend"], data["engine"], data["reason"], precision)
+    return CpuChoice(Path(data["artifact"]), data["backend"], data["engine"], data["reason"], precision,
+                     data.get("fault") or "")  # fmt: skip
 
 
 def run_export_triton(deployment: Any, repo: Path) -> None:

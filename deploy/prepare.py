@@ -11,7 +11,7 @@ volume, already made it). With ``backend auto``:
 - a TensorRT engine is served as it is (CUDA);
 - on a GPU, an ONNX model or checkpoint becomes a TensorRT engine built once into the cache under a key
   made of everything an engine is bound to (``conversion.engine_cache``); later starts and other replicas
-  reuse it. If no engine can be had (no GPU, no TensorRT, a build error) one log line says why and ONNX
+  reuse it, or rebuild it when it no longer matches its manifest's sha256 (truncated, bit-flipped). If no engine can be had (no GPU, no TensorRT, a build error) one log line says why and ONNX
   Runtime serves the ONNX model (CUDA provider when available), else torch the checkpoint;
 - on a CPU, a checkpoint becomes the fastest artifact that keeps its accuracy (``conversion.cpu_engine``:
   INT8 ONNX quantized from the ranges table shipped beside the checkpoint, where this CPU gains from it
@@ -105,7 +105,7 @@ def cached_onnx(checkpoint: Path, settings: Settings, builders: Builders) -> Pat
         log.info("exporting %s to ONNX (once per checkpoint)", checkpoint)
         builders.export_onnx(checkpoint, out)
 
-    return build_once(final, export, settings.engine_lock_timeout_s, "ONNX model")
+    return build_once(final, export, settings.engine_lock_timeout_s, "ONNX model", read_manifest)
 
 
 def cpu_engine(checkpoint: Path, settings: Settings, builders: Builders) -> EnginePlan:
@@ -121,7 +121,10 @@ def cpu_engine(checkpoint: Path, settings: Settings, builders: Builders) -> Engi
         why = f"CPU engine preparation failed ({type(exc).__name__}: {exc})"
         log.warning("%s; serving %s with torch", why, checkpoint)
         return plan(settings, checkpoint, "torch", "cpu", "fp32", reason=why)
-    log.info("CPU engine: %s (%s)", choice.engine, choice.reason)
+    if choice.fault:  # the cache could not hold a faster engine: why, what is served, the fix
+        log.warning("CPU engine: %s", choice.fault)
+    else:
+        log.info("CPU engine: %s (%s)", choice.engine, choice.reason)
     onnx = choice.artifact if choice.backend != "torch" else None
     return plan(settings, choice.artifact, choice.backend, "cpu", choice.precision, onnx, choice.reason,
                 engine=choice.engine)  # fmt: skip
@@ -152,7 +155,7 @@ def ensure_engine(onnx: Path, settings: Settings, probes: Probes, builders: Buil
         builders.build_engine(onnx, out, settings.precision, max_batch, timing)
 
     try:
-        return build_once(final, build, settings.engine_lock_timeout_s, "TensorRT engine")
+        return build_once(final, build, settings.engine_lock_timeout_s, "TensorRT engine", read_manifest)
     except Exception as exc:
         raise EngineUnavailable(f"engine build failed ({type(exc).__name__}: {exc})") from exc
 

@@ -4,7 +4,10 @@ candidate that crashes, hangs or fails in its child process costs only itself.""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from conversion.cpu_engine import ENGINES, CpuArtifact, _rank, prepare_cpu_artif
 from conversion.quantize import QuantizeOptions
 from conversion.verify import TOLERANCES, Tolerance, image_files
 from model.artifacts import read_manifest
+from model.checkpoint import file_sha256
 from model.errors import UserError
 
 pytest.importorskip("onnxruntime")
@@ -206,3 +210,163 @@ def test_export_cpu_prints_the_engine_backend_and_precision(tiny_checkpoint, tmp
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--engine", "openvino-fp16"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# --- a cache that heals (issue #25, finding 4) -----------------------------------------------------
+
+LOOSE = Tolerance(1e9, 1e9, 1e9, 0.0)  # the tiny random model's INT8 version passes its check
+
+
+@pytest.fixture(scope="module")
+def int8_cache(tmp_path_factory, checkpoint_with_table) -> Path:
+    """A cache in which ONNX Runtime INT8 was chosen (decided once for the module; tests change copies)."""
+    cache = tmp_path_factory.mktemp("int8-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(TOLERANCES, "int8", LOOSE)
+        choice = prepare_cpu_artifact(checkpoint_with_table, cache, engine="int8", threads=1)
+    assert choice.engine == "onnxruntime-int8"
+    return cache
+
+
+@pytest.fixture
+def cache(int8_cache, tmp_path, monkeypatch) -> Path:
+    monkeypatch.setitem(TOLERANCES, "int8", LOOSE)
+    return Path(shutil.copytree(int8_cache, tmp_path / "cache"))
+
+
+def int8_file(cache: Path) -> Path:
+    (path,) = cache.glob("cpu/*/int8-decoded-*.onnx")
+    return path
+
+
+def no_decision(*args, **kwargs):
+    pytest.fail("decided again: the cache should have been enough")
+
+
+def cpu_leftovers(cache: Path) -> list[Path]:
+    return [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_corrupt_int8_model_is_rebuilt_and_the_same_engine_served_again(
+    cache, checkpoint_with_table, monkeypatch, damage
+):
+    """Before: the damaged INT8 model was detected, then reused as it was; it failed its check and the FP32
+    choice that followed was cached for good (every later start 2.1x slower)."""
+    int8 = int8_file(cache)
+    original = file_sha256(int8)
+    if damage == "truncate":
+        os.truncate(int8, int8.stat().st_size // 2)
+    elif damage == "flip":
+        with open(int8, "r+b") as f:
+            f.seek(int8.stat().st_size // 2)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 0x10]))
+    else:
+        int8.unlink()
+    repaired = prepare_cpu_artifact(checkpoint_with_table, cache, engine="int8", threads=1)
+    assert (repaired.engine, repaired.artifact) == ("onnxruntime-int8", int8)
+    assert file_sha256(int8) == original and not repaired.fault
+    monkeypatch.setattr(cpu_engine._Decision, "run", no_decision)  # the next start reads it again
+    assert prepare_cpu_artifact(checkpoint_with_table, cache, engine="int8", threads=1) == repaired
+
+
+def test_a_choice_made_while_the_disk_was_full_is_retried_once_there_is_space(
+    cache, checkpoint_with_table, monkeypatch, caplog
+):
+    """Before: FP32 (or torch) chosen on a full disk was cached as the decision, kept after space came back."""
+    import conversion.calibration_table as calibration_table
+
+    for path in [int8_file(cache), *cache.glob("cpu/*/decision-*.json")]:
+        path.unlink()
+
+    def full_disk(fp32: Path, out: Path, table: Path) -> None:
+        out.write_bytes(b"half an int8 mod")
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(calibration_table, "quantize_with_table", full_disk)
+        full = prepare_cpu_artifact(checkpoint_with_table, cache, engine="int8", threads=1)
+    with caplog.at_level(logging.INFO, logger="refinedet.cpu_engine"):
+        again = prepare_cpu_artifact(checkpoint_with_table, cache, engine="int8", threads=1)
+    assert (full.engine, again.engine) == ("onnxruntime-fp32", "onnxruntime-int8")
+    assert f"cache {cache} is full (ENOSPC)" in full.fault and "fix: free space" in full.fault
+    assert not again.fault
+    assert "retrying" in caplog.text and cpu_leftovers(cache) == []
+    monkeypatch.setattr(cpu_engine._Decision, "run", no_decision)  # final now: read, not decided again
+    assert prepare_cpu_artifact(checkpoint_with_table, cache, engine="int8", threads=1) == again
+
+
+def read_only(path: Path, *args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+
+def test_a_read_only_cache_serves_what_it_holds_and_says_why_when_it_holds_nothing(
+    cache, checkpoint_with_table, tmp_path, monkeypatch
+):
+    """Before: an unwritable cache failed the whole preparation (a traceback, the parent's fallback to torch
+    saying only "exited with status 1")."""
+    monkeypatch.setattr(cpu_engine, "exclusive_lock", read_only)  # as on a read-only mount
+    held = prepare_cpu_artifact(checkpoint_with_table, cache, engine="int8", threads=1)
+    assert (held.engine, held.artifact.parent.parent.parent) == ("onnxruntime-int8", cache)
+    empty = tmp_path / "empty"
+    nothing = prepare_cpu_artifact(checkpoint_with_table, empty, engine="int8", threads=1)
+    assert (nothing.engine, nothing.artifact) == ("torch-fp32", checkpoint_with_table)
+    assert f"cache {empty} is read-only (EROFS)" in nothing.fault and "writable" in nothing.fault
+    assert nothing.fault in nothing.reason
+    assert list(empty.rglob("decision-*.json")) == []  # nothing cached: the next start tries again
+
+
+def test_a_cache_copied_elsewhere_serves_its_own_files(cache, checkpoint_with_table, tmp_path, monkeypatch):
+    """Before: the decision held absolute paths; a copy of the cache served the original's files."""
+    moved = Path(shutil.copytree(cache, tmp_path / "moved"))
+    monkeypatch.setattr(cpu_engine._Decision, "run", no_decision)
+    choice = prepare_cpu_artifact(checkpoint_with_table, moved, engine="int8", threads=1)
+    assert choice.engine == "onnxruntime-int8" and choice.artifact == int8_file(moved)
+    (decision,) = moved.glob("cpu/*/decision-*.json")
+    assert not Path(json.loads(decision.read_text())["artifact"]).is_absolute()
+    assert str(cache) not in decision.read_text() and str(tmp_path) not in decision.read_text()
+
+
+def test_a_decision_written_with_absolute_paths_is_served_from_this_cache(
+    cache, checkpoint_with_table, monkeypatch
+):
+    """Decisions written before the paths became relative name the file where it was first made."""
+    (decision,) = cache.glob("cpu/*/decision-*.json")
+    data = json.loads(decision.read_text())
+    data["artifact"] = f"/elsewhere/cache/{data['artifact']}"
+    decision.write_text(json.dumps(data))
+    monkeypatch.setattr(cpu_engine._Decision, "run", no_decision)
+    choice = prepare_cpu_artifact(checkpoint_with_table, cache, engine="int8", threads=1)
+    assert choice.artifact == int8_file(cache)
+
+
+def test_a_start_removes_what_a_killed_export_left(cache, checkpoint_with_table):
+    """Before: a build killed mid-way left its ``.*.tmp`` folder in the cache for good."""
+    folder = int8_file(cache).parent
+    int8_file(cache).unlink()
+    (decision,) = folder.glob("decision-*.json")
+    decision.unlink()
+    stale = folder / f".{int8_file_name(folder)}.k1lled00.tmp"
+    stale.mkdir()
+    (folder / f".{decision.name}.k1lled00.tmp").write_bytes(b"{")
+    choice = prepare_cpu_artifact(checkpoint_with_table, cache, engine="int8", threads=1)
+    assert choice.engine == "onnxruntime-int8" and cpu_leftovers(cache) == []
+
+
+def int8_file_name(folder: Path) -> str:
+    (manifest,) = folder.glob("int8-decoded-*.onnx.json")
+    return manifest.name.removesuffix(".json")
+
+
+def test_export_cpu_refuses_a_file_for_a_cache(tiny_checkpoint, tmp_path, capsys):
+    """An unwritable cache folder is not refused any more (what it holds is served, else torch, with the
+    fault); a file where the folder should be still is."""
+    from refinedet.cli import main
+
+    afile = tmp_path / "cache"
+    afile.write_bytes(b"")
+    assert main(["export", "cpu", "--checkpoint", str(tiny_checkpoint), "--cache-dir", str(afile)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -75,3 +76,63 @@ def test_publish_never_leaves_a_partial_artifact(tmp_path):
     with pytest.raises(RuntimeError, match=r"without writing k\.plan"):
         engine_cache.publish(final, lambda out: None)
     assert list(final.parent.iterdir()) == []
+
+
+def test_what_a_killed_build_left_is_removed_by_the_next_build(tmp_path):
+    """Before: a build killed mid-way left its ``.<name>.<random>.tmp`` folder beside the artifact for good."""
+    final = tmp_path / "engines" / "k.plan"
+    final.parent.mkdir()
+    killed = final.parent / ".k.plan.x7f3k2a9.tmp"
+    killed.mkdir()
+    (killed / "k.plan").write_bytes(b"half a pl")
+    manifest_write = final.parent / ".k.plan.json.q0w9e8r7.tmp"
+    manifest_write.write_bytes(b"{")
+    others = final.parent / ".other.plan.a1b2c3d4.tmp"  # another artifact's: its own lock guards it
+    others.mkdir()
+    engine_cache.build_once(final, lambda out: out.write_bytes(b"plan"), 1.0, "engine")
+    assert sorted(p.name for p in final.parent.iterdir()) == [".other.plan.a1b2c3d4.tmp", "k.lock", "k.plan"]
+    assert engine_cache.remove_leftovers(final.parent) == [others] and not others.exists()
+
+
+def test_a_cached_artifact_that_fails_its_check_is_built_again(tmp_path):
+    final = tmp_path / "k.plan"
+    builds = []
+
+    def build(out: Path) -> None:
+        builds.append(out)
+        out.write_bytes(b"good plan")
+
+    def check(path: Path) -> None:
+        if path.read_bytes() != b"good plan":
+            raise ValueError("sha256 differs from its manifest\nsecond line")
+
+    engine_cache.build_once(final, build, 1.0, "engine", check)
+    final.write_bytes(b"good pl")  # truncated
+    assert engine_cache.build_once(final, build, 1.0, "engine", check) == final
+    assert final.read_bytes() == b"good plan" and len(builds) == 2
+    assert engine_cache.build_once(final, build, 1.0, "engine", check) == final and len(builds) == 2
+    final.unlink()
+    with pytest.raises(RuntimeError, match=r"just built at .* fails its check: sha256 differs"):
+        engine_cache.build_once(final, lambda out: out.write_bytes(b"bad"), 1.0, "engine", check)
+
+
+@pytest.mark.parametrize(
+    ("error", "cause", "fix"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "{cache}/cpu/x/.a.tmp/a.onnx"), "cache {cache} is full (ENOSPC)", "free space"),
+        (OSError(errno.EROFS, "Read-only file system", "{cache}"), "cache {cache} is read-only (EROFS)", "mount it writable"),
+        (PermissionError(errno.EACCES, "Permission denied", "{cache}/cpu"), "cache {cache} is not writable by this user (EACCES)", "write access"),
+        (OSError(errno.ENOSPC, "No space left on device", "/tmp/ort/q.onnx"), "/tmp/ort/q.onnx: No space left on device (ENOSPC)", "free space"),
+        (engine_cache.LockTimeout("waited 5s for another process holding {cache}/x.lock"), "waited 5s", "lock timeout"),
+    ],
+)  # fmt: skip
+def test_a_fault_of_the_cache_is_told_from_a_failed_build(tmp_path, error, cause, fix):
+    cache = tmp_path / "cache"
+    if isinstance(error, OSError) and error.filename:
+        error.filename = error.filename.format(cache=cache)
+    wrapped = RuntimeError("export failed")
+    wrapped.__cause__ = error
+    fault = engine_cache.describe_fault(wrapped, cache)
+    assert fault is not None and fault.cause.startswith(cause.format(cache=cache)) and fix in fault.fix
+    assert engine_cache.describe_fault(RuntimeError("the quantizer crashed"), cache) is None
+    assert engine_cache.describe_fault(OSError(errno.EIO, "Input/output error"), cache) is None

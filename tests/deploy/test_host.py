@@ -191,3 +191,22 @@ def test_check_ready_names_a_silent_server(capsys):
     assert capsys.readouterr().err == (
         f"refinedet healthcheck: not ready: no answer from http://127.0.0.1:{port}/readyz within 0.3 s\n"
     )
+
+
+def test_a_failed_export_names_the_childs_error(monkeypatch, capfd):
+    """Before: `refinedet export cpu` failing on a read-only cache was logged only as "exited with status 1"
+    (the cause was in the child's traceback, lines above)."""
+    code = (
+        "import sys; print('Traceback (most recent call last):', file=sys.stderr); "
+        "print(\"OSError: [Errno 30] Read-only file system: '/cache/cpu'\", file=sys.stderr); "
+        "print(file=sys.stderr); sys.exit(int(sys.argv[1]))"
+    )
+    monkeypatch.setattr(host, "REFINEDET_CLI", (sys.executable, "-c", code))
+    with pytest.raises(RuntimeError) as failed:
+        host._run_cli(["1", "cpu"])
+    assert str(failed.value) == (
+        "`refinedet 1 cpu` exited with status 1: OSError: [Errno 30] Read-only file system: '/cache/cpu'"
+    )
+    assert "Traceback" in capfd.readouterr().err  # the whole of it still reaches the log
+    with pytest.raises(UserError, match=r"rejected its input \(status 2\): OSError: \[Errno 30\]"):
+        host._run_cli(["2", "cpu"])

@@ -330,7 +330,7 @@ def test_replica_waits_for_the_builder_and_reuses_its_engine(settings):
 
     def other_replica_finishes() -> None:
         time.sleep(0.3)
-        engine_cache.publish(plan, lambda out: out.write_bytes(b"built elsewhere"))
+        engine_cache.publish(plan, lambda out: fake_artifact(out, "tensorrt", b"built elsewhere", "fp16"))
         holder.close()  # releases the lock
 
     thread = threading.Thread(target=other_replica_finishes)
@@ -396,3 +396,32 @@ def test_real_onnx_export_then_reuse(tmp_path):
     mtime = first.onnx.stat().st_mtime_ns
     assert prepare(settings) == first and first.onnx.stat().st_mtime_ns == mtime
     assert leftovers(settings.cache_dir) == []
+
+
+# --- a cache that heals (issue #25, finding 4) -----------------------------------------------------
+
+
+def test_a_damaged_cached_export_or_engine_is_built_again(settings: Settings):
+    """Before: a truncated or bit-flipped engine in the cache was reused as it was (and failed to load)."""
+    fake = FakeBuilders()
+    first = prepare(settings, probes(), fake.bundle())
+    first.artifact.write_bytes(b"pla")  # truncated
+    first.onnx.write_bytes(b"onnx from weights v2")  # a flipped bit
+    second = prepare(settings, probes(), fake.bundle())
+    assert second == first and second.artifact.read_bytes() == b"plan"
+    assert second.onnx.read_bytes() == b"onnx from weights v1"
+    assert len(fake.exports) == 2 and len(fake.builds) == 2
+    assert prepare(settings, probes(), fake.bundle()) == first and len(fake.builds) == 2
+
+
+def test_a_cpu_engine_chosen_under_a_cache_fault_is_logged_in_one_line(settings, checkpoint, caplog):
+    line = "cache /c is full (ENOSPC): openvino-int8 could not be made, serving torch-fp32 until ...; fix: free space"
+
+    def full(checkpoint: Path, cache_dir: Path, threads: int) -> CpuChoice:
+        return CpuChoice(checkpoint, "torch", "torch-fp32", f"{line}; the only engine left", "fp32", line)
+
+    with caplog.at_level(logging.INFO, logger="refinedet.deploy"):
+        result = prepare(replace(settings, device="cpu"), probes(), Builders(prepare_cpu=full))
+    assert (result.artifact, result.engine) == (checkpoint, "torch-fp32") and line in result.reason
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"CPU engine: {line}"]
