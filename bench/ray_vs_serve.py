@@ -8,7 +8,7 @@ default) and proxy -> replica (``direct``), then ``refinedet serve`` (Ray stoppe
 ``--concurrency`` for ``--duration`` s after ``--warmup`` s, all of it ``--rounds`` times. Prints a table
 (req/s, p50, the ratio, and the CPU milliseconds every process but the load generator spent per answered
 request: the cost of Ray's processes is in it) and the engine each one reported (/v1/model), and writes
-JSON::
+JSON. ``--hops`` measures instead what a request costs in each with no inference in the way (``hop_costs``)::
 
     REFINEDET_CACHE_DIR=~/.cache/refinedet python -m bench.ray_vs_serve --concurrency 1,4 --duration 15 \\
         --json bench/results/ray_vs_serve_cpu.json
@@ -47,12 +47,43 @@ def namespace_cpu_s() -> float:
     return total / tick
 
 
+def hop_costs(url: str, n: int = 200) -> dict[str, float]:
+    """What a request costs with no inference in the way: ``n`` of each, one after another, CPU ms (every
+    process in the namespace but this one) and wall ms per request, for ``GET /v1/model`` and for a 23 KB
+    body the app rejects unread as not an image (400); and the CPU ms per second of the idle server."""
+    import httpx
+
+    body = os.urandom(23_000)  # a BCCD JPEG's size
+    calls = {
+        "get": lambda c: c.get(url + "/v1/model"),
+        "post_23kb": lambda c: c.post(url + "/detect", content=body, headers={"content-type": "image/jpeg"}),
+    }
+    out: dict[str, float] = {}
+    with httpx.Client(timeout=30) as client:
+        for _ in range(20):
+            for call in calls.values():
+                call(client)
+        time.sleep(3)
+        before = namespace_cpu_s()
+        time.sleep(10)
+        out["idle_cpu_ms_per_s"] = round((namespace_cpu_s() - before) * 100, 1)
+        for name, call in calls.items():
+            before, start = namespace_cpu_s(), time.monotonic()
+            for _ in range(n):
+                call(client)
+            out[f"{name}_cpu_ms"] = round((namespace_cpu_s() - before) * 1000 / n, 2)
+            out[f"{name}_wall_ms"] = round((time.monotonic() - start) * 1000 / n, 2)
+    return out
+
+
 def ray_level_rows(url: str, bodies: list[bytes], levels: list[int], duration: float, warmup: float) -> dict:
     import httpx
 
     from bench.load_gen import run_level
 
     info = httpx.get(f"{url}/v1/model", timeout=30).json()
+    if not levels:  # --hops: what a request costs without inference
+        return {"model": {k: info.get(k) for k in ("backend", "precision", "device")}, "hops": hop_costs(url)}
     rows = {}
     for c in levels:
         before = namespace_cpu_s()
@@ -121,6 +152,8 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    if args.hops:
+        levels = []
     rounds: list[dict[str, dict]] = []
     for _ in range(args.rounds):
         subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}",
@@ -133,6 +166,8 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
         measured["serve"] = measure_serve(bodies, levels, args.duration, args.warmup, Path(args.log_dir))
         rounds.append(measured)
     result: dict[str, Any] = {"rounds": args.rounds}
+    if args.hops:
+        return {**result, **{name: rounds[-1][name] for name in ("retry", "direct", "serve")}}
     for name in ("retry", "direct", "serve"):
         levels_by_round = {c: [r[name]["levels"][c] for r in rounds] for c in levels}
         combined = {}
@@ -148,7 +183,17 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
 SHAPES = {"retry": "Ray Serve, retrying ingress (default)", "direct": "Ray Serve, `--direct`"}
 
 
+def hops_table(result: dict[str, Any]) -> str:
+    keys = ["idle_cpu_ms_per_s", "get_cpu_ms", "get_wall_ms", "post_23kb_cpu_ms", "post_23kb_wall_ms"]
+    lines = ["| server | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name in ("retry", "direct", "serve"):
+        lines.append(f"| {name} | " + " | ".join(str(result[name]["hops"][k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def table(result: dict[str, Any]) -> str:
+    if "hops" in result["serve"]:
+        return hops_table(result)
     serve_rows = result["serve"]
     lines = [
         "engines: " + ", ".join(f"{name} {result[name]['model']}" for name in ("retry", "direct", "serve")),
@@ -175,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=1, help="Ray (both shapes) then serve, this many times")
+    p.add_argument(
+        "--hops",
+        action="store_true",
+        help="instead: what a request costs in each with no inference in the way",
+    )
     p.add_argument("--log-dir", default="/tmp/refinedet-ray-bench")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -30,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--direct",
         action="store_true",
-        help="replicas are Serve's HTTP ingress: no ingress hop (as fast per replica as `refinedet serve`), but "
+        help="replicas are Serve's HTTP ingress: no ingress hop (per replica, 0.90x `refinedet serve`'s req/s on 2 cores), but "
         "a replica that dies mid-request loses what it holds (Serve's proxy answers 500). Default: a light "
-        "ingress sends such requests to another replica (about 6 ms more CPU per request)",
+        "ingress sends such requests to another replica (3-7 ms more CPU per request; see docs/scaling.md)",
     )
     s.add_argument("--no-block", action="store_true", help="deploy and return (Serve keeps running)")
     s.set_defaults(handler=cmd_ray_serve)
