@@ -76,13 +76,16 @@ def hop_costs(url: str, n: int = 200) -> dict[str, float]:
     return out
 
 
-def ray_level_rows(url: str, bodies: list[bytes], levels: list[int], duration: float, warmup: float) -> dict:
+def measure_url(url: str, bodies: list[bytes], levels: list[int], duration: float, warmup: float,
+                hops: bool = False) -> dict:  # fmt: skip
+    """The server at ``url``: its engine (``/v1/model``) and each concurrency level, or with ``hops`` what a
+    request costs there without inference (``hop_costs``)."""
     import httpx
 
     from bench.load_gen import run_level
 
     info = httpx.get(f"{url}/v1/model", timeout=30).json()
-    if not levels:  # --hops: what a request costs without inference
+    if hops:
         return {"model": {k: info.get(k) for k in ("backend", "precision", "device")}, "hops": hop_costs(url)}
     rows = {}
     for c in levels:
@@ -108,7 +111,9 @@ def wait_ready(url: str, timeout_s: float = 600) -> None:
     raise TimeoutError(f"{url} not ready in {timeout_s:.0f} s")
 
 
-def measure_ray(bodies: list[bytes], levels: list[int], duration: float, warmup: float) -> dict[str, dict]:
+def measure_ray(
+    bodies: list[bytes], levels: list[int], duration: float, warmup: float, hops: bool = False
+) -> dict[str, dict]:
     """Both shapes of ``scaleout.serve.build_app`` with 1 replica, one after the other on one Ray node."""
     import ray
     from ray import serve
@@ -125,7 +130,7 @@ def measure_ray(bodies: list[bytes], levels: list[int], duration: float, warmup:
             app = build_app(Settings(access_log=False), 1, 0.0, retry=retry)
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
             wait_ready(url)
-            rows[shape] = ray_level_rows(url, bodies, levels, duration, warmup)
+            rows[shape] = measure_url(url, bodies, levels, duration, warmup, hops)
             serve.delete(APP_NAME)
         return rows
     finally:
@@ -133,13 +138,15 @@ def measure_ray(bodies: list[bytes], levels: list[int], duration: float, warmup:
         ray.shutdown()
 
 
-def measure_serve(bodies: list[bytes], levels: list[int], duration: float, warmup: float, logs: Path) -> dict:
+def measure_serve(
+    bodies: list[bytes], levels: list[int], duration: float, warmup: float, logs: Path, hops: bool = False
+) -> dict:
     from bench import servers
 
     command = [*servers.refinedet_command(), "serve", "--port", "{port}", "--host", servers.HOST]
     env = servers.server_env({"REFINEDET_ACCESS_LOG": "false"})
     with servers.running(command, env, logs / "serve.log") as url:
-        return ray_level_rows(url, bodies, levels, duration, warmup)
+        return measure_url(url, bodies, levels, duration, warmup, hops)
 
 
 def inside(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,18 +159,17 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    if args.hops:
-        levels = []
     rounds: list[dict[str, dict]] = []
     for _ in range(args.rounds):
         subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}",
                         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
                        check=True, env=env, capture_output=True)  # fmt: skip
         try:
-            measured = measure_ray(bodies, levels, args.duration, args.warmup)
+            measured = measure_ray(bodies, levels, args.duration, args.warmup, args.hops)
         finally:
             subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
-        measured["serve"] = measure_serve(bodies, levels, args.duration, args.warmup, Path(args.log_dir))
+        logs = Path(args.log_dir)
+        measured["serve"] = measure_serve(bodies, levels, args.duration, args.warmup, logs, args.hops)
         rounds.append(measured)
     result: dict[str, Any] = {"rounds": args.rounds}
     if args.hops:
