@@ -2,16 +2,17 @@
 ``deploy.prepare``'s decision from the same cache), the same photos, the same closed-loop load.
 
 A one-node Ray cluster is started in a network namespace that has only loopback (``unshare``, root), with
-Serve's proxy on 127.0.0.1; the script re-runs itself there. Then, one after the other: the Ray Serve app
-(``scaleout.serve.build_app``, 1 replica) in both shapes, proxy -> ingress -> replica (``retry``, the
-default) and proxy -> replica (``direct``), then ``refinedet serve`` (Ray stopped), each at every
+Serve's HTTP ingress on 127.0.0.1; the script re-runs itself there. Then, one after the other, for each
+``--ingress`` (``scaleout.serve.start``: HAProxy, Serve's Python proxy): the Ray Serve app
+(``scaleout.serve.build_app``, 1 replica) in both shapes, ingress -> Ingress -> replica (``retry``, the
+default) and ingress -> replica (``direct``), then ``refinedet serve`` (Ray stopped), each at every
 ``--concurrency`` for ``--duration`` s after ``--warmup`` s, all of it ``--rounds`` times. Prints a table
 (req/s, p50, the ratio, and the CPU milliseconds every process but the load generator spent per answered
 request: the cost of Ray's processes is in it) and the engine each one reported (/v1/model), and writes
 JSON. ``--hops`` measures instead what a request costs in each with no inference in the way (``hop_costs``)::
 
-    REFINEDET_CACHE_DIR=~/.cache/refinedet python -m bench.ray_vs_serve --concurrency 1,4 --duration 15 \\
-        --json bench/results/ray_vs_serve_cpu.json
+    REFINEDET_CACHE_DIR=~/.cache/refinedet python -m bench.ray_vs_serve --concurrency 1,4 --duration 15 \
+        --rounds 2 --json bench/results/ray_vs_serve_cpu.json
 """
 
 from __future__ import annotations
@@ -112,26 +113,30 @@ def wait_ready(url: str, timeout_s: float = 600) -> None:
 
 
 def measure_ray(
-    bodies: list[bytes], levels: list[int], duration: float, warmup: float, hops: bool = False
-) -> dict[str, dict]:
-    """Both shapes of ``scaleout.serve.build_app`` with 1 replica, one after the other on one Ray node."""
+    bodies: list[bytes], levels: list[int], duration: float, warmup: float, ingresses: list[str],
+    hops: bool = False,
+) -> dict[str, dict]:  # fmt: skip
+    """Both shapes of ``scaleout.serve.build_app`` with 1 replica behind each of ``ingresses`` (Serve started
+    by ``scaleout.serve.start``), one after the other on one Ray node; rows named ``<ingress>/<shape>``."""
     import ray
     from ray import serve
 
-    from scaleout.serve import APP_NAME, build_app
+    from scaleout.serve import APP_NAME, build_app, start
     from service.settings import Settings
 
     ray.init(address=f"127.0.0.1:{RAY_PORT}", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PROXY_PORT, "location": "HeadOnly"})
     url = f"http://127.0.0.1:{PROXY_PORT}"
     rows = {}
     try:
-        for shape, retry in (("retry", True), ("direct", False)):
-            app = build_app(Settings(access_log=False), 1, 0.0, retry=retry)
-            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-            wait_ready(url)
-            rows[shape] = measure_url(url, bodies, levels, duration, warmup, hops)
-            serve.delete(APP_NAME)
+        for ingress in ingresses:
+            start("127.0.0.1", PROXY_PORT, "HeadOnly", ingress)
+            for shape, retry in (("retry", True), ("direct", False)):
+                app = build_app(Settings(access_log=False), 1, 0.0, retry=retry)
+                serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+                wait_ready(url)
+                rows[f"{ingress}/{shape}"] = measure_url(url, bodies, levels, duration, warmup, hops)
+                serve.delete(APP_NAME)
+            serve.shutdown()
         return rows
     finally:
         serve.shutdown()
@@ -156,25 +161,31 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
 
     bodies = read_jpegs(find_jpegs(None, limit=16))
     levels = [int(c) for c in args.concurrency.split(",")]
+    ingresses = args.ingress.split(",")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # A stopped HAProxy-ingress replica drains 30 s by default (for load balancers); nothing balances here.
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    }
     rounds: list[dict[str, dict]] = []
     for _ in range(args.rounds):
         subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}",
                         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
                        check=True, env=env, capture_output=True)  # fmt: skip
         try:
-            measured = measure_ray(bodies, levels, args.duration, args.warmup, args.hops)
+            measured = measure_ray(bodies, levels, args.duration, args.warmup, ingresses, args.hops)
         finally:
             subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
         logs = Path(args.log_dir)
         measured["serve"] = measure_serve(bodies, levels, args.duration, args.warmup, logs, args.hops)
         rounds.append(measured)
-    result: dict[str, Any] = {"rounds": args.rounds}
+    result: dict[str, Any] = {"rounds": args.rounds, "servers": list(rounds[-1])}
     if args.hops:
-        return {**result, **{name: rounds[-1][name] for name in ("retry", "direct", "serve")}}
-    for name in ("retry", "direct", "serve"):
+        return {**result, **{name: rounds[-1][name] for name in result["servers"]}}
+    for name in result["servers"]:
         levels_by_round = {c: [r[name]["levels"][c] for r in rounds] for c in levels}
         combined = {}
         for c, rows in levels_by_round.items():
@@ -186,13 +197,23 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-SHAPES = {"retry": "Ray Serve, retrying ingress (default)", "direct": "Ray Serve, `--direct`"}
+SHAPES = {"retry": "retrying ingress (default)", "direct": "`--direct`"}
+
+
+def label(name: str) -> str:
+    """``haproxy/direct`` -> "haproxy, `--direct`"."""
+    ingress, _, shape = name.partition("/")
+    return f"{ingress}, {SHAPES[shape]}"
+
+
+def ray_servers(result: dict[str, Any]) -> list[str]:
+    return [name for name in result["servers"] if name != "serve"]
 
 
 def hops_table(result: dict[str, Any]) -> str:
     keys = ["idle_cpu_ms_per_s", "get_cpu_ms", "get_wall_ms", "post_23kb_cpu_ms", "post_23kb_wall_ms"]
     lines = ["| server | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name in ("retry", "direct", "serve"):
+    for name in result["servers"]:
         lines.append(f"| {name} | " + " | ".join(str(result[name]["hops"][k]) for k in keys) + " |")
     return "\n".join(lines)
 
@@ -202,18 +223,18 @@ def table(result: dict[str, Any]) -> str:
         return hops_table(result)
     serve_rows = result["serve"]
     lines = [
-        "engines: " + ", ".join(f"{name} {result[name]['model']}" for name in ("retry", "direct", "serve")),
-        "| clients | shape (1 replica) | req/s (p50 ms) | refinedet serve req/s (p50 ms) | replica / serve "
-        "| server CPU ms/request: Ray / serve |",
+        "engines: " + ", ".join(f"{name} {result[name]['model']}" for name in result["servers"]),
+        "| clients | Ray Serve, 1 replica (ingress, shape) | req/s (p50 ms) | refinedet serve req/s (p50 ms) "
+        "| replica / serve | server CPU ms/request: Ray / serve |",
         "|---|---|---|---|---|---|",
     ]
     for c in serve_rows["levels"]:
         s = serve_rows["levels"][c]
-        for name, label in SHAPES.items():
+        for name in ray_servers(result):
             r = result[name]["levels"][c]
             ratio = r["requests_per_s"] / s["requests_per_s"] if s["requests_per_s"] else float("nan")
             lines.append(
-                f"| {c} | {label} | {r['requests_per_s']:.2f} ({r['latency_ms']['p50']:.0f}) | "
+                f"| {c} | {label(name)} | {r['requests_per_s']:.2f} ({r['latency_ms']['p50']:.0f}) | "
                 f"{s['requests_per_s']:.2f} ({s['latency_ms']['p50']:.0f}) | {ratio:.2f} | "
                 f"{r.get('server_cpu_ms_per_request')} / {s.get('server_cpu_ms_per_request')} |"
             )
@@ -226,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=1, help="Ray (both shapes) then serve, this many times")
+    p.add_argument(
+        "--ingress",
+        default="haproxy,serve-proxy",
+        help="Serve's HTTP ingresses to measure, comma-separated (scaleout.serve.INGRESSES; default both)",
+    )
     p.add_argument(
         "--hops",
         action="store_true",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+INGRESSES = ("auto", "haproxy", "serve-proxy")  # scaleout.serve.INGRESSES (Ray is not imported for --help)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from model.evaluation.cli import add_predict_arguments
@@ -13,12 +15,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ray-serve",
         help="serve the detection API on a Ray cluster with Ray Serve (extra 'scale')",
         description="Deploys the service's app on Ray Serve: REPLICAS model replicas (1 GPU each when the "
-        "cluster has GPUs) behind Serve's HTTP proxy on every node. Each replica serves the engine "
+        "cluster has GPUs) behind Serve's HTTP ingress on every node. Each replica serves the engine "
         "`refinedet serve` would serve on its node (deploy.prepare, from that node's REFINEDET_CACHE_DIR). "
         "Every other setting is the service's REFINEDET_* environment (see `refinedet serve --help`).",
     )
     s.add_argument("--address", default="auto", help="Ray cluster address (default: auto, the local cluster)")
-    s.add_argument("--host", default="0.0.0.0", help="address of Serve's HTTP proxy (default 0.0.0.0)")
+    s.add_argument(
+        "--host",
+        default="0.0.0.0",
+        help="address the ingress listens on (default 0.0.0.0); with haproxy the replicas listen on it too, "
+        "for the other nodes' HAProxy",
+    )
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=2, help="model replicas (default 2)")
     s.add_argument(
@@ -28,11 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--gpus-per-replica", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0"
     )
     s.add_argument(
+        "--ingress",
+        choices=INGRESSES,
+        default="auto",
+        help="what takes HTTP requests on each node: haproxy (Ray Serve's HAProxy ingress, replicas serve HTTP "
+        "themselves), serve-proxy (Serve's Python proxy actor) or auto (default: haproxy where HAProxy is "
+        "installed, as ray[serve] does on Linux). A Serve already running keeps its own",
+    )
+    s.add_argument(
         "--direct",
         action="store_true",
-        help="replicas are Serve's HTTP ingress: no ingress hop (per replica, 0.90x `refinedet serve`'s req/s on 2 cores), but "
-        "a replica that dies mid-request loses what it holds (Serve's proxy answers 500). Default: a light "
-        "ingress sends such requests to another replica (3-7 ms more CPU per request; see docs/scaling.md)",
+        help="replicas are the HTTP ingress: no handle hop (per replica, 0.97x `refinedet serve`'s req/s on 2 "
+        "cores behind haproxy), but a replica that dies mid-request loses what it holds (its connections close, "
+        "or a 500). Default: a light ingress sends such requests to another replica (0.88-0.94x; docs/scaling.md)",
     )
     s.add_argument("--no-block", action="store_true", help="deploy and return (Serve keeps running)")
     s.set_defaults(handler=cmd_ray_serve)
@@ -74,7 +89,7 @@ def cmd_ray_serve(args: argparse.Namespace) -> int:
     settings = Settings(**({"model": args.model} if args.model else {}))
     resolve_model(settings.model)  # a missing model is reported here, not by every replica
     run(settings, args.address, args.host, args.port, args.replicas, args.gpus_per_replica, not args.no_block,
-        retry=not args.direct)  # fmt: skip
+        retry=not args.direct, ingress=args.ingress)  # fmt: skip
     return 0
 
 

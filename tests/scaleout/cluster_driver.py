@@ -52,7 +52,7 @@ def serve_checks(work: Path, head_node: str) -> dict:
     from deploy.prepare import prepare
     from model.checkpoint import save_checkpoint
     from model.network import build_model
-    from scaleout.serve import APP_NAME, build_app
+    from scaleout.serve import APP_NAME, build_app, start
     from service.app import create_app
     from service.settings import Settings
 
@@ -64,7 +64,8 @@ def serve_checks(work: Path, head_node: str) -> dict:
         max_delay_ms=1.0, request_timeout_s=20,
     )  # fmt: skip
     out: dict = {}
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT, "location": "HeadOnly"})
+    out["ingress"] = start("127.0.0.1", PORT, "HeadOnly")  # auto: HAProxy, installed with ray[serve]
+    out["haproxy_running"] = haproxy_running()
     started = time.monotonic()
     serve.run(
         build_app(settings, 2, 0.0, {"resources": {"slot": 1}}),
@@ -87,6 +88,7 @@ def serve_checks(work: Path, head_node: str) -> dict:
         out["model"] = {"serve": client.get("/v1/model").json(), "direct": direct.get("/v1/model").json()}
         out["plan"] = plan.to_dict()
         out["same"] = compare(client, direct)
+        out["request_ids"] = [len(r.headers.get_list("x-request-id")) for r in served_raw(client)]
         out["latency_ms"] = {"serve": latency(client), "direct": latency(direct)}
 
     # Requests reach replicas on both nodes.
@@ -132,8 +134,44 @@ def serve_checks(work: Path, head_node: str) -> dict:
     served = concurrent_load(client, threads=4, seconds=4.0)
     out["direct_shape"]["nodes_serving"] = sorted({r["node"] for r in served if r["node"]})
     out["direct_shape"]["load"] = summary(served)
+    out["direct_shape"]["request_ids"] = [len(r.headers.get_list("x-request-id")) for r in served_raw(client)]
+    serve.shutdown()
+
+    # The other ingress: Serve's Python proxy (`--ingress serve-proxy`), the same answers.
+    out["serve_proxy"] = {"ingress": start("127.0.0.1", PORT, "HeadOnly", ingress="serve-proxy")}
+    serve.run(build_app(settings, 2, 0.0, {"resources": {"slot": 1}}, retry=False), name=APP_NAME,
+              route_prefix="/", blocking=False)  # fmt: skip
+    wait_ready(client)
+    out["serve_proxy"]["haproxy_running"] = haproxy_running()
+    with (
+        serving(create_app(settings, plan=plan)) as (direct_url, _),
+        httpx.Client(base_url=direct_url, timeout=30) as direct,
+    ):
+        out["serve_proxy"]["same"] = compare(client, direct)
+    out["serve_proxy"]["request_ids"] = [len(r.headers.get_list("x-request-id")) for r in served_raw(client)]
     serve.shutdown()
     return out
+
+
+def haproxy_running() -> bool:
+    """Whether an HAProxy process runs in this (the test's) PID namespace."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if Path(cmdline.read_bytes().split(b"\0")[0].decode(errors="replace")).name == "haproxy":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def served_raw(client: httpx.Client, n: int = 4) -> list[httpx.Response]:
+    """``n`` answers: a detection, a bad upload, the model and a readiness probe."""
+    return [
+        client.post("/detect", content=IMAGE, headers={"content-type": "image/jpeg"}),
+        client.post("/detect", content=b"GIF89a....", headers={"content-type": "image/gif"}),
+        client.get("/v1/model"),
+        client.get("/readyz"),
+    ][:n]
 
 
 def wait_ready(client: httpx.Client, timeout_s: float = 120) -> None:

@@ -30,6 +30,9 @@ export RAY_USAGE_STATS_ENABLED=0 PYTHONPATH="$ROOT" OMP_NUM_THREADS=1 REFINEDET_
 # One proxy for both nodes (they share loopback): without this it sends `--direct` traffic to its own node's
 # replica only (Ray's default, right where every node has a proxy behind a load balancer).
 export RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0
+# HAProxy ingress: a stopped ingress replica drains for this long (Ray's default 30 s, for load balancers to
+# notice) before Serve can shut down; the test starts Serve three times.
+export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=1
 RAY="$PYBIN/ray"
 "$RAY" start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=2 --resources='{"slot": 1}' \
   --include-dashboard=false --temp-dir="$WORK/ray" --disable-usage-stats >"$WORK/head.log" 2>&1
@@ -105,6 +108,18 @@ def test_the_direct_shape_serves_the_same_answers_on_both_nodes(cluster):
     model = direct["model"]
     assert (model["backend"], model["precision"]) == (serve["plan"]["backend"], serve["plan"]["precision"])
     assert direct["load"]["by_status"] == {"200": direct["load"]["requests"]}, direct["load"]
+
+
+def test_haproxy_is_the_default_ingress_and_serve_proxy_answers_the_same(cluster):
+    """`--ingress auto` picks Ray Serve's HAProxy ingress (ray[serve] installs HAProxy); `serve-proxy` runs no
+    HAProxy and answers as the service does. Either way one X-Request-ID per answer."""
+    serve = cluster.get("serve") or pytest.fail(cluster.get("serve_error"))
+    assert serve["ingress"] == "haproxy" and serve["haproxy_running"], serve["ingress"]
+    other = serve["serve_proxy"]
+    assert other["ingress"] == "serve-proxy" and not other["haproxy_running"], other
+    assert {k: v for k, v in other["same"].items() if v is False} == {}, other["same"]
+    assert serve["request_ids"] == [1, 1, 1, 1] and serve["direct_shape"]["request_ids"] == [1, 1, 1, 1]
+    assert other["request_ids"] == [1, 1, 1, 1]
 
 
 def test_ray_data_job_equals_predict_and_resumes(cluster):

@@ -112,6 +112,8 @@ def test_a_direct_replica_is_the_service_app_tagged_with_the_replica():
             got = client.portal.call(drive, served, request)
             assert got.status == want.status_code
             assert (b"x-served-by", b"node/replica") in got.headers
+            assert b"x-request-id" in dict(want.headers.raw)  # the app's, which Serve's server sends instead
+            assert b"x-request-id" not in dict(got.headers)
             got_body, want_body = json.loads(got.body), want.json()
             if want.status_code == 200:
                 assert got_body["detections"] == want_body["detections"]
@@ -155,3 +157,21 @@ async def run_lifespan(app) -> list[str]:
 
     await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
     return sent
+
+
+def test_the_ingress_is_chosen_in_one_place(monkeypatch):
+    """``auto`` is HAProxy where Ray Serve finds one, else Serve's Python proxy; the CLI offers the same names;
+    each ingress is one set of settings for Serve's controller, which passes them to every proxy and replica."""
+    import scaleout.serve as ray_serve
+    from scaleout.cli import INGRESSES
+
+    assert INGRESSES == ray_serve.INGRESSES
+    monkeypatch.setattr(ray_serve, "haproxy_installed", lambda: True)
+    assert ray_serve.choose_ingress() == "haproxy"
+    monkeypatch.setattr(ray_serve, "haproxy_installed", lambda: False)
+    assert ray_serve.choose_ingress("auto") == "serve-proxy"
+    assert ray_serve.choose_ingress("haproxy") == "haproxy"  # asked for: Serve reports a missing binary
+    with pytest.raises(ValueError, match="ingress must be one of"):
+        ray_serve.choose_ingress("nginx")
+    assert ray_serve.INGRESS_ENV["haproxy"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert ray_serve.INGRESS_ENV["serve-proxy"]["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
