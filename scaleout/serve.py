@@ -206,7 +206,7 @@ class Ingress:
             except Exception as exc:  # Ray's errors for a dead replica differ by version: matched by name
                 names = {cls.__name__ for cls in type(exc).__mro__}
                 if "BackPressureError" in names:
-                    return _error(overloaded("every replica is at capacity"))
+                    return _error(overloaded("every replica is at capacity"), request.path)
                 if not names & set(RETRYABLE) or time.monotonic() > deadline:
                     raise
                 last = type(exc).__name__
@@ -215,7 +215,7 @@ class Ingress:
             if attempt > 1:
                 answer.headers.append((b"x-attempts", str(attempt).encode()))
             return answer
-        return _error(unavailable(f"no replica could serve the request ({last})"))
+        return _error(unavailable(f"no replica could serve the request ({last})"), request.path)
 
 
 def _without_request_id(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -224,9 +224,9 @@ def _without_request_id(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes,
     return [(k, v) for k, v in headers if k.lower() != REQUEST_ID]
 
 
-def _error(error: ServiceError) -> Answer:
-    """``error`` as the service answers it (``service.errors``)."""
-    return Answer(error.status, error.response_headers(), error.body())
+def _error(error: ServiceError, path: str) -> Answer:
+    """``error`` as the service answers a request for ``path`` (``service.errors``)."""
+    return Answer(error.status, error.response_headers(path=path), error.body(path))
 
 
 def _node_id() -> str:
@@ -290,7 +290,7 @@ def build_app(
                 request.method, request.url.path, request.url.query.encode(), list(request.headers.raw), body
             )
             if len(body) > settings.max_upload_bytes:
-                answer = _error(payload_too_large(settings.max_upload_bytes))
+                answer = _error(payload_too_large(settings.max_upload_bytes), forwarded.path)
             else:
                 answer = await self.ingress.forward(forwarded)
             headers = {

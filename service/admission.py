@@ -214,7 +214,7 @@ class GuardMiddleware:
         if refusal is not None:
             settings = admission.settings
             clean = await discard_body(scope, receive, settings.max_upload_bytes, settings.body_timeout_s)
-            await send_error(send, refusal, close=not clean)
+            await send_error(send, refusal, scope["path"], close=not clean)
             return
         scope_state = scope["state"]
         current_reserver.set(pixel_reserver(scope, admission.pixels))  # this request's task (and threads)
@@ -237,7 +237,7 @@ class GuardMiddleware:
                 raise
             log.warning("drain ended before %s %s was answered", scope["method"], scope["path"])
             if not started:
-                await send_error(send, shutting_down(), close=True)
+                await send_error(send, shutting_down(), scope["path"], close=True)
         finally:
             admission.release(scope_state)
 

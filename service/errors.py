@@ -1,7 +1,8 @@
-"""Every error leaves the service as ``{"error": {"code", "message"}}`` with a fitting status, written here
-and nowhere else.
+"""Every error leaves the service as ``{"error": {"code", "message"}}`` with a fitting status (under ``/v2``,
+the Open Inference Protocol's ``{"error": "message"}``), written here and nowhere else.
 
-- ``error_body`` is the one JSON body (compact UTF-8, byte for byte what FastAPI's ``JSONResponse`` writes);
+- ``error_body`` is the one JSON body, its shape chosen by the request's path (compact UTF-8, byte for byte
+  what FastAPI's ``JSONResponse`` writes);
 - ``ServiceError`` is an answer to raise or send: status, a stable machine-readable code, a message for
   people, headers;
 - each refusal has one builder: ``overloaded`` (at capacity now: retry shortly), ``shutting_down`` (retry
@@ -38,8 +39,9 @@ class ServiceError(Exception):
         self.message = message
         self.headers = dict(headers or {})
 
-    def body(self) -> bytes:
-        return error_body(self.code, self.message)
+    def body(self, path: str = "") -> bytes:
+        """Its JSON body for a request to ``path`` (``error_body``)."""
+        return error_body(self.code, self.message, path)
 
     def header_items(self) -> list[tuple[bytes, bytes]]:
         """Its response headers as ASGI has them (lower-case bytes), the content type first; without the
@@ -48,21 +50,30 @@ class ServiceError(Exception):
             (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in self.headers.items()
         ]
 
-    def response_headers(self, close: bool = False) -> list[tuple[bytes, bytes]]:
-        """Every header of its complete response: content type, length, its own, and ``Connection: close``
-        when ``close``."""
+    def response_headers(self, close: bool = False, path: str = "") -> list[tuple[bytes, bytes]]:
+        """Every header of its complete response to ``path``: content type, length, its own, and
+        ``Connection: close`` when ``close``."""
         content_type, *own = self.header_items()
-        length = (b"content-length", b"%d" % len(self.body()))
+        length = (b"content-length", b"%d" % len(self.body(path)))
         return [content_type, length, *own, *([(b"connection", b"close")] if close else [])]
 
     def with_message(self, message: str) -> ServiceError:
         return ServiceError(self.status, self.code, message, self.headers)
 
 
-def error_body(code: str, message: str) -> bytes:
-    """The service's JSON error body."""
+def error_body(code: str, message: str, path: str = "") -> bytes:
+    """The JSON error body for a request to ``path``: the service's ``{"error": {"code", "message"}}``, or
+    under ``/v2`` (the Open Inference Protocol's routes, KServe v2) the protocol's ``{"error": message}``,
+    whatever refused it (a route, admission, the body limit, an unknown path or method)."""
+    if is_oip(path):
+        return json.dumps({"error": message}, separators=(",", ":")).encode()  # ASCII: any message fits
     error = {"error": {"code": code, "message": message}}
     return json.dumps(error, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def is_oip(path: str) -> bool:
+    """Whether ``path`` is one of the Open Inference Protocol's (``/v2``, ``/v2/...``)."""
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def overloaded(reason: str, retry_after_s: int = RETRY_SOON_S) -> ServiceError:
@@ -103,8 +114,9 @@ def payload_too_large(limit_bytes: int, close: bool = False) -> ServiceError:
 Send = Callable[[dict[str, Any]], Awaitable[None]]  # an ASGI send
 
 
-async def send_error(send: Send, error: ServiceError, close: bool = False) -> None:
-    """``error`` as a complete response, straight to the ASGI server (``close``: with Connection: close)."""
-    headers = error.response_headers(close)
+async def send_error(send: Send, error: ServiceError, path: str, close: bool = False) -> None:
+    """``error`` as a complete response to a request for ``path``, straight to the ASGI server (``close``:
+    with Connection: close)."""
+    headers = error.response_headers(close, path)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": error.body()})
+    await send({"type": "http.response.body", "body": error.body(path)})

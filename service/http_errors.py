@@ -12,12 +12,13 @@ the catch-all (``bug``), which logs the traceback and answers 500 without detail
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batcher import ClientGone, QueueFull, ShuttingDown, TooLate
@@ -80,9 +81,13 @@ def bug(request: Request, exc: BaseException) -> ServiceError:
     return ServiceError(500, "internal_error", "internal server error (logged with the request id)")
 
 
-def error_response(error: ServiceError) -> Response:
+def error_response(error: ServiceError, request: Request) -> Response:
+    """``error`` as the answer to ``request`` (the body's shape follows its path: ``errors.error_body``)."""
     return Response(
-        error.body(), status_code=error.status, headers=error.headers, media_type="application/json"
+        error.body(request.url.path),
+        status_code=error.status,
+        headers=error.headers,
+        media_type="application/json",
     )
 
 
@@ -94,26 +99,36 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    async def _failure(request: Request, exc: Exception) -> Response:
-        error = http_error(exc)
-        assert error is not None  # registered for FAILURES' types only
-        return error_response(error)
-
-    for failure in FAILURES:
-        app.add_exception_handler(failure, _failure)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+def answer(request: Request, exc: Exception) -> Response:
+    """The answer to ``exc``, raised while serving ``request``: the service's failures, framework errors
+    (404, 405, validation) and, for anything else, ``bug``."""
+    if isinstance(exc, RequestValidationError):
+        error = ServiceError(422, "invalid_request", _validation_message(exc))
+    elif isinstance(exc, StarletteHTTPException):
         code = STATUS_CODES.get(exc.status_code, "error")
-        return error_response(
-            ServiceError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-        )
+        error = ServiceError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    else:
+        error = http_error(exc) or bug(request, exc)
+    return error_response(error, request)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(ServiceError(422, "invalid_request", _validation_message(exc)))
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> Response:
-        return error_response(bug(request, exc))
+class AnsweringRoute(APIRoute):
+    """A route that answers its own errors (its dependencies' too) as the app's handlers would (``answer``),
+    a bug included: nothing it raises reaches the server-error middleware, which would log it a second time
+    and hand it to the server."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answering_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return answer(request, exc)
+
+        return answering_handler
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for failure in (*FAILURES, StarletteHTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(failure, answer)  # type: ignore[arg-type]

@@ -155,7 +155,7 @@ def early_refusals(admission: Admission, requests: RequestLog) -> Callable[[Scop
         if refusal is None:
             return None
         request_id = request_id_from(Headers(scope=scope))
-        body = refusal.body()
+        body = refusal.body(scope["path"])
         headers = [*refusal.header_items(), (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
         requests.record(scope, request_id, refusal.status, time.perf_counter() - start, len(body))
         return EarlyAnswer(refusal.status, headers, body)
@@ -192,7 +192,7 @@ class BodyLimitMiddleware:
                 if declared.isdigit()
                 else ServiceError(400, "bad_request", "invalid Content-Length", {"Connection": "close"})
             )
-            await send_error(send, error)
+            await send_error(send, error, scope["path"])
             return
         received = 0
         started = False
@@ -228,4 +228,4 @@ class BodyLimitMiddleware:
         except ServiceError as exc:  # raised past the app's handlers (e.g. while a response streamed)
             if started:
                 raise
-            await send_error(send, exc)
+            await send_error(send, exc, scope["path"])

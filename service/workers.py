@@ -9,7 +9,9 @@ running ``serve_worker``: uvicorn's ``Server`` with the app ``service.app.create
 - **Metrics of every worker**: a fresh, empty ``PROMETHEUS_MULTIPROC_DIR`` for the run (removed at the
   end); any worker's ``/metrics`` sums every worker's (``service.metrics``); a dead worker's live gauges
   are removed.
-- **A worker that dies** (killed, crashed) is replaced at once. The replacement takes connections only
+- **A worker that dies** (killed, crashed) is replaced at once; one that keeps dying within ``STABLE_S`` of
+  its start is replaced after a growing pause (``restart_delay``: 1, 2, 4 ... 30 s), so a crash loop does
+  not spend the host's cores on loading models. The replacement takes connections only
   once its model is loaded and warmed up (``create_app(serve_when_ready=True)``): meanwhile the other
   workers take them all, none is answered ``not_ready``. At the first start every worker listens at once
   and answers 503 ``not_ready`` while it loads, as one worker does. A worker whose model fails to load
@@ -49,6 +51,14 @@ log = logging.getLogger("refinedet.service")
 STARTUP_FAILURE = 3  # a worker's exit status when it could not start serving (uvicorn's own for this)
 STOP = "stop"
 KILL_AFTER_S = 5.0  # a worker still running this long after its drain should have ended is killed
+STABLE_S = 30.0  # a worker that served this long before it ended was not crash-looping
+MAX_RESTART_DELAY_S = 30.0
+
+
+def restart_delay(quick_ends: int) -> float:
+    """Seconds before replacing a worker in a slot whose last ``quick_ends`` workers each ended within
+    ``STABLE_S`` of their start: none for the first (a one-off kill), then 1, 2, 4 ... ``MAX_RESTART_DELAY_S``."""
+    return 0.0 if quick_ends <= 1 else min(2.0 ** (quick_ends - 2), MAX_RESTART_DELAY_S)
 
 
 class WorkerFailed(RuntimeError):
@@ -114,7 +124,9 @@ class Supervisor:
         self.options = options
         self.count = count
         self.grace_s = grace_s
-        self.workers: list[Worker] = []
+        self.workers: list[Worker | None] = []  # None: a slot waiting for its replacement
+        self.quick_ends: list[int] = []  # per slot: workers in a row that ended within STABLE_S
+        self.due: dict[int, float] = {}  # slot -> when its replacement starts (time.monotonic)
         self.failure: str | None = None
         self._context = multiprocessing.get_context("spawn")
         self._wake_r, self._wake_w = os.pipe()
@@ -134,6 +146,7 @@ class Supervisor:
                     "serving on %s:%d with %d workers (supervisor %d)", host, port, self.count, os.getpid()
                 )
                 self.workers = [self._spawn(replacement=False) for _ in range(self.count)]
+                self.quick_ends = [0] * self.count
                 self._watch()
                 self._stop_all()
             finally:
@@ -167,26 +180,37 @@ class Supervisor:
     def _watch(self) -> None:
         """Replace workers that die until a signal arrives or one cannot start."""
         while self._signalled is None and self.failure is None:
-            ended = wait([w.process.sentinel for w in self.workers] + [self._wake_r])
+            timeout = max(0.0, min(self.due.values()) - time.monotonic()) if self.due else None
+            ended = wait([w.process.sentinel for w in self.workers if w] + [self._wake_r], timeout)
             for i, worker in enumerate(self.workers):
-                if worker.process.sentinel in ended:
+                if worker is not None and worker.process.sentinel in ended:
                     self._ended(i, worker)
+            for i, when in list(self.due.items()):
+                if when <= time.monotonic() and self._signalled is None and self.failure is None:
+                    del self.due[i]
+                    self.workers[i] = self._spawn(replacement=True)
 
     def _ended(self, index: int, worker: Worker) -> None:
         process = worker.process
         process.join()
         self._forget(worker)
+        self.workers[index] = None
         if process.exitcode == STARTUP_FAILURE:
             self.failure = f"worker {process.pid} could not start serving (its model failed to load)"
             log.error("%s: stopping the server", self.failure)
             return
         if self._signalled is not None:
             return
+        lived = time.monotonic() - worker.started
+        self.quick_ends[index] = self.quick_ends[index] + 1 if lived < STABLE_S else 0
+        delay = restart_delay(self.quick_ends[index])
+        self.due[index] = time.monotonic() + delay
         log.warning(
-            "worker %d ended (exit status %s) after %.1f s: starting a replacement, which takes "
-            "connections once its model is loaded", process.pid, process.exitcode, time.monotonic() - worker.started,
+            "worker %d ended (exit status %s) after %.1f s: starting a replacement%s, which takes "
+            "connections once its model is loaded", process.pid, process.exitcode, lived,
+            f" in {delay:.0f} s ({self.quick_ends[index]} workers in a row ended within {STABLE_S:.0f} s)"
+            if delay else "",
         )  # fmt: skip
-        self.workers[index] = self._spawn(replacement=True)
 
     def _forget(self, worker: Worker) -> None:
         from prometheus_client.multiprocess import mark_process_dead
@@ -197,7 +221,7 @@ class Supervisor:
 
     def _stop_all(self) -> None:
         """New connections stopped, the queued ones accepted, the socket let go; then each worker drains."""
-        alive = [w for w in self.workers if w.process.is_alive()]
+        alive = [w for w in self.workers if w is not None and w.process.is_alive()]
         if alive and stop_handshakes(self.sock) and not wait_accepted(self.sock):
             log.warning("connections were still queued when the listening socket closed")
         self.sock.close()
@@ -205,7 +229,7 @@ class Supervisor:
         for worker in alive:
             worker.stop()
         deadline = time.monotonic() + self.grace_s + KILL_AFTER_S
-        for worker in self.workers:
+        for worker in (w for w in self.workers if w is not None):
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 log.error("worker %d did not stop in time: killed", worker.process.pid)

@@ -10,8 +10,8 @@
   the ratio of ``/detect`` answers under the flood to the mean of the two others (the machine is shared),
   the ``/healthz`` latency, the server's CPU seconds, and the flood's statuses and time to its answer.
 
-ok when nothing is answered 5xx or left unanswered, every error is in its route's shape (the protocol's on
-the infer route, the service's ``{"error": {"code", "message"}}`` elsewhere), every connection survives its
+ok when nothing is answered 5xx or left unanswered, every error is in its path's shape (the protocol's under
+``/v2``, the service's ``{"error": {"code", "message"}}`` elsewhere), every connection survives its
 4xx, and ``/detect`` keeps at least half its answers under the flood.
 
     python -m bench.attacks --phases oip --port 18350 --out /tmp/attacks/attacks.json

@@ -25,6 +25,7 @@ PLATFORMS = {"torch": "pytorch_eager", "onnxruntime": "onnxruntime_onnx", "tenso
 _DIRECTORIES = re.compile(r"[^\s]*[\\/]")  # a token up to its last slash
 LOAD_FAILED = "the model failed to load; the reason is in the service log"
 STALLED = "stalled"  # /readyz's status while the engine makes no progress
+OIP_ERROR = {"description": "{'error': message}: every error under /v2 is in the protocol's shape"}
 NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "model not loaded yet"}
 }
@@ -75,9 +76,7 @@ def router(settings: Settings) -> APIRouter:
         """The served model: name, classes, input size, backend, precision, artifact hash, trained or not."""
         return describe_model(get_state(request))
 
-    @keyed.get(
-        "/v2/models/{name}", tags=["kserve-v2"], responses={**NOT_READY, 404: {"model": ErrorResponse}}
-    )
+    @keyed.get("/v2/models/{name}", tags=["kserve-v2"], responses={503: OIP_ERROR, 404: OIP_ERROR})
     async def v2_model(request: Request, name: str) -> dict[str, Any]:
         """KServe v2 model metadata: the tensors of `POST /v2/models/{name}/infer` (encoded images in,
         detections out; `labels` index `parameters.class_names`)."""
@@ -90,9 +89,7 @@ def router(settings: Settings) -> APIRouter:
             "parameters": {"class_names": ",".join(info["classes"])},
         }
 
-    @keyed.get(
-        "/v2/models/{name}/ready", tags=["kserve-v2"], responses={**NOT_READY, 404: {"model": ErrorResponse}}
-    )
+    @keyed.get("/v2/models/{name}/ready", tags=["kserve-v2"], responses={503: OIP_ERROR, 404: OIP_ERROR})
     async def v2_model_ready(request: Request, name: str) -> dict[str, Any]:
         info = describe_model(get_state(request), name)
         return {"name": info["name"], "ready": True}

@@ -11,22 +11,17 @@ neither closes the connection. The body is parsed in a worker thread, within the
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import oip
 from service.bounded_json import JsonRejected, ValueCount
 from service.errors import ServiceError
-from service.http_errors import bug, http_error
+from service.http_errors import AnsweringRoute
 from service.routes.deps import api_key_dependencies, get_state
 from service.routes.detect import detection_dicts, parse_classes, record_stages, run_detection
 from service.routes.health import describe_model
@@ -85,35 +80,10 @@ REQUEST_SCHEMA = {
 log = logging.getLogger("refinedet.service")
 
 
-def oip_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    """The protocol's error body (ASCII JSON: any message can be written)."""
-    body = json.dumps({"error": message}, separators=(",", ":"))
-    return Response(body, status_code=status, headers=headers, media_type="application/json")
-
-
-class OipRoute(APIRoute):
-    """A route whose errors (its dependencies' too) are answered in the OIP shape, with the statuses that
-    ``service.http_errors.http_error`` gives them."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def oip_handler(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                return oip_error(422, "; ".join(str(e.get("msg")) for e in exc.errors()))
-            except StarletteHTTPException as exc:
-                return oip_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-            except Exception as exc:
-                error = http_error(exc) or bug(request, exc)  # a bug: logged, 500
-                return oip_error(error.status, error.message, error.headers)
-
-        return oip_handler
-
-
 def router(settings: Settings) -> APIRouter:
-    api = APIRouter(tags=["kserve-v2"], dependencies=api_key_dependencies(settings), route_class=OipRoute)
+    api = APIRouter(
+        tags=["kserve-v2"], dependencies=api_key_dependencies(settings), route_class=AnsweringRoute
+    )
 
     @api.post(
         "/v2/models/{name}/infer",

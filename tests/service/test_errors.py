@@ -5,6 +5,7 @@ compute path raises to status and code."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from fastapi.responses import JSONResponse
@@ -54,6 +55,19 @@ def test_each_refusal_has_its_code_and_retry_after():
         assert (error.status, error.code, error.message, error.headers) == (503, code, message, headers)
 
 
+def test_under_v2_the_body_is_the_open_inference_protocols():
+    """KServe v2 clients read ``{"error": message}``: every /v2 path gets that shape, every other the service's."""
+    error = overloaded("too many open connections")
+    for path in ("/v2", "/v2/models/m/infer", "/v2/nope"):
+        assert json.loads(error.body(path)) == {"error": error.message}, path
+    for path in ("", "/detect", "/v2x", "/v1/model"):
+        assert json.loads(error.body(path)) == {"error": {"code": "overloaded", "message": error.message}}, (
+            path
+        )
+    headers = dict(error.response_headers(path="/v2/models/m/infer"))
+    assert headers[b"content-length"] == str(len(error.body("/v2/models/m/infer"))).encode()
+
+
 def test_every_writer_sends_the_same_body_and_headers():
     error = overloaded("too many open connections")
     sent: list[dict] = []
@@ -61,7 +75,7 @@ def test_every_writer_sends_the_same_body_and_headers():
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(send_error(send, error, close=True))
+    asyncio.run(send_error(send, error, "/detect", close=True))
     start, body = sent
     assert start["status"] == 503 and body["body"] == error.body()
     assert start["headers"] == [

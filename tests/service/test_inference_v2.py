@@ -301,3 +301,36 @@ def test_a_gap_in_the_codec_is_400_and_a_bug_is_500_both_in_the_oip_shape(server
     monkeypatch.setattr(oip, "detection_tensors", bug)
     answer, then = infer_then_healthz(url, name, body)
     assert "internal" in assert_oip_error(answer, 500, 500) and then == 200
+
+
+def test_every_v2_error_is_in_the_oip_shape(server, tiny_checkpoint):
+    """Not only the infer route's: an unknown /v2 path (404), a wrong method (405), an unknown model's
+    metadata (404), a body over the upload limit declared by Content-Length (413) and admission's refusals.
+    Other paths keep the service's shape."""
+    url, client, name = server
+    for method, path, status in (
+        ("GET", "/v2/nope", 404),
+        ("GET", f"/v2/models/{name}/infer", 405),
+        ("GET", "/v2/models/other", 404),
+        ("GET", "/v2/models/other/ready", 404),
+    ):
+        r = client.request(method, path)
+        assert r.status_code == status and set(r.json()) == {"error"}, (path, r.text)
+        assert isinstance(r.json()["error"], str) and r.json()["error"], (path, r.text)
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    big = 8 * 1024 * 1024 * 1024
+    head = f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: t\r\nContent-Length: {big}\r\n\r\n"
+    with connect(url) as sock:
+        sock.sendall(head.encode())
+        status, _, body = read_response(sock)
+    assert status == 413 and set(body) == {"error"} and "limit" in body["error"], body
+
+    from service_testing import running
+
+    app = app_for(settings(model=tiny_checkpoint, api_key="k3y"))
+    with running(app) as keyed:
+        r = keyed.get("/v2/models/whatever")
+        assert r.status_code == 401 and "API key" in r.json()["error"], r.text
+        r = keyed.get("/v1/model")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"

@@ -9,6 +9,7 @@ its model is loaded."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -287,3 +288,50 @@ def test_an_app_that_serves_when_ready_takes_no_connection_before():
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def test_restart_delay_grows_for_a_crash_loop_only():
+    from service.workers import MAX_RESTART_DELAY_S, restart_delay
+
+    assert [restart_delay(k) for k in range(8)] == [0.0, 0.0, 1.0, 2.0, 4.0, 8.0, 16.0, MAX_RESTART_DELAY_S]
+    assert restart_delay(50) == MAX_RESTART_DELAY_S
+
+
+def _exit_at_once() -> None:
+    sys.exit(1)
+
+
+def test_a_worker_that_keeps_dying_is_replaced_after_growing_pauses(monkeypatch, tmp_path):
+    """The supervisor's loop with workers that die as they start (a crash loop): the first is replaced at once,
+    the next ones after ``restart_delay``'s pauses (scaled down fivefold here), and a signal ends the loop."""
+    import multiprocessing
+
+    import service.workers as workers
+    from service.workers import Supervisor, Worker
+
+    real = workers.restart_delay
+    monkeypatch.setattr(workers, "restart_delay", lambda quick_ends: real(quick_ends) / 5)
+    supervisor = Supervisor(socket.socket(), {}, count=1, grace_s=1.0)
+    supervisor._metrics_dir = str(tmp_path)
+    spawned: list[float] = []
+
+    def spawn(replacement: bool) -> Worker:
+        spawned.append(time.monotonic())
+        ours, _theirs = multiprocessing.Pipe()
+        process = multiprocessing.get_context("fork").Process(target=_exit_at_once)
+        process.start()
+        return Worker(process, ours)
+
+    monkeypatch.setattr(supervisor, "_spawn", spawn)
+    supervisor.workers, supervisor.quick_ends = [spawn(False)], [0]
+    watcher = threading.Thread(target=supervisor._watch)
+    watcher.start()
+    poll(lambda: len(spawned) >= 5, timeout_s=10, what="four replacements")
+    supervisor._on_signal(signal.SIGTERM, None)
+    watcher.join(5)
+    assert not watcher.is_alive()
+    gaps = [b - a for a, b in itertools.pairwise(spawned)][:4]
+    assert gaps[0] < 0.15, gaps  # a first end: replaced at once
+    for gap, want in zip(gaps[1:], (0.2, 0.4, 0.8), strict=True):
+        assert want <= gap < want + 0.3, gaps
+    assert supervisor.quick_ends[0] >= 4
